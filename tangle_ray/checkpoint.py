@@ -1,0 +1,72 @@
+"""A trained supernet on disk: consolidated weights, architecture parameters and the space, in one folder.
+
+Layout: ``space.yaml`` (the space as it was trained), ``supernet.safetensors`` (the entangled weights),
+``alphas.safetensors`` (architecture parameters) and ``meta.json`` (method, step, anything else given).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from safetensors.torch import load_file, save_file
+
+from tangle_ray.errors import ConfigError
+from tangle_ray.space import SearchSpace, space_from_dict, space_to_dict
+from tangle_ray.supernet import Supernet
+
+SUPERNET_FILES = ("space.yaml", "supernet.safetensors", "alphas.safetensors", "meta.json")
+
+
+def save_supernet(supernet: Supernet, out_dir: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(_contiguous(supernet.net.state_dict()), str(out / "supernet.safetensors"))
+    save_file(_contiguous(dict(supernet.alphas)), str(out / "alphas.safetensors"))
+    (out / "space.yaml").write_text(yaml.safe_dump(space_to_dict(supernet.space), sort_keys=False))
+    (out / "meta.json").write_text(json.dumps(meta or {}, indent=2) + "\n")
+    return out
+
+
+def load_supernet(path: str | Path, space: SearchSpace | None = None, **overrides) -> Supernet:
+    """Load a folder written by ``save_supernet`` (or ``tangle-ray export``).
+
+    With ``space`` given, the checkpoint must have been trained on a space of the same shape.
+    """
+    folder = Path(path)
+    missing = [name for name in SUPERNET_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ConfigError(
+            f"supernet checkpoint {folder}: missing {missing}; expected a folder written by "
+            f"`tangle-ray export RUN` (files {list(SUPERNET_FILES)})"
+        )
+    stored = space_from_dict(yaml.safe_load((folder / "space.yaml").read_text()), source=str(folder / "space.yaml"))
+    if space is not None and space_to_dict(space)["choices"] != space_to_dict(stored)["choices"]:
+        raise ConfigError(
+            f"supernet checkpoint {folder} was trained on space {stored.name!r}, which does not match "
+            f"space {space.name!r}: {space_to_dict(stored)} vs {space_to_dict(space)}"
+        )
+    supernet = stored.build_supernet(**overrides)
+    try:
+        supernet.net.load_state_dict(load_file(str(folder / "supernet.safetensors")), strict=False)
+        supernet.alphas.load_state_dict(load_file(str(folder / "alphas.safetensors")))
+    except Exception as e:  # corrupt file or shapes of another space
+        raise ConfigError(f"supernet checkpoint {folder}: cannot load weights ({type(e).__name__}: {e})") from None
+    return supernet
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+def _contiguous(state: dict) -> dict:
+    """safetensors stores each tensor once: drop tied aliases (lm_head shares wte) and make contiguous."""
+    seen, out = set(), {}
+    for name, t in state.items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        out[name] = t.detach().contiguous().cpu()
+    return out

@@ -1,0 +1,93 @@
+"""Mixers: architecture parameters -> mixing weights W (one probability vector per choice and layer).
+
+Random mixers draw from a generator keyed by (seed, step, global micro-batch index), never from
+process-local state, so a run is a function of its config and seed, not of its number of workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tangle_ray.errors import ConfigError
+
+Weights = dict[str, Tensor]
+
+
+def keyed_generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded by a tuple of non-negative integers."""
+    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def _fork_seed(gen: torch.Generator) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=gen))
+
+
+def drnas(alphas: Mapping[str, Tensor], gen: torch.Generator, progress: float = 0.0) -> Weights:
+    """DrNAS: a reparameterised Dirichlet sample per row, concentration ELU(alpha) + 1."""
+    out = {}
+    for name, a in alphas.items():
+        concentration = (F.elu(a) + 1.0).cpu()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_fork_seed(gen))
+            sample = torch.distributions.Dirichlet(concentration).rsample()
+        out[name] = sample.to(a.device)
+    return out
+
+
+def darts(alphas: Mapping[str, Tensor], gen: torch.Generator | None = None, progress: float = 0.0) -> Weights:
+    """DARTS: a softmax per row."""
+    return {name: F.softmax(a, dim=-1) for name, a in alphas.items()}
+
+
+def gdas_tau(progress: float, tau_max: float = 10.0, tau_min: float = 0.1) -> float:
+    """GDAS temperature, annealed linearly from ``tau_max`` to ``tau_min`` over the run."""
+    return tau_max - (tau_max - tau_min) * min(max(progress, 0.0), 1.0)
+
+
+def gdas(alphas: Mapping[str, Tensor], gen: torch.Generator, progress: float = 0.0) -> Weights:
+    """GDAS: hard Gumbel-softmax, one-hot forward and the soft sample's gradient (straight-through)."""
+    tau = gdas_tau(progress)
+    out = {}
+    for name, a in alphas.items():
+        u = torch.rand(a.shape, generator=gen, dtype=torch.float64).clamp_(1e-20, 1.0 - 1e-12)
+        gumbel = (-torch.log(-torch.log(u))).to(a.device, a.dtype)
+        soft = F.softmax((a + gumbel) / tau, dim=-1)
+        hard = F.one_hot(soft.argmax(-1), a.size(-1)).to(a.dtype)
+        out[name] = hard - soft.detach() + soft
+    return out
+
+
+def spos(alphas: Mapping[str, Tensor], gen: torch.Generator, progress: float = 0.0) -> Weights:
+    """SPOS: a uniformly drawn one-hot row per choice (no gradient)."""
+    out = {}
+    for name, a in alphas.items():
+        idx = torch.randint(0, a.size(-1), a.shape[:-1], generator=gen)
+        out[name] = F.one_hot(idx, a.size(-1)).to(a.device, a.dtype)
+    return out
+
+
+def argmax(alphas: Mapping[str, Tensor], gen: torch.Generator | None = None, progress: float = 0.0) -> Weights:
+    """The one-hot of the largest architecture parameter per row."""
+    return {name: F.one_hot(a.detach().argmax(-1), a.size(-1)).to(a.dtype) for name, a in alphas.items()}
+
+
+MIXERS: dict[str, Callable[..., Weights]] = {"drnas": drnas, "darts": darts, "gdas": gdas, "spos": spos, "argmax": argmax}
+
+
+def get_mixer(name: str, source: str = "mixer") -> Callable[..., Weights]:
+    if name not in MIXERS:
+        raise ConfigError(f"{source} = {name!r} is not known; allowed: {sorted(MIXERS)}")
+    return MIXERS[name]
+
+
+def entropy(alphas: Mapping[str, Tensor]) -> float:
+    """Mean entropy (nats) of the softmax of every row: how undecided the search still is."""
+    rows = [F.softmax(a.detach().float(), -1).reshape(-1, a.size(-1)) for a in alphas.values()]
+    ent = [-(p * p.clamp_min(1e-12).log()).sum(-1) for p in rows]
+    return float(torch.cat(ent).mean())

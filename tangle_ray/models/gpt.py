@@ -1,0 +1,319 @@
+"""GPT: the weight-entangled supernet of a GPT space and the standalone model it extracts to.
+
+``GPT`` is a plain nanoGPT-style decoder (per-layer head counts and MLP ratios). ``EntangledGPT``
+holds the largest architecture's weights under the same names and runs in three modes:
+superposition (``weights=W``), single path (``arch=A``) and extraction (``extract(A)`` -> ``GPT``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import Tensor, nn
+
+from tangle_ray.errors import ConfigError
+from tangle_ray.ops import EntangledAttention, EntangledEmbedding, EntangledLayerNorm, EntangledLinear
+from tangle_ray.ops.linear import prefix_indicators
+from tangle_ray.space import Arch, SearchSpace
+
+
+def hidden_width(n_embd: int, mlp_ratio: float) -> int:
+    return int(round(n_embd * mlp_ratio))
+
+
+def _init_weights(model: nn.Module, n_layer: int) -> None:
+    """nanoGPT's initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)."""
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            nn.init.zeros_(p)
+        elif "ln_" in name:
+            nn.init.ones_(p)
+        else:
+            std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("c_proj.weight") else 0.02
+            nn.init.normal_(p, 0.0, std)
+
+
+def _lm_loss(logits: Tensor, targets: Tensor | None) -> Tensor | None:
+    if targets is None:
+        return None
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+
+
+# ===================================================================== standalone model
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_embd: int
+    n_head: list[int]
+    mlp_ratio: list[float]
+    bias: bool = False
+    dropout: float = 0.0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, bias: bool, dropout: float):
+        super().__init__()
+        self.n_head, self.dropout = n_head, dropout
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in self.c_attn(x).split(C, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd: int, hidden: int, bias: bool):
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, hidden, bias=bias)
+        self.c_proj = nn.Linear(hidden, n_embd, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        c = config
+        self.ln_1 = nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.attn = CausalSelfAttention(c.n_embd, c.n_head[layer], c.bias, c.dropout)
+        self.ln_2 = nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.mlp = MLP(c.n_embd, hidden_width(c.n_embd, c.mlp_ratio[layer]), c.bias)
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x)))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+class GPT(nn.Module):
+    """A nanoGPT-style GPT with tied input/output embeddings."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = c = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(c.vocab_size, c.n_embd),
+            wpe=nn.Embedding(c.block_size, c.n_embd),
+            drop=nn.Dropout(c.dropout),
+            h=nn.ModuleList(Block(c, i) for i in range(c.n_layer)),
+            ln_f=nn.LayerNorm(c.n_embd, bias=c.bias),
+        ))
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+        _init_weights(self, c.n_layer)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        t = self.transformer
+        pos = torch.arange(idx.size(1), device=idx.device)
+        x = t.drop(t.wte(idx) + t.wpe(pos))
+        for block in t.h:
+            x = block(x)
+        logits = self.lm_head(t.ln_f(x))
+        return logits, _lm_loss(logits, targets)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, out_dir: str | Path, arch: Arch | None = None) -> Path:
+        """Write ``model.safetensors`` and ``config.json`` (plus the architecture, if given)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_model(self, str(out / "model.safetensors"))
+        meta = {"model": "gpt", "config": asdict(self.config), "arch": arch}
+        (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return out
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> GPT:
+        path = Path(model_dir)
+        for name in ("config.json", "model.safetensors"):
+            if not (path / name).is_file():
+                raise ConfigError(f"model folder {path}: missing {name} (write one with save_pretrained or export)")
+        try:
+            meta = json.loads((path / "config.json").read_text())
+            model = cls(GPTConfig(**meta["config"]))
+            load_model(model, str(path / "model.safetensors"))
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise ConfigError(f"model folder {path}: cannot load ({e})") from None
+        return model
+
+
+# ===================================================================== supernet
+
+
+class EntangledBlock(nn.Module):
+    def __init__(self, widths: list[int], heads: list[int], ratios: list[float], bias: bool, dropout: float):
+        super().__init__()
+        D, R = max(widths), max(ratios)
+        combos = [(e, hidden_width(e, r)) for e in widths for r in ratios]
+        self.ln_1 = EntangledLayerNorm(D, widths, bias)
+        self.attn = EntangledAttention(widths, heads, bias, dropout)
+        self.ln_2 = EntangledLayerNorm(D, widths, bias)
+        self.mlp = nn.Module()
+        self.mlp.c_fc = EntangledLinear(D, hidden_width(D, R), bias, [(hid, e) for e, hid in combos])
+        self.mlp.c_proj = EntangledLinear(hidden_width(D, R), D, bias, combos)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, w_embd: Tensor | None = None, w_head: Tensor | None = None,
+                w_ratio: Tensor | None = None, *, width: int = 0, n_head: int = 0, ratio: float = 0.0,
+                output_mix: bool = False) -> Tensor:
+        if w_embd is None:  # single path at the real widths
+            hid = hidden_width(width, ratio)
+            x = x + self.drop(self.attn(self.ln_1(x, width=width), width=width, n_head=n_head))
+            h = F.gelu(self.mlp.c_fc(self.ln_2(x, width=width), out=hid, inp=width))
+            return x + self.drop(self.mlp.c_proj(h, out=width, inp=hid))
+        w_mlp = torch.outer(w_embd, w_ratio).flatten()  # combi-superposition: every (width, ratio) pair
+        x = x + self.drop(self.attn(self.ln_1(x, w_embd), w_embd, w_head, output_mix=output_mix))
+        h = F.gelu(self.mlp.c_fc(self.ln_2(x, w_embd), w_mlp, output_mix=output_mix))
+        return x + self.drop(self.mlp.c_proj(h, w_mlp, output_mix=output_mix))
+
+
+class EntangledGPT(nn.Module):
+    """The largest GPT of a space, every architecture of the space a slice of it."""
+
+    def __init__(self, space: SearchSpace, **overrides):
+        super().__init__()
+        self.space = space
+        fixed = {**space.fixed, **overrides}
+        self.vocab_size, self.block_size = fixed["padded_vocab_size"], fixed["block_size"]
+        self.bias, self.dropout = fixed["bias"], fixed["dropout"]
+        self.widths = list(space.dims["n_embd"].values)
+        self.depths = list(space.dims["n_layer"].values)
+        D, L = max(self.widths), space.max_layers
+        heads, ratios = list(space.dims["n_head"].values), list(space.dims["mlp_ratio"].values)
+        self.transformer = nn.ModuleDict(dict(
+            wte=EntangledEmbedding(self.vocab_size, D),
+            wpe=EntangledEmbedding(self.block_size, D),
+            drop=nn.Dropout(self.dropout),
+            h=nn.ModuleList(EntangledBlock(self.widths, heads, ratios, self.bias, self.dropout) for _ in range(L)),
+            ln_f=EntangledLayerNorm(D, self.widths, self.bias),
+        ))
+        self.lm_head = EntangledLinear(D, self.vocab_size, False, [(self.vocab_size, e) for e in self.widths])
+        self.lm_head.weight = self.transformer.wte.weight
+        self.register_buffer("width_ind", prefix_indicators(self.widths, D), False)
+        _init_weights(self, L)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *, weights: dict[str, Tensor] | None = None,
+                arch: Arch | None = None, output_mix: bool = False,
+                keep_all_params: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Logits and loss, superposed over mixing ``weights`` or on the single path ``arch``.
+
+        ``keep_all_params`` (single path) adds a zero-valued term that runs the unused layers on one
+        token, so every parameter gets a (zero) gradient: ZeRO needs the same parameters in each step.
+        """
+        if (weights is None) == (arch is None):
+            raise ValueError("pass exactly one of weights= (superposition) or arch= (single path)")
+        T = idx.size(1)
+        if T > self.block_size:
+            raise ValueError(f"sequence length {T} exceeds the context of {self.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        t = self.transformer
+        if arch is not None:
+            return self._path(idx, targets, pos, arch, keep_all_params)
+        w_embd = weights["n_embd"]
+        mask = w_embd.to(self.width_ind.dtype) @ self.width_ind
+        x = t.drop(t.wte(idx, mask) + t.wpe(pos, mask))
+        out = 0.0
+        for i, block in enumerate(t.h):
+            x = block(x, w_embd, weights["n_head"][i], weights["mlp_ratio"][i], output_mix=output_mix)
+            if i + 1 in self.depths:  # depth: weighted sum of the outputs after each candidate depth
+                out = out + weights["n_layer"][self.depths.index(i + 1)].to(x.dtype) * x
+        logits = self.lm_head(t.ln_f(out, w_embd), w_embd, output_mix=output_mix)
+        return logits, _lm_loss(logits, targets)
+
+    def _path(self, idx: Tensor, targets: Tensor | None, pos: Tensor, arch: Arch,
+              keep_all_params: bool) -> tuple[Tensor, Tensor | None]:
+        t, e, depth = self.transformer, arch["n_embd"], arch["n_layer"]
+        x = t.drop(t.wte(idx, width=e) + t.wpe(pos, width=e))
+        zero = 0.0
+        for i, block in enumerate(t.h):
+            choice = dict(width=e, n_head=arch["n_head"][i], ratio=arch["mlp_ratio"][i])
+            if i < depth:
+                x = block(x, **choice)
+            elif keep_all_params and self.training:
+                zero = zero + 0.0 * block(x[:, :1].detach(), **choice).sum()
+        logits = self.lm_head(t.ln_f(x, width=e), out=self.vocab_size, inp=e)
+        loss = _lm_loss(logits, targets)
+        return logits, (loss + zero if loss is not None and keep_all_params else loss)
+
+    def extract(self, arch: Arch) -> GPT:
+        """A standalone ``GPT`` of exactly ``arch`` holding copies of the supernet's weights."""
+        arch = self.space.validate(arch)
+        e, depth = arch["n_embd"], arch["n_layer"]
+        model = GPT(self.arch_config(arch))
+        t = self.transformer
+        state = {
+            "transformer.wte.weight": t.wte.weight[:, :e],
+            "transformer.wpe.weight": t.wpe.weight[:, :e],
+            "transformer.ln_f.weight": t.ln_f.weight[:e],
+        }
+        if self.bias:
+            state["transformer.ln_f.bias"] = t.ln_f.bias[:e]
+        for i in range(depth):
+            block, hid, prefix = t.h[i], hidden_width(e, arch["mlp_ratio"][i]), f"transformer.h.{i}."
+            for name, tensor in block.attn.sliced_state(e, arch["n_head"][i]).items():
+                state[prefix + "attn." + name] = tensor
+            for ln in ("ln_1", "ln_2"):
+                lnm = getattr(block, ln)
+                state[prefix + ln + ".weight"] = lnm.weight[:e]
+                if self.bias:
+                    state[prefix + ln + ".bias"] = lnm.bias[:e]
+            for name, (o, i_) in (("c_fc", (hid, e)), ("c_proj", (e, hid))):
+                weight, bias = getattr(block.mlp, name).sliced(o, i_)
+                state[prefix + f"mlp.{name}.weight"] = weight
+                if bias is not None:
+                    state[prefix + f"mlp.{name}.bias"] = bias
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+        with torch.no_grad():
+            model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
+        return model.to(self.transformer.wte.weight.device)
+
+    def arch_config(self, arch: Arch) -> GPTConfig:
+        return GPTConfig(
+            vocab_size=self.vocab_size, block_size=self.block_size, n_layer=arch["n_layer"], n_embd=arch["n_embd"],
+            n_head=list(arch["n_head"][: arch["n_layer"]]), mlp_ratio=list(arch["mlp_ratio"][: arch["n_layer"]]),
+            bias=self.bias, dropout=self.dropout,
+        )
+
+
+# ===================================================================== family functions used by SearchSpace
+
+
+def param_count(space: SearchSpace, arch: Arch) -> int:
+    f = space.fixed
+    e, bias = arch["n_embd"], int(f["bias"])
+    n = f["padded_vocab_size"] * e + f["block_size"] * e + e * (1 + bias)  # embeddings (tied head), ln_f
+    for i in range(arch["n_layer"]):
+        hid = hidden_width(e, arch["mlp_ratio"][i])
+        n += 2 * e * (1 + bias)  # ln_1, ln_2
+        n += 4 * e * e + bias * 4 * e  # c_attn, attn.c_proj
+        n += 2 * e * hid + bias * (hid + e)  # mlp
+    return n
+
+
+def flops(space: SearchSpace, arch: Arch, seq_len: int) -> int:
+    e = arch["n_embd"]
+    matmul = space.fixed["padded_vocab_size"] * e  # lm_head
+    for i in range(arch["n_layer"]):
+        matmul += 4 * e * e + 2 * e * hidden_width(e, arch["mlp_ratio"][i])
+    attention = 4 * arch["n_layer"] * seq_len * seq_len * e  # q k^T and att v
+    return 2 * matmul * seq_len + attention
+
+
+def build_net(space: SearchSpace, **overrides) -> EntangledGPT:
+    return EntangledGPT(space, **overrides)

@@ -1,0 +1,39 @@
+"""Layer norm over a prefix of the features, superposed over the width choices."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tangle_ray.ops.linear import prefix_indicators
+
+
+class EntangledLayerNorm(nn.Module):
+    """LayerNorm of the largest width; choice ``e`` normalises and scales the first ``e`` features.
+
+    The superposition is sum_e w_e pad(LN_e(x[:e])): each width keeps its own statistics, so a one-hot
+    mix equals the sliced layer exactly (normalising over the padded width would not).
+    """
+
+    def __init__(self, width: int, widths: list[int], bias: bool, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.bias = nn.Parameter(torch.zeros(width)) if bias else None
+        self.widths = [int(e) for e in widths]
+        self.eps = eps
+        self.register_buffer("ind", prefix_indicators(self.widths, width), False)
+
+    def forward(self, x: Tensor, w: Tensor | None = None, *, width: int | None = None) -> Tensor:
+        if w is None:
+            bias = None if self.bias is None else self.bias[:width]
+            return F.layer_norm(x, (width,), self.weight[:width], bias, self.eps)
+        var_mean = [torch.var_mean(x[..., :e], -1, unbiased=False) for e in self.widths]
+        var = torch.stack([v for v, _ in var_mean], -1)
+        mean = torch.stack([m for _, m in var_mean], -1)
+        rstd = torch.rsqrt(var + self.eps)
+        ind, w = self.ind.to(x.dtype), w.to(x.dtype)
+        scale = (w * rstd) @ ind  # sum_e w_e rstd_e 1[j < e]
+        shift = (w * mean * rstd) @ ind
+        y = (x * scale - shift) * self.weight
+        return y if self.bias is None else y + self.bias * (w @ ind)
