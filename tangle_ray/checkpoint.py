@@ -50,10 +50,16 @@ def load_supernet(path: str | Path, space: SearchSpace | None = None, **override
         )
     supernet = stored.build_supernet(**overrides)
     try:
-        supernet.net.load_state_dict(load_file(str(folder / "supernet.safetensors")), strict=False)
+        result = supernet.net.load_state_dict(load_file(str(folder / "supernet.safetensors")), strict=False)
         supernet.alphas.load_state_dict(load_file(str(folder / "alphas.safetensors")))
     except Exception as e:  # corrupt file or shapes of another space
         raise ConfigError(f"supernet checkpoint {folder}: cannot load weights ({type(e).__name__}: {e})") from None
+    missing = set(result.missing_keys) - {"lm_head.weight"}  # tied to the token embedding, stored once
+    if missing or result.unexpected_keys:
+        raise ConfigError(
+            f"supernet checkpoint {folder}: weights do not match the space (missing {sorted(missing)}, "
+            f"unexpected {sorted(result.unexpected_keys)})"
+        )
     return supernet
 
 
