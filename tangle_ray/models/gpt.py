@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
@@ -42,7 +43,8 @@ def _init_weights(model: nn.Module, n_layer: int) -> None:
 def _lm_loss(logits: Tensor, targets: Tensor | None) -> Tensor | None:
     if targets is None:
         return None
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # no bf16 softmax over the vocabulary
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
 # ===================================================================== standalone model
@@ -147,6 +149,8 @@ class GPT(nn.Module):
         try:
             meta = json.loads((path / "config.json").read_text())
             model = cls(GPTConfig(**meta["config"]))
+            with safe_open(str(path / "model.safetensors"), "pt") as f:  # keep the stored precision
+                model.to(f.get_tensor(f.keys()[0]).dtype)
             load_model(model, str(path / "model.safetensors"))
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise ConfigError(f"model folder {path}: cannot load ({e})") from None
@@ -255,8 +259,8 @@ class EntangledGPT(nn.Module):
         """A standalone ``GPT`` of exactly ``arch`` holding copies of the supernet's weights."""
         arch = self.space.validate(arch)
         e, depth = arch["n_embd"], arch["n_layer"]
-        model = GPT(self.arch_config(arch))
         t = self.transformer
+        model = GPT(self.arch_config(arch)).to(t.wte.weight.device, t.wte.weight.dtype)
         state = {
             "transformer.wte.weight": t.wte.weight[:, :e],
             "transformer.wpe.weight": t.wpe.weight[:, :e],
@@ -281,7 +285,7 @@ class EntangledGPT(nn.Module):
         state["lm_head.weight"] = state["transformer.wte.weight"]
         with torch.no_grad():
             model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
-        return model.to(self.transformer.wte.weight.device)
+        return model
 
     def arch_config(self, arch: Arch) -> GPTConfig:
         return GPTConfig(
