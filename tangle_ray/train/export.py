@@ -1,0 +1,45 @@
+"""``tangle-ray export``: consolidate a run's latest checkpoint into a supernet folder and an extracted model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tangle_ray.checkpoint import load_weights, save_supernet
+from tangle_ray.errors import ConfigError
+from tangle_ray.models.gpt import GPT
+from tangle_ray.space import Arch, space_from_dict
+from tangle_ray.train.state import consolidated_weights, latest_checkpoint, load_search_state, read_trainer_state
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None, arch: Arch | None = None) -> Path:
+    """Write ``supernet/`` (full weights gathered from ZeRO shards, alphas, space), ``model/`` (the chosen
+    architecture extracted: safetensors + config) and ``arch.json`` into ``out_dir`` (default RUN/export)."""
+    run = Path(run_dir)
+    checkpoint = latest_checkpoint(run)
+    if checkpoint is None:
+        raise ConfigError(f"run {run}: no checkpoint found (expected checkpoint_*/trainer_state.json)")
+    out = Path(out_dir) if out_dir else run / "export"
+    trainer = read_trainer_state(checkpoint)
+    state = load_search_state(checkpoint)
+    space = space_from_dict(state["space"], source=f"{checkpoint}/search_state.pt")
+    weights = consolidated_weights(checkpoint)
+    meta: dict[str, Any] = {"run": str(run), "checkpoint": checkpoint.name, "step": trainer["step"],
+                            "method": trainer["method"]}
+    if trainer["method"] == "fixed":
+        chosen = trainer["arch"]
+        model = GPT(space.build_supernet().net.arch_config(chosen))
+        load_weights(model, weights, f"checkpoint {checkpoint}")
+    else:
+        supernet = space.build_supernet()
+        load_weights(supernet.net, weights, f"checkpoint {checkpoint}")
+        for name, value in state["alphas"].items():
+            supernet.alphas[name].data.copy_(value)
+        chosen = space.validate(arch) if arch is not None else (
+            supernet.argmax_arch() if trainer["method"] == "tanglenas" else trainer["arch"])
+        save_supernet(supernet, out / "supernet", meta)
+        model = supernet.extract(chosen)
+    model.save_pretrained(out / "model", arch=chosen)
+    (out / "arch.json").write_text(json.dumps(chosen, indent=2) + "\n")
+    return out
