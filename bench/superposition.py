@@ -1,0 +1,108 @@
+"""Training-step time and peak memory: TangleNAS supernet vs the largest fixed model vs output mixing.
+
+Each variant runs in its own subprocess (clean peak memory); the ratios are taken from the same run.
+    python bench/superposition.py [--device cuda] [--steps 10] [--batch 8]
+On CPU, memory is the growth of peak RSS over the process after building the model; on CUDA, peak allocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from tangle_ray.mixers import drnas, keyed_generator
+from tangle_ray.space import space_from_dict
+
+MID_GPT = {  # a mid-sized GPT space: the gpt-tinystories structure at half the width, an 8k vocabulary
+    "name": "bench-mid", "model": "gpt",
+    "fixed": {"vocab_size": 8192, "padded_vocab_size": 8192, "block_size": 224, "bias": False, "dropout": 0.0},
+    "choices": {"n_layer": [4, 5, 6], "n_embd": [192, 288, 384]},
+    "per_layer": {"n_head": [6, 8, 12], "mlp_ratio": [2, 3, 4]},
+}
+VARIANTS = ("largest", "tanglenas", "output_mix")
+
+
+def peak_memory(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(variant: str, device: str, steps: int, batch: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    space = space_from_dict(MID_GPT)
+    supernet = space.build_supernet().to(device)
+    alphas = {k: v.detach().to(device).requires_grad_() for k, v in supernet.alphas.items()}
+    if variant == "largest":
+        model = supernet.extract(space.largest())
+        del supernet
+    params = list((model if variant == "largest" else supernet.net).parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    arch_opt = torch.optim.Adam(alphas.values(), lr=3e-4)
+    T = space.fixed["block_size"]
+    x = torch.randint(0, 8192, (batch, T), device=device)
+
+    def step(i: int) -> None:
+        if variant == "largest":
+            loss = model(x, x)[1]
+        else:
+            W = drnas(alphas, keyed_generator(0, i))
+            loss = supernet(x, x, weights=W, output_mix=variant == "output_mix")[1]
+        loss.backward()
+        opt.step()
+        arch_opt.step()
+        opt.zero_grad(set_to_none=True)
+        arch_opt.zero_grad(set_to_none=True)
+
+    step(0)  # warm-up (allocations, kernels)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = 0 if device == "cuda" else peak_memory(device)
+    start = time.perf_counter()
+    for i in range(1, steps + 1):
+        step(i)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    return {"variant": variant, "step_s": seconds, "tokens_per_s": batch * T / seconds,
+            "peak_bytes": peak_memory(device) - base}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--variant", choices=VARIANTS, help="(internal) measure one variant in this process")
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(measure(args.variant, args.device, args.steps, args.batch)))
+        return
+    rows = {}
+    for variant in VARIANTS:
+        out = subprocess.run([sys.executable, __file__, "--variant", variant, "--device", args.device,
+                              "--steps", str(args.steps), "--batch", str(args.batch)],
+                             check=True, capture_output=True, text=True).stdout
+        rows[variant] = json.loads(out.strip().splitlines()[-1])
+    space = space_from_dict(MID_GPT)
+    print(f"device {args.device}, batch {args.batch} x {MID_GPT['fixed']['block_size']} tokens, "
+          f"{args.steps} steps; largest arch {space.param_count(space.largest()) / 1e6:.1f}M parameters")
+    print(f"{'variant':12s} {'step ms':>9s} {'tokens/s':>10s} {'peak MB':>9s}")
+    for r in rows.values():
+        print(f"{r['variant']:12s} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:10.0f} {r['peak_bytes'] / 2**20:9.1f}")
+    L, T, O = rows["largest"], rows["tanglenas"], rows["output_mix"]
+    print(f"time   tanglenas / largest:    {T['step_s'] / L['step_s']:.2f}x   (target <= 1.3x)")
+    print(f"memory tanglenas / largest:    {T['peak_bytes'] / max(L['peak_bytes'], 1):.2f}x")
+    print(f"time   output_mix / tanglenas: {O['step_s'] / T['step_s']:.2f}x")
+    print(f"memory output_mix / tanglenas: {O['peak_bytes'] / max(T['peak_bytes'], 1):.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""The ``tangle-ray`` command: one sub-command per workflow, a thin layer over the library functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from tangle_ray.errors import ConfigError
+
+DEMO_OVERRIDES = [
+    "space=gpt-nano", "method=tanglenas", "mixer=drnas", "steps=60", "global_batch_size=16", "micro_batch_size=8",
+    "scaling.num_workers=2", "zero_stage=2", "log_every=10", "eval_every=20", "checkpoint_every=30",
+    "eval_windows=16", "optimizer.lr=3e-3", "optimizer.min_lr=3e-4", "optimizer.warmup_steps=10",
+    "arch_optimizer.lr=3e-2", "dropout=0.0",
+]
+
+
+def _train_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help)
+    p.add_argument("run_file", nargs="?", help="YAML run file (see recipes/runs/)")
+    p.add_argument("overrides", nargs="*", help="settings as key=value, e.g. steps=100 optimizer.lr=1e-3")
+    p.add_argument("--address", help="Ray cluster address (default: attach to a running cluster or start one)")
+    p.add_argument("--no-export", action="store_true", help="skip the consolidated export at the end")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tangle-ray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="a short TangleNAS search on a tiny GPT space, on a local Ray cluster")
+    demo.add_argument("--out", default="runs/demo", help="folder for the corpus, tokens and the run")
+    demo.add_argument("overrides", nargs="*", help="run settings as key=value")
+
+    _train_parser(sub, "search", "single-stage TangleNAS search (weights and architecture together)")
+    _train_parser(sub, "supernet", "train the SPOS supernet for the two-stage baselines")
+    retrain = _train_parser(sub, "retrain", "train one architecture from scratch or from the supernet's weights")
+    retrain.add_argument("--arch", required=True, help="arch.json of the architecture")
+    retrain.add_argument("--init", choices=["scratch", "inherit"], default="scratch")
+    retrain.add_argument("--supernet", help="supernet folder (from export) for --init inherit")
+
+    export = sub.add_parser("export", help="consolidate a run's checkpoint: full weights, extracted model, arch.json")
+    export.add_argument("run_dir")
+    export.add_argument("--out", help="output folder (default RUN/export)")
+    export.add_argument("--arch", help="arch.json to extract instead of the run's choice")
+
+    evaluate = sub.add_parser("evaluate", help="test loss and perplexity of an architecture or exported model")
+    evaluate.add_argument("--data", required=True, help="prepared data folder")
+    evaluate.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    evaluate.add_argument("--supernet", help="supernet folder (with --arch: inherited weights)")
+    evaluate.add_argument("--arch", help="arch.json (default: the supernet's argmax architecture)")
+    evaluate.add_argument("--model", help="an exported model folder instead of a supernet")
+    evaluate.add_argument("--windows", type=int, default=256, help="number of full-context windows")
+    evaluate.add_argument("--seed", type=int, default=0)
+
+    tune = sub.add_parser("tune", help="two-stage search (random or evolutionary) on Ray Tune over a trained supernet")
+    tune.add_argument("search_file", help="YAML search file (see recipes/search/)")
+    tune.add_argument("overrides", nargs="*", help="settings as key=value")
+    tune.add_argument("--address", help="Ray cluster address")
+
+    data = sub.add_parser("data", help="data preparation")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser("prepare", help="tokenize a corpus into train/valid/test token files")
+    prep.add_argument("--out", required=True, help="output folder")
+    prep.add_argument("--kind", default="hub", choices=["hub", "text", "jsonl", "parquet", "saved"])
+    prep.add_argument("--path", default="roneneldan/TinyStories", help="hub dataset id or local file/folder")
+    prep.add_argument("--text-field", default="text")
+    prep.add_argument("--text-mode", default="paragraph", choices=["paragraph", "line"])
+    prep.add_argument("--tokenizer", default="gpt2")
+    prep.add_argument("--bpe-file", help="a tiktoken BPE file (offline)")
+    prep.add_argument("--valid-fraction", type=float, default=0.2)
+    prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--num-proc", type=int, default=1)
+    synth = data_sub.add_parser("synth", help="write the offline demo corpus of synthetic stories")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--stories", type=int, default=2000)
+
+    sub.add_parser("spaces", help="list the known search spaces")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except ConfigError as e:
+        print(f"tangle-ray: error: {e}", file=sys.stderr)
+        return 2
+
+
+# ===================================================================== commands
+
+
+def _train(args, method: str, extra: list[str] | None = None) -> int:
+    from tangle_ray.train.config import load_config
+    from tangle_ray.train.runner import run_training
+
+    cfg = load_config(args.run_file, [f"method={method}", *(extra or []), *args.overrides])
+    result = run_training(cfg, address=args.address, export=not args.no_export)
+    _print_result(result)
+    return 0
+
+
+def _print_result(result) -> None:
+    print(f"\nrun folder: {result.run_dir}")
+    print(f"report:     {result.run_dir / 'summary.md'}")
+    print(f"arch:       {json.dumps(result.arch)}")
+    if result.export_dir:
+        print(f"export:     {result.export_dir}")
+
+
+def cmd_search(args) -> int:
+    return _train(args, "tanglenas")
+
+
+def cmd_supernet(args) -> int:
+    return _train(args, "spos")
+
+
+def cmd_retrain(args) -> int:
+    extra = [f"arch={args.arch}", f"init={args.init}"] + ([f"init_from={args.supernet}"] if args.supernet else [])
+    return _train(args, "fixed", extra)
+
+
+def cmd_demo(args) -> int:
+    import ray
+
+    from tangle_ray.data.prepare import prepare_text
+    from tangle_ray.data.sources import TextSource
+    from tangle_ray.data.synth import write_demo_corpus
+    from tangle_ray.train.config import load_config
+    from tangle_ray.train.runner import run_training
+
+    out = Path(args.out)
+    corpus = write_demo_corpus(out / "corpus", n_train=2000, n_valid=200, seed=0)
+    tokens = prepare_text(TextSource(kind="jsonl", path=str(corpus)), out / "tokens")
+    cfg = load_config(None, [*DEMO_OVERRIDES, f"data.dir={tokens}", f"run.storage_path={out / 'runs'}",
+                             f"run.name=demo-{time.strftime('%Y%m%d-%H%M%S')}", *args.overrides])
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", num_cpus=max(2, cfg.scaling.num_workers), include_dashboard=False)
+    try:
+        result = run_training(cfg)
+    finally:
+        ray.shutdown()
+    _print_result(result)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from tangle_ray.train.export import export_run
+
+    arch = json.loads(Path(args.arch).read_text()) if args.arch else None
+    print(f"exported to {export_run(args.run_dir, args.out, arch)}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from tangle_ray.search.evaluate import evaluate_on_split
+
+    result = evaluate_on_split(data_dir=args.data, split=args.split, supernet=args.supernet, arch=args.arch,
+                               model=args.model, num_windows=args.windows, seed=args.seed)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from tangle_ray.search.config import load_search_config
+    from tangle_ray.search.tuner import run_search
+
+    result = run_search(load_search_config(args.search_file, args.overrides), address=args.address)
+    print(f"\nleaderboard: {result.out_dir / 'leaderboard.md'}")
+    print(f"best arch:   {json.dumps(result.best_arch)} (loss {result.best_loss:.4f})")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from tangle_ray.data.prepare import prepare_text
+    from tangle_ray.data.sources import TextSource
+    from tangle_ray.data.synth import write_demo_corpus
+
+    if args.data_command == "synth":
+        print(f"wrote synthetic stories to {write_demo_corpus(args.out, n_train=args.stories)}")
+        return 0
+    source = TextSource(kind=args.kind, path=args.path, text_field=args.text_field, text_mode=args.text_mode)
+    out = prepare_text(source, args.out, tokenizer=args.tokenizer, bpe_file=args.bpe_file,
+                       valid_fraction=args.valid_fraction, seed=args.seed, num_proc=args.num_proc)
+    print(f"prepared token files in {out}")
+    return 0
+
+
+def cmd_spaces(args) -> int:
+    from tangle_ray.space import available_spaces, load_space
+
+    for name in available_spaces():
+        s = load_space(name)
+        print(f"{name:18s} {s.num_architectures():>12,d} architectures, "
+              f"{s.param_count(s.smallest()) / 1e6:.2f}M to {s.param_count(s.largest()) / 1e6:.2f}M parameters")
+    return 0
+
+
+COMMANDS = {
+    "demo": cmd_demo, "search": cmd_search, "supernet": cmd_supernet, "retrain": cmd_retrain, "export": cmd_export,
+    "evaluate": cmd_evaluate, "tune": cmd_tune, "data": cmd_data, "spaces": cmd_spaces,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Bad input is refused on the driver, before any worker starts, with the field, the value and what is allowed."""
+
+import glob
+from pathlib import Path
+
+import pytest
+
+from tangle_ray.errors import ConfigError
+from tangle_ray.train.config import TrainConfig, load_config
+from tangle_ray.train.deepspeed import deepspeed_config, lr_factor
+from tangle_ray.train.runner import preflight
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(str(REPO / "recipes" / "runs" / "*.yaml"))))
+def test_every_run_recipe_loads(path):
+    cfg = load_config(path)
+    assert cfg.global_batch_size % (cfg.scaling.num_workers * cfg.micro_batch_size) == 0
+
+
+def test_defaults_are_the_tanglenas_lm_settings():
+    cfg = TrainConfig()
+    assert (cfg.optimizer.lr, cfg.optimizer.min_lr, cfg.optimizer.betas) == (5e-4, 5e-5, (0.9, 0.99))
+    assert (cfg.optimizer.weight_decay, cfg.optimizer.grad_clip, cfg.arch_optimizer.grad_clip) == (0.1, 1.0, 5.0)
+    assert (cfg.arch_optimizer.lr, cfg.arch_optimizer.betas, cfg.arch_optimizer.weight_decay) == (3e-4, (0.5, 0.999), 1e-3)
+    assert cfg.global_batch_size * 224 == 53_760 and cfg.steps == 6000 and cfg.data.valid_fraction == 0.2
+    assert cfg.mixer == "drnas"
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["method=enas"], ["method", "'enas'", "tanglenas", "spos"]),
+        (["mixer=random"], ["mixer", "'random'", "drnas", "darts", "gdas"]),
+        (["zero_stage=4"], ["zero_stage", "4", "[0, 1, 2, 3]"]),
+        (["global_batch_size=10", "micro_batch_size=2", "scaling.num_workers=3"], ["global_batch_size = 10", "3 x 2 = 6"]),
+        (["optimizer.lr=fast"], ["optimizer.lr", "'fast'", "number"]),
+        (["optimiser.lr=1"], ["unknown", "optimiser"]),
+        (["precision=fp8"], ["precision", "fp8", "bf16"]),
+        (["steps"], ["key=value"]),
+    ],
+)
+def test_bad_settings_name_field_value_and_allowed(overrides, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_malformed_run_file_names_the_file(tmp_path):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("steps: [1, 2\n")
+    with pytest.raises(ConfigError, match=str(bad)):
+        load_config(bad)
+    bad.write_text("stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"run.yaml.*stepz"):
+        load_config(bad)
+
+
+def test_preflight_refuses_bad_space_data_storage_and_checkpoints(tmp_path, data_dir):
+    with pytest.raises(ConfigError, match="no-such-space"):
+        preflight(load_config(None, ["space=no-such-space", f"data.dir={data_dir}"]))
+    with pytest.raises(ConfigError, match="meta.json"):
+        preflight(load_config(None, ["space=gpt-nano", f"data.dir={tmp_path / 'nothing'}"]))
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="cannot write"):
+        preflight(load_config(None, ["space=gpt-nano", f"data.dir={data_dir}", f"run.storage_path={blocker}"]))
+    with pytest.raises(ConfigError, match="vocabulary"):
+        preflight(load_config(None, ["space=gpt-micro", f"data.dir={data_dir}", f"run.storage_path={tmp_path}"]))
+    arch = load_config(None, ["method=fixed", "space=gpt-nano", f"data.dir={data_dir}", f"run.storage_path={tmp_path}",
+                              "arch={n_layer: 9, n_embd: 32, n_head: [2, 2, 2, 2], mlp_ratio: [2, 2, 2, 2]}"])
+    with pytest.raises(ConfigError, match=r"n_layer = 9 .*\[2, 3, 4\]"):
+        preflight(arch)
+
+
+def test_rerun_with_another_config_under_the_same_name_is_refused(tmp_path, data_dir):
+    base = ["space=gpt-nano", f"data.dir={data_dir}", f"run.storage_path={tmp_path}", "run.name=fixed-name"]
+    cfg = load_config(None, base)
+    preflight(cfg)
+    (cfg.run_dir() / "run_config.yaml").write_text("identity: {seed: 99}\n")
+    with pytest.raises(ConfigError, match="different configuration"):
+        preflight(load_config(None, base))
+
+
+def test_default_run_name_is_stable_and_changes_with_the_config():
+    a, b = load_config(None, ["seed=1"]), load_config(None, ["seed=1", "steps=10"])
+    assert a.run_name() == b.run_name()  # more steps: the same run, resumed and extended
+    assert a.run_name() != load_config(None, ["seed=2"]).run_name()
+
+
+def test_deepspeed_config_and_schedule():
+    cfg = load_config(None, ["global_batch_size=16", "micro_batch_size=2", "scaling.num_workers=2", "zero_stage=3",
+                             "steps=100", "optimizer.warmup_steps=10", "deepspeed={zero_optimization: {overlap_comm: true}}"])
+    ds = deepspeed_config(cfg)
+    assert ds["gradient_accumulation_steps"] == 4 and ds["train_batch_size"] == 16
+    assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
+    assert not ds["bf16"]["enabled"]
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(100, cfg) == pytest.approx(0.1)  # cosine down to min_lr = lr / 10

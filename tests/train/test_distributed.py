@@ -1,0 +1,102 @@
+"""Distributed supernet training on a local Ray cluster (CPU, gloo): equal to one process, resumable."""
+
+import json
+
+import pytest
+import torch
+
+from tangle_ray.checkpoint import load_supernet
+from tangle_ray.models.gpt import GPT
+from tangle_ray.train.runner import run_training
+from tangle_ray.train.state import consolidated_weights, latest_checkpoint, load_search_state
+
+pytestmark = pytest.mark.ray
+_runs = {}
+
+
+def _run(tiny_config, key, **overrides):
+    """Each distinct run once per session: one TorchTrainer.fit() checks several properties."""
+    if key not in _runs:
+        _runs[key] = run_training(tiny_config(**overrides))
+    return _runs[key]
+
+
+def _final_state(result):
+    checkpoint = latest_checkpoint(result.run_dir)
+    return consolidated_weights(checkpoint), load_search_state(checkpoint)["alphas"]
+
+
+def _assert_same_state(a, b, atol):
+    (wa, aa), (wb, ab) = _final_state(a), _final_state(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=atol, msg=name)
+    for name in aa:
+        torch.testing.assert_close(aa[name], ab[name], rtol=0, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("mixer", ["drnas", "darts"])
+def test_two_workers_equal_one_worker_for_the_same_global_batch(local_ray, tiny_config, mixer):
+    one = _run(tiny_config, f"{mixer}-w1-z2", mixer=mixer, scaling__num_workers=1, zero_stage=2)
+    two = _run(tiny_config, f"{mixer}-w2-z2", mixer=mixer, scaling__num_workers=2, zero_stage=2)
+    _assert_same_state(one, two, atol=2e-5)
+    (w0, a0), _ = _final_state(one), None
+    assert any(not torch.allclose(a, torch.zeros_like(a), atol=1e-3) for a in a0.values()), "alphas did not move"
+    assert [m["step"] for m in two.history["metrics"]] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_zero_stages_agree(local_ray, tiny_config, stage):
+    reference = _run(tiny_config, "drnas-w2-z2", mixer="drnas", scaling__num_workers=2, zero_stage=2)
+    other = _run(tiny_config, f"drnas-w2-z{stage}", mixer="drnas", scaling__num_workers=2, zero_stage=stage)
+    _assert_same_state(reference, other, atol=2e-5)
+
+
+def test_export_of_zero3_run_equals_the_supernet_single_path(local_ray, tiny_config):
+    run = _run(tiny_config, "drnas-w2-z3", mixer="drnas", scaling__num_workers=2, zero_stage=3)
+    arch = json.loads((run.export_dir / "arch.json").read_text())
+    supernet = load_supernet(run.export_dir / "supernet").eval()
+    model = GPT.from_pretrained(run.export_dir / "model").eval()
+    idx = torch.randint(0, 50257, (3, 64))
+    torch.testing.assert_close(model(idx)[0], supernet(idx, arch=arch)[0], rtol=0, atol=0)
+    assert model.num_parameters() == supernet.space.param_count(arch)
+    for name in ("summary.md", "arch.json", "alphas_mlp_ratio.png", "anytime.png", "alphas.csv", "metrics.csv"):
+        assert (run.run_dir / name).is_file(), name
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_spos_with_changing_depth_runs_under_zero(local_ray, tiny_config, stage):
+    run = _run(tiny_config, f"spos-z{stage}", method="spos", scaling__num_workers=2, zero_stage=stage, steps=6)
+    assert [m["step"] for m in run.history["metrics"]] == list(range(1, 7))
+    assert all(m["train_loss"] < 11.5 for m in run.history["metrics"])
+    supernet = load_supernet(run.export_dir / "supernet")
+    assert supernet.space.param_count(run.arch) == GPT.from_pretrained(run.export_dir / "model").num_parameters()
+
+
+def test_spos_paths_change_depth_across_steps():
+    import random
+
+    from tangle_ray import load_space
+    from tangle_ray.mixers import keyed_generator
+
+    space = load_space("gpt-nano")
+    depths = {space.sample(random.Random(keyed_generator(0, step).initial_seed()))["n_layer"] for step in range(6)}
+    assert len(depths) > 1  # the SPOS run above (seed 0, 6 steps) does see different depths
+
+
+def test_killed_run_resumes_to_the_same_state(local_ray, tiny_config):
+    uninterrupted = _run(tiny_config, "drnas-w2-z2", mixer="drnas", scaling__num_workers=2, zero_stage=2)
+    name = "resumed-run"
+    first = run_training(tiny_config(mixer="drnas", scaling__num_workers=2, zero_stage=2, steps=2, run__name=name))
+    assert first.history["metrics"][-1]["step"] == 2
+    second = run_training(tiny_config(mixer="drnas", scaling__num_workers=2, zero_stage=2, run__name=name))
+    assert [m["step"] for m in second.history["metrics"]] == [1, 2, 3, 4]
+    _assert_same_state(uninterrupted, second, atol=0)
+
+
+def test_worker_failure_restarts_from_the_last_checkpoint(local_ray, tiny_config):
+    uninterrupted = _run(tiny_config, "drnas-w2-z2", mixer="drnas", scaling__num_workers=2, zero_stage=2)
+    run = run_training(tiny_config(mixer="drnas", scaling__num_workers=2, zero_stage=2,
+                                   inject_failure_at_step=3, max_failures=1))
+    assert [m["step"] for m in run.history["metrics"]] == [1, 2, 3, 4]
+    _assert_same_state(uninterrupted, run, atol=0)
