@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 
 from tangle_ray.errors import ConfigError
 from tangle_ray.space import SearchSpace, space_from_dict, space_to_dict
@@ -50,17 +51,26 @@ def load_supernet(path: str | Path, space: SearchSpace | None = None, **override
         )
     supernet = stored.build_supernet(**overrides)
     try:
-        result = supernet.net.load_state_dict(load_file(str(folder / "supernet.safetensors")), strict=False)
+        load_weights(supernet.net, load_file(str(folder / "supernet.safetensors")), f"supernet checkpoint {folder}")
         supernet.alphas.load_state_dict(load_file(str(folder / "alphas.safetensors")))
+    except ConfigError:
+        raise
     except Exception as e:  # corrupt file or shapes of another space
         raise ConfigError(f"supernet checkpoint {folder}: cannot load weights ({type(e).__name__}: {e})") from None
-    missing = set(result.missing_keys) - {"lm_head.weight"}  # tied to the token embedding, stored once
+    return supernet
+
+
+def load_weights(module: nn.Module, state: dict[str, Tensor], where: str) -> None:
+    """Load a full state dict; the tied output head may be absent (it is the token embedding)."""
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes of another space
+        raise ConfigError(f"{where}: weights do not fit the model ({e})") from None
+    missing = set(result.missing_keys) - {"lm_head.weight"}
     if missing or result.unexpected_keys:
         raise ConfigError(
-            f"supernet checkpoint {folder}: weights do not match the space (missing {sorted(missing)}, "
-            f"unexpected {sorted(result.unexpected_keys)})"
+            f"{where}: weights do not fit the model (missing {sorted(missing)}, unexpected {sorted(result.unexpected_keys)})"
         )
-    return supernet
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
