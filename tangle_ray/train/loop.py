@@ -129,6 +129,7 @@ class Worker:
         cfg = self.cfg
         tokens_per_step = cfg.global_batch_size * self.space.fixed["block_size"]
         start, t0 = self.step, time.time()
+        last_log = (self.step, t0)
         window: list[dict[str, float]] = []
         while self.step < cfg.steps:
             if cfg.inject_failure_at_step == self.step and start == 0 and self.rank == 0:
@@ -139,10 +140,11 @@ class Worker:
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                 self._anytime()
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                elapsed = time.time() - t0
-                self._record(window, tokens_per_step * (self.step - start) / max(elapsed, 1e-9),
-                             elapsed / (self.step - start) * (cfg.steps - self.step))
-                window = []
+                now = time.time()
+                speed = tokens_per_step * (self.step - last_log[0]) / max(now - last_log[1], 1e-9)
+                eta = (now - t0) / (self.step - start) * (cfg.steps - self.step)
+                self._record(window, speed, eta, now - t0)
+                window, last_log = [], (self.step, now)
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self._checkpoint()
 
@@ -241,11 +243,11 @@ class Worker:
         module.train()
         self.history["anytime"].append({"step": self.step, "valid_loss": total / n, "arch": arch})
 
-    def _record(self, window: list[dict[str, float]], tokens_per_s: float, eta_s: float) -> None:
+    def _record(self, window: list[dict[str, float]], tokens_per_s: float, eta_s: float, elapsed_s: float) -> None:
         means = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
         arch = self.current_arch()
         row = {"step": self.step, **means, "tokens_per_s": tokens_per_s, "lr": self.engine.get_lr()[0],
-               "arch_params": self.space.param_count(arch)}
+               "arch_params": self.space.param_count(arch), "elapsed_s": elapsed_s, "optimizer_state_bytes": self._optimizer_state_bytes()}
         if self.alphas:
             row["arch_entropy"] = entropy(self.alphas)
             self.history["alphas"].append(
@@ -259,6 +261,12 @@ class Worker:
             f"step {self.step}/{self.cfg.steps}  {losses}  {tokens_per_s:,.0f} tok/s  "
             f"arch {compact(arch)} ({row['arch_params'] / 1e6:.2f}M){ent}  ETA {eta_s / 60:.1f} min"
         )
+
+    def _optimizer_state_bytes(self) -> int:
+        """Bytes of the weight optimizer's state (Adam moments) held by this rank: what ZeRO partitions."""
+        optimizer = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # ZeRO wraps torch's
+        return sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                   for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
 
     def _checkpoint(self) -> None:
         import ray.train

@@ -85,13 +85,15 @@ def test_spos_paths_change_depth_across_steps():
 
 
 def test_killed_run_resumes_to_the_same_state(local_ray, tiny_config):
+    """The run dies after its step-2 checkpoint with no restarts left; rerunning the same command resumes it."""
     uninterrupted = _run(tiny_config, "drnas-w2-z2", mixer="drnas", scaling__num_workers=2, zero_stage=2)
-    name = "resumed-run"
-    first = run_training(tiny_config(mixer="drnas", scaling__num_workers=2, zero_stage=2, steps=2, run__name=name))
-    assert first.history["metrics"][-1]["step"] == 2
-    second = run_training(tiny_config(mixer="drnas", scaling__num_workers=2, zero_stage=2, run__name=name))
-    assert [m["step"] for m in second.history["metrics"]] == [1, 2, 3, 4]
-    _assert_same_state(uninterrupted, second, atol=0)
+    cfg = tiny_config(mixer="drnas", scaling__num_workers=2, zero_stage=2, inject_failure_at_step=3, max_failures=0)
+    with pytest.raises(Exception, match="injected failure"):
+        run_training(cfg)
+    assert load_search_state(latest_checkpoint(cfg.run_dir()))["step"] == 2
+    resumed = run_training(cfg)
+    assert [m["step"] for m in resumed.history["metrics"]] == [1, 2, 3, 4]
+    _assert_same_state(uninterrupted, resumed, atol=0)
 
 
 def test_worker_failure_restarts_from_the_last_checkpoint(local_ray, tiny_config):
