@@ -1,8 +1,11 @@
 """Training-step time and peak memory: TangleNAS supernet vs the largest fixed model vs output mixing.
 
-Each variant runs in its own subprocess (clean peak memory); the ratios are taken from the same run.
+A TangleNAS weight step (mixing weights sampled by DrNAS from the detached alphas, forward, backward, AdamW)
+is compared with the same step of the largest fixed architecture and of the output-mixing (weight-sharing)
+baseline; the architecture step (backward into the alphas only) is timed too. Each variant runs in its own
+subprocess (clean peak memory); the ratios are taken from the same run.
     python bench/superposition.py [--device cuda] [--steps 10] [--batch 8]
-On CPU, memory is the growth of peak RSS over the process after building the model; on CUDA, peak allocated.
+Memory is the peak over what the built model occupies (CPU: peak RSS growth; CUDA: peak allocated).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ MID_GPT = {  # a mid-sized GPT space: the gpt-tinystories structure at half the 
     "choices": {"n_layer": [4, 5, 6], "n_embd": [192, 288, 384]},
     "per_layer": {"n_head": [6, 8, 12], "mlp_ratio": [2, 3, 4]},
 }
-VARIANTS = ("largest", "tanglenas", "output_mix")
+VARIANTS = ("largest", "tanglenas", "output_mix", "arch_step")
 
 
 def peak_memory(device: str) -> int:
@@ -50,21 +53,24 @@ def measure(variant: str, device: str, steps: int, batch: int) -> dict[str, floa
 
     def step(i: int) -> None:
         if variant == "largest":
-            loss = model(x, x)[1]
-        else:
+            model(x, x)[1].backward()
+        elif variant == "arch_step":  # gradients into the alphas only, as in the bilevel search
             W = drnas(alphas, keyed_generator(0, i))
-            loss = supernet(x, x, weights=W, output_mix=variant == "output_mix")[1]
-        loss.backward()
+            supernet(x, x, weights=W)[1].backward(inputs=list(alphas.values()))
+            arch_opt.step()
+            arch_opt.zero_grad(set_to_none=True)
+            return
+        else:
+            W = drnas({k: a.detach() for k, a in alphas.items()}, keyed_generator(0, i))
+            supernet(x, x, weights=W, output_mix=variant == "output_mix")[1].backward()
         opt.step()
-        arch_opt.step()
         opt.zero_grad(set_to_none=True)
-        arch_opt.zero_grad(set_to_none=True)
 
-    step(0)  # warm-up (allocations, kernels)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    base = 0 if device == "cuda" else peak_memory(device)
+    base = torch.cuda.memory_allocated() if device == "cuda" else peak_memory(device)
+    step(0)  # warm-up (allocations, kernels)
     start = time.perf_counter()
     for i in range(1, steps + 1):
         step(i)
@@ -97,8 +103,9 @@ def main() -> None:
     print(f"{'variant':12s} {'step ms':>9s} {'tokens/s':>10s} {'peak MB':>9s}")
     for r in rows.values():
         print(f"{r['variant']:12s} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:10.0f} {r['peak_bytes'] / 2**20:9.1f}")
-    L, T, O = rows["largest"], rows["tanglenas"], rows["output_mix"]
+    L, T, O, A = rows["largest"], rows["tanglenas"], rows["output_mix"], rows["arch_step"]
     print(f"time   tanglenas / largest:    {T['step_s'] / L['step_s']:.2f}x   (target <= 1.3x)")
+    print(f"time   arch_step / largest:    {A['step_s'] / L['step_s']:.2f}x   (a search step is one of each)")
     print(f"memory tanglenas / largest:    {T['peak_bytes'] / max(L['peak_bytes'], 1):.2f}x")
     print(f"time   output_mix / tanglenas: {O['step_s'] / T['step_s']:.2f}x")
     print(f"memory output_mix / tanglenas: {O['peak_bytes'] / max(T['peak_bytes'], 1):.2f}x")

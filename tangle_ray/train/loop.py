@@ -59,6 +59,7 @@ class Worker:
         self.mixer = get_mixer(cfg.mixer_name)
         self.fixed_arch = loop_config.get("arch")
         self._build(loop_config)
+        self.nodes = self._gather_node_ids()
         self.history: dict[str, list] = {"alphas": [], "metrics": [], "anytime": []}
         self.step = 0
         self._restore()
@@ -123,6 +124,17 @@ class Worker:
             if rng_file.is_file():
                 torch.set_rng_state(torch.load(rng_file, weights_only=False))
         self._log(f"resumed at step {self.step}")
+
+    def _gather_node_ids(self) -> list[str]:
+        """The Ray node of every rank, in rank order (shown in trainer_state.json)."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        if self.world == 1:
+            return [node]
+        nodes: list[str] = [""] * self.world
+        dist.all_gather_object(nodes, node)
+        return nodes
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> None:
@@ -283,7 +295,7 @@ class Worker:
                 }
                 torch.save(state, Path(tmp) / SEARCH_STATE)
                 summary = {"step": self.step, "world_size": self.world, "zero_stage": self.cfg.zero_stage,
-                           "method": self.cfg.method, "arch": self.current_arch()}
+                           "method": self.cfg.method, "arch": self.current_arch(), "nodes": self.nodes}
                 (Path(tmp) / TRAINER_STATE).write_text(json.dumps(summary, indent=2) + "\n")
             if self.world > 1:
                 dist.barrier()
