@@ -99,9 +99,19 @@ def _train(args, method: str, extra: list[str] | None = None) -> int:
     from tangle_ray.train.config import load_config
     from tangle_ray.train.runner import run_training
 
-    cfg = load_config(args.run_file, [f"method={method}", *(extra or []), *args.overrides])
-    result = run_training(cfg, address=args.address, export=not args.no_export)
+    run_file, overrides = args.run_file, list(args.overrides)
+    if run_file and "=" in run_file and not Path(run_file).is_file():  # no run file, only settings
+        run_file, overrides = None, [run_file, *overrides]
+    cfg = load_config(run_file, [f"method={method}", *(extra or []), *overrides])
+    result = run_training(cfg, address=args.address, export=not args.no_export or method == "fixed")
     _print_result(result)
+    if method == "fixed":  # the retrained architecture on the held-out test split
+        from tangle_ray.search.evaluate import evaluate_on_split
+
+        scores = evaluate_on_split(cfg.data.dir, "test", model=result.export_dir / "model", seed=cfg.seed)
+        (result.run_dir / "test_scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+        print(f"test loss {scores['loss']:.4f}, perplexity {scores['perplexity']:.2f} "
+              f"({scores['tokens']:,d} tokens; {result.run_dir / 'test_scores.json'})")
     return 0
 
 

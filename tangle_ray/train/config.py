@@ -250,6 +250,11 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{where} = {value!r} must be an integer")
     if typ is float or "float | None" in str(typ):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} = {value!r} must be a number")
         return float(value)
