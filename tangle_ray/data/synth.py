@@ -27,29 +27,90 @@ _HEROES = [  # (name, description, pronoun, possessive)
     ("Leo", "a young lion", "he", "his"),
 ]
 _HELPERS = [  # (first mention, later mentions)
-    ("Mom", "Mom"), ("Dad", "Dad"), ("Grandma", "Grandma"), ("a wise owl", "the owl"),
-    ("a friendly bear", "the bear"), ("an old man", "the old man"), ("a big duck", "the duck"),
+    ("Mom", "Mom"),
+    ("Dad", "Dad"),
+    ("Grandma", "Grandma"),
+    ("a wise owl", "the owl"),
+    ("a friendly bear", "the bear"),
+    ("an old man", "the old man"),
+    ("a big duck", "the duck"),
     ("a little mouse", "the mouse"),
 ]
 _PLACES = [
-    "the park", "the forest", "the beach", "the garden", "the farm", "the lake", "the big hill",
-    "the town", "the zoo", "the river", "the old house", "the playground", "the meadow", "the shop",
+    "the park",
+    "the forest",
+    "the beach",
+    "the garden",
+    "the farm",
+    "the lake",
+    "the big hill",
+    "the town",
+    "the zoo",
+    "the river",
+    "the old house",
+    "the playground",
+    "the meadow",
+    "the shop",
 ]
-_ADJECTIVES = ["red", "blue", "shiny", "soft", "big", "little", "green", "yellow", "pretty", "old", "new", "funny"]
+_ADJECTIVES = [
+    "red",
+    "blue",
+    "shiny",
+    "soft",
+    "big",
+    "little",
+    "green",
+    "yellow",
+    "pretty",
+    "old",
+    "new",
+    "funny",
+]
 _OBJECTS = [
-    "ball", "kite", "key", "box", "hat", "book", "flower", "toy car", "balloon", "cup", "shell", "stone",
-    "boat", "drum", "doll", "apple", "cake", "crayon", "rope", "bell",
+    "ball",
+    "kite",
+    "key",
+    "box",
+    "hat",
+    "book",
+    "flower",
+    "toy car",
+    "balloon",
+    "cup",
+    "shell",
+    "stone",
+    "boat",
+    "drum",
+    "doll",
+    "apple",
+    "cake",
+    "crayon",
+    "rope",
+    "bell",
 ]
 _ACTIVITIES = [
-    "play outside", "sing songs", "run fast", "draw pictures", "jump in puddles", "read books",
-    "dance in the sun", "build towers", "look at the stars", "splash in the water", "climb trees",
+    "play outside",
+    "sing songs",
+    "run fast",
+    "draw pictures",
+    "jump in puddles",
+    "read books",
+    "dance in the sun",
+    "build towers",
+    "look at the stars",
+    "splash in the water",
+    "climb trees",
 ]
 _OBSTACLES = ["a tall tree", "a deep hole", "a thorny bush", "the muddy pond", "a narrow pipe", "a dark cave"]
 _GLAD = ["happy", "glad", "cheerful", "proud", "joyful"]
 _TIMES = ["day", "morning", "afternoon", "evening", "sunny day", "rainy day", "cold night"]
 _MORALS = [
-    "sharing is a good thing", "friends help each other", "it is good to be brave",
-    "being kind makes everyone happy", "you should always say thank you", "it is fun to try new things",
+    "sharing is a good thing",
+    "friends help each other",
+    "it is good to be brave",
+    "being kind makes everyone happy",
+    "you should always say thank you",
+    "it is fun to try new things",
 ]
 
 
@@ -61,40 +122,60 @@ def _story(rng: random.Random) -> str:
     name, desc, he, his = rng.choice(_HEROES)
     helper, helper_ref = rng.choice(_HELPERS)
     place, obj = rng.choice(_PLACES), f"{rng.choice(_ADJECTIVES)} {rng.choice(_OBJECTS)}"
-    s = [rng.choice([
-        f"Once upon a time, there was {desc} named {name}.",
-        f"{name} was {desc} who lived near {place}.",
-        f"There once was {desc}. {his.capitalize()} name was {name}.",
-    ])]
+    s = [
+        rng.choice(
+            [
+                f"Once upon a time, there was {desc} named {name}.",
+                f"{name} was {desc} who lived near {place}.",
+                f"There once was {desc}. {his.capitalize()} name was {name}.",
+            ]
+        )
+    ]
     if rng.random() < 0.7:
         s.append(f"{he.capitalize()} loved to {rng.choice(_ACTIVITIES)}.")
-    s.append(rng.choice([
-        f"One {rng.choice(_TIMES)}, {name} went to {place} and found {_a(obj)}.",
-        f"One {rng.choice(_TIMES)}, {name} saw {_a(obj)} at {place}.",
-        f"{name} had {_a(obj)} that {he} took everywhere.",
-    ]))
+    s.append(
+        rng.choice(
+            [
+                f"One {rng.choice(_TIMES)}, {name} went to {place} and found {_a(obj)}.",
+                f"One {rng.choice(_TIMES)}, {name} saw {_a(obj)} at {place}.",
+                f"{name} had {_a(obj)} that {he} took everywhere.",
+            ]
+        )
+    )
     s.append(f"{he.capitalize()} felt very {rng.choice(['happy', 'excited', 'curious', 'proud'])}.")
-    s.append(rng.choice([
-        f"But then the {obj} got stuck in {rng.choice(_OBSTACLES)}.",
-        f"But the wind blew and the {obj} was gone. {name} could not find it.",
-        f"Suddenly, it started to rain and {name} was {rng.choice(['scared', 'sad', 'worried'])}.",
-    ]))
+    s.append(
+        rng.choice(
+            [
+                f"But then the {obj} got stuck in {rng.choice(_OBSTACLES)}.",
+                f"But the wind blew and the {obj} was gone. {name} could not find it.",
+                f"Suddenly, it started to rain and {name} was {rng.choice(['scared', 'sad', 'worried'])}.",
+            ]
+        )
+    )
     if rng.random() < 0.6:
         s.append(f'{name} saw {helper} and asked, "Can you help me?"')
         s.append(f'"Yes, I can help you," said {helper_ref}.')
     else:
         s.append(f"{helper[0].upper() + helper[1:]} came and helped {name}.")
-    s.append(rng.choice([
-        f"Together they got the {obj} back, and {name} was {rng.choice(_GLAD)} again.",
-        f"Soon the sun came out and {name} smiled.",
-        f"{name} said thank you and gave {helper_ref} a big hug.",
-    ]))
-    s.append(rng.choice([
-        f"That day, {name} learned that {rng.choice(_MORALS)}.",
-        f"From that day on, {name} kept {his} {obj} safe.",
-        f"They played at {place} until the sun went down.",
-        f"{he.capitalize()} went home and told {his} friends all about it.",
-    ]))
+    s.append(
+        rng.choice(
+            [
+                f"Together they got the {obj} back, and {name} was {rng.choice(_GLAD)} again.",
+                f"Soon the sun came out and {name} smiled.",
+                f"{name} said thank you and gave {helper_ref} a big hug.",
+            ]
+        )
+    )
+    s.append(
+        rng.choice(
+            [
+                f"That day, {name} learned that {rng.choice(_MORALS)}.",
+                f"From that day on, {name} kept {his} {obj} safe.",
+                f"They played at {place} until the sun went down.",
+                f"{he.capitalize()} went home and told {his} friends all about it.",
+            ]
+        )
+    )
     return " ".join(s)
 
 

@@ -231,12 +231,13 @@ class EntangledGPT(nn.Module):
             return self._path(idx, targets, pos, arch, keep_all_params)
         w_embd = weights["n_embd"]
         mask = w_embd.to(self.width_ind.dtype) @ self.width_ind
-        x = t.drop(t.wte(idx, mask) + t.wpe(pos, mask))
-        out = 0.0
+        x = t.drop((t.wte(idx) + t.wpe(pos)) * mask.to(t.wte.weight.dtype))
+        out = x
         for i, block in enumerate(t.h):
             x = block(x, w_embd, weights["n_head"][i], weights["mlp_ratio"][i], output_mix=output_mix)
             if i + 1 in self.depths:  # depth: weighted sum of the outputs after each candidate depth
-                out = out + weights["n_layer"][self.depths.index(i + 1)].to(x.dtype) * x
+                w_depth = weights["n_layer"][self.depths.index(i + 1)].to(x.dtype)
+                out = w_depth * x if i + 1 == self.depths[0] else torch.addcmul(out, w_depth, x)
         logits = self.lm_head(t.ln_f(out, w_embd), w_embd, output_mix=output_mix)
         return logits, _lm_loss(logits, targets)
 

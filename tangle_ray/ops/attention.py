@@ -70,11 +70,12 @@ class EntangledAttention(nn.Module):
         q, k, v = self.c_attn(x, w_embd).split(self.width, dim=-1)
         w_embd = w_embd.to(x.dtype)
         ind = self.head_ind.to(x.dtype)
-        z = 0.0
+        q_scale = (w_embd * self.inv_sqrt_head_dim.to(x.dtype))[:, None, :] @ ind  # [heads, 1, D]
+        keep = (w_head.to(x.dtype)[:, None] * w_embd)[:, None, :] @ ind  # mixing weight of every feature
+        z = None
         for i, h in enumerate(self.heads):
-            q_scale = (w_embd * self.inv_sqrt_head_dim[i].to(x.dtype)) @ ind[i]
-            keep = w_embd @ ind[i]
-            z = z + w_head[i].to(x.dtype) * keep * self._attend(q * q_scale, k, v, h, scale=1.0)
+            y = self._attend(q * q_scale[i, 0], k, v, h, scale=1.0)
+            z = y * keep[i, 0] if z is None else torch.addcmul(z, y, keep[i, 0])
         return self.c_proj(z, w_embd)
 
     def _output_mix(self, x: Tensor, w_embd: Tensor, w_head: Tensor) -> Tensor:

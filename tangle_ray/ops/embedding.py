@@ -6,8 +6,9 @@ from torch import Tensor, nn
 
 
 class EntangledEmbedding(nn.Embedding):
-    def forward(self, idx: Tensor, width_mask: Tensor | None = None, *, width: int | None = None) -> Tensor:
-        """Superposed with ``width_mask`` (m[j] = sum_e w_e 1[j < e], so sum_e w_e pad(E[idx, :e]) = E[idx] m),
-        else the first ``width`` columns."""
+    """Width ``e`` uses the first ``e`` columns. The superposition sum_e w_e pad(E[idx, :e]) is E[idx] * m with
+    m[j] = sum_e w_e 1[j < e]: the caller applies m once to the sum of the token and position embeddings."""
+
+    def forward(self, idx: Tensor, *, width: int | None = None) -> Tensor:
         y = super().forward(idx)
-        return y * width_mask.to(y.dtype) if width_mask is not None else y[..., :width]
+        return y if width is None else y[..., :width]

@@ -35,6 +35,10 @@ class EntangledLinear(nn.Linear):
         self.combos = [(int(o), int(i)) for o, i in combos]
         self.register_buffer("out_ind", prefix_indicators([o for o, _ in self.combos], out_features), False)
         self.register_buffer("in_ind", prefix_indicators([i for _, i in self.combos], in_features), False)
+        # when every choice keeps all rows (or all columns) the mask is rank one: it can scale the input
+        # (or the output) instead of the weight, whichever tensor is smaller
+        self.all_rows = all(o == out_features for o, _ in self.combos)
+        self.all_cols = all(i == in_features for _, i in self.combos)
 
     def forward(
         self,
@@ -56,7 +60,13 @@ class EntangledLinear(nn.Linear):
 
     def _superpose(self, x: Tensor, w: Tensor) -> Tensor:
         w = w.to(self.weight.dtype)
-        bias = None if self.bias is None else self.bias * (w @ self.out_ind.to(w.dtype))
+        activations_smaller = x.numel() < self.weight.numel()
+        if self.all_rows and activations_smaller:
+            return F.linear(x * (w @ self.in_ind.to(w.dtype)), self.weight, self.bias)
+        out_mask = w @ self.out_ind.to(w.dtype)
+        if self.all_cols and activations_smaller:
+            return F.linear(x, self.weight, self.bias) * out_mask
+        bias = None if self.bias is None else self.bias * out_mask
         return F.linear(x, self.weight * self.mask(w), bias)
 
     def _output_mix(self, x: Tensor, w: Tensor) -> Tensor:

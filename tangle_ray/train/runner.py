@@ -44,7 +44,11 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
                 f"data.dir = {str(data_dir)!r} holds no prepared data (meta.json); prepare it with "
                 "`tangle-ray data prepare` or give data.source to prepare it now"
             )
-        prepare_text(TextSource(**cfg.data.source), data_dir, tokenizer=cfg.data.tokenizer, bpe_file=cfg.data.bpe_file,
+        try:
+            source = TextSource(**cfg.data.source)
+        except TypeError as e:
+            raise ConfigError(f"data.source = {cfg.data.source!r}: {e}; see tangle_ray.data.TextSource") from None
+        prepare_text(source, data_dir, tokenizer=cfg.data.tokenizer, bpe_file=cfg.data.bpe_file,
                      valid_fraction=cfg.data.valid_fraction, seed=cfg.seed, num_proc=cfg.data.num_proc)
     meta = read_meta(data_dir)
     if meta["vocab_size"] > space.fixed["vocab_size"]:

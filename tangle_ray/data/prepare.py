@@ -1,0 +1,246 @@
+"""Tokenize a text source once into flat token files: ``train.bin``, ``valid.bin``, ``test.bin`` + ``meta.json``.
+
+``train`` trains the weights, ``valid`` (a seeded document-level share of the source's train split) scores
+architectures, ``test`` is the source's own held-out split. Files appear under temporary names and are renamed
+when complete, ``meta.json`` last, so an interrupted run never leaves files that :func:`load_split` accepts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from contextlib import ExitStack
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset, DatasetDict, Features, List, Value
+from datasets.utils import tqdm  # honours datasets.disable_progress_bars()
+
+from tangle_ray.data.sources import TextSource, load_text_source, loaded_hash, source_hash
+from tangle_ray.data.tokenizer import Tokenizer, get_tokenizer
+from tangle_ray.errors import ConfigError
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "valid", "test")
+META = "meta.json"
+TMP = ".tmp"  # suffix of files being written
+
+
+def token_dtype(n_vocab: int) -> np.dtype:
+    """The smallest unsigned dtype holding every token id of an ``n_vocab`` vocabulary."""
+    for dtype in (np.uint16, np.uint32):
+        if n_vocab <= np.iinfo(dtype).max + 1:
+            return np.dtype(dtype)
+    raise ConfigError(f"tokenizer vocabulary of {n_vocab} tokens is too large for uint32 (at most 2**32 ids)")
+
+
+class _Pack:
+    """Batched ``map`` function: tokenizes a batch of documents, appends end-of-text to each, and packs the
+    tokens of each part (e.g. train / valid) into a single output row."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, dtype: np.dtype, parts: tuple[str, ...], part_of: np.ndarray | None
+    ):
+        self.tokenizer, self.dtype, self.parts, self.part_of = tokenizer, dtype, parts, part_of
+
+    def features(self) -> Features:
+        cols = {}
+        for p in self.parts:
+            cols[p] = List(Value(self.dtype.name))
+            cols[f"{p}_docs"] = Value("int64")
+        return Features(cols)
+
+    def __call__(self, batch: dict, indices: list[int]) -> dict:
+        eot = np.array([self.tokenizer.eot], np.uint32)
+        docs = [self.tokenizer.encode_array(t) for t in batch["text"]]
+        part = np.zeros(len(docs), np.int8) if self.part_of is None else self.part_of[indices]
+        row: dict = {}
+        for k, name in enumerate(self.parts):
+            pieces = [piece for d, q in zip(docs, part) if q == k for piece in (d, eot)]
+            flat = np.concatenate(pieces).astype(self.dtype) if pieces else np.empty(0, self.dtype)
+            row[name], row[f"{name}_docs"] = [flat], [len(pieces) // 2]
+        return row
+
+
+def read_meta(data_dir: str | Path) -> dict:
+    """The ``meta.json`` of a prepared data folder (ConfigError when missing, corrupt, incomplete or outdated)."""
+    path = Path(data_dir) / META
+    if not path.is_file():
+        raise ConfigError(
+            f"{str(path)!r} is missing: {str(data_dir)!r} is not a prepared data folder "
+            "(run the data preparation first)"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{str(path)!r} is corrupt ({e}): prepare again") from e
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise ConfigError(f"{str(path)!r} has format {version!r}, not {FORMAT_VERSION}: prepare again")
+    splits = meta.get("splits") if isinstance(meta.get("splits"), dict) else {}
+    complete = (
+        meta.get("dtype") in ("uint16", "uint32")
+        and all(isinstance(meta.get(k), int) for k in ("vocab_size", "eot"))
+        and all(
+            isinstance(splits.get(s), dict)
+            and isinstance(splits[s].get("tokens"), int)
+            and isinstance(splits[s].get("file"), str)
+            for s in SPLITS
+        )
+    )
+    if not complete:
+        raise ConfigError(
+            f"{str(path)!r} is incomplete (dtype, vocab_size, eot or split entries): prepare again"
+        )
+    return meta
+
+
+def load_split(data_dir: str | Path, split: str) -> np.memmap:
+    """Read-only memmap of one prepared split's 1-D token array."""
+    meta = read_meta(data_dir)
+    if split not in meta["splits"]:
+        raise ConfigError(f"data split {split!r} is unknown; allowed: {list(meta['splits'])}")
+    info, dtype = meta["splits"][split], np.dtype(meta["dtype"])
+    path = Path(data_dir) / info["file"]
+    expected = info["tokens"] * dtype.itemsize
+    if not path.is_file() or path.stat().st_size != expected:
+        size = path.stat().st_size if path.is_file() else "missing"
+        raise ConfigError(
+            f"data file {str(path)!r} is {size} bytes, meta.json says {expected}: prepare again"
+        )
+    return np.memmap(path, dtype=dtype, mode="r", shape=(info["tokens"],))
+
+
+def _reusable(out: Path, key: dict) -> bool:
+    try:
+        meta = read_meta(out)
+        for s in SPLITS:
+            load_split(out, s)  # files present with the sizes meta.json gives
+    except ConfigError:
+        return False
+    return {k: meta.get(k) for k in key} == key
+
+
+def _write_parts(packed: Dataset, parts: tuple[str, ...], out: Path) -> dict[str, dict]:
+    """Write each part's packed tokens to ``<part>.bin.tmp``; returns token and document counts."""
+    counts = {p: {"file": f"{p}.bin", "tokens": 0, "documents": 0} for p in parts}
+    with ExitStack() as stack:
+        files = {p: stack.enter_context(open(out / f"{p}.bin{TMP}", "wb")) for p in parts}
+        bar = stack.enter_context(tqdm(total=len(packed), desc=f"Writing {'/'.join(parts)}", unit="batch"))
+        for table in packed.with_format("arrow").iter(batch_size=16):
+            for p in parts:
+                for chunk in table.column(p).chunks:
+                    tokens = chunk.flatten().to_numpy(zero_copy_only=False)
+                    files[p].write(memoryview(np.ascontiguousarray(tokens)))
+                    counts[p]["tokens"] += len(tokens)
+                counts[p]["documents"] += sum(table.column(f"{p}_docs").to_pylist())
+            bar.update(table.num_rows)
+    return counts
+
+
+def _build(
+    dsd: DatasetDict, is_valid: np.ndarray, tok: Tokenizer, out: Path, meta: dict, num_proc: int
+) -> None:
+    """Tokenize and write the three splits under temporary names, rename them, then write ``meta.json``."""
+    dtype = np.dtype(meta["dtype"])
+    work = out / f".prepare{TMP}"
+    shutil.rmtree(work, ignore_errors=True)  # leftovers of a killed run
+    work.mkdir()
+    fingerprint = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    try:
+        splits: dict[str, dict] = {}
+        for split, parts, part_of in (("train", ("train", "valid"), is_valid), ("test", ("test",), None)):
+            pack = _Pack(tok, dtype, parts, part_of)
+            packed = dsd[split].map(
+                pack,
+                batched=True,
+                with_indices=True,
+                remove_columns=["text"],
+                features=pack.features(),
+                num_proc=num_proc if num_proc > 1 else None,
+                writer_batch_size=16,
+                load_from_cache_file=False,
+                cache_file_name=str(work / f"{split}.arrow"),
+                new_fingerprint=f"{fingerprint}-{split}",
+                desc=f"Tokenizing {split}",
+            )
+            splits.update(_write_parts(packed, parts, out))
+        for s in SPLITS:
+            os.replace(out / f"{s}.bin{TMP}", out / f"{s}.bin")
+        (out / f"{META}{TMP}").write_text(
+            json.dumps({**meta, "splits": {s: splits[s] for s in SPLITS}}, indent=2)
+        )
+        os.replace(out / f"{META}{TMP}", out / META)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        for leftover in out.glob(f"*{TMP}"):
+            leftover.unlink()
+
+
+def prepare_text(
+    source: TextSource,
+    out_dir: str | Path,
+    tokenizer: str = "gpt2",
+    bpe_file: str | None = None,
+    valid_fraction: float = 0.2,
+    seed: int = 0,
+    num_proc: int = 1,
+) -> Path:
+    """Tokenize ``source`` into ``out_dir`` (see the module docstring); returns ``out_dir``.
+
+    A rerun with the same input content, tokenizer fingerprint, fraction and seed reuses the files at once;
+    any change rebuilds them. Concurrent calls on one folder wait for each other (a file lock).
+    """
+    if not 0.0 < valid_fraction < 1.0:
+        raise ConfigError(f"valid_fraction={valid_fraction!r} must lie strictly between 0 and 1")
+    if num_proc < 1:
+        raise ConfigError(f"num_proc={num_proc!r} must be at least 1")
+    out = Path(out_dir)
+    tok = get_tokenizer(tokenizer, bpe_file)
+    dtype = token_dtype(tok.n_vocab)
+
+    def key(input_hash: str) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "input_hash": input_hash,
+            "seed": seed,
+            "tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint},
+            "fractions": {"train": 1.0 - valid_fraction, "valid": valid_fraction},
+        }
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        input_hash = source_hash(source)
+        if input_hash is not None and _reusable(out, key(input_hash)):
+            return out
+        dsd = load_text_source(source)
+        if input_hash is None:
+            input_hash = loaded_hash(dsd)
+            if _reusable(out, key(input_hash)):
+                return out
+
+        n = len(dsd["train"])
+        n_valid = round(n * valid_fraction)
+        if not 0 < n_valid < n:
+            raise ConfigError(
+                f"valid_fraction={valid_fraction} of {n} training documents leaves the "
+                f"{'valid' if n_valid == 0 else 'train'} split empty: give more documents"
+            )
+        is_valid = np.zeros(n, np.int8)
+        is_valid[np.random.default_rng(seed).permutation(n)[:n_valid]] = 1
+
+        (out / META).unlink(missing_ok=True)  # from here on the folder holds nothing the loader accepts
+        meta = {
+            **key(input_hash),
+            "source": asdict(source),
+            "vocab_size": tok.n_vocab,
+            "eot": tok.eot,
+            "dtype": dtype.name,
+        }
+        _build(dsd, is_valid, tok, out, meta, num_proc)
+    return out

@@ -1,0 +1,76 @@
+"""Random training windows (nanoGPT style) as a pure function of (seed, split, step, micro-batch index)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+from tangle_ray.errors import ConfigError
+
+
+def _split_key(split: str) -> int:
+    """A stable 64-bit number for a split name (Python's ``hash`` differs between processes)."""
+    return int.from_bytes(hashlib.sha256(split.encode()).digest()[:8], "little")
+
+
+def _check(tokens: np.ndarray, block_size: int, what: str) -> None:
+    if block_size < 1:
+        raise ConfigError(f"block_size={block_size} must be at least 1")
+    if tokens.ndim != 1 or len(tokens) < block_size + 1:
+        raise ConfigError(
+            f"{what} has {len(tokens)} tokens; a window of block_size={block_size} needs at least {block_size + 1}"
+        )
+
+
+def _xy(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    windows = tokens[starts[:, None] + np.arange(block_size + 1)]  # reads only these windows of a memmap
+    return (
+        torch.from_numpy(windows[:, :-1].astype(np.int64)),
+        torch.from_numpy(windows[:, 1:].astype(np.int64)),
+    )
+
+
+class WindowSampler:
+    """Micro-batches of random windows: ``x`` [micro_batch, block_size] int64, ``y`` = ``x`` shifted by one.
+
+    ``get(step, micro_index)`` depends on nothing but ``(seed, split, step, micro_index)``: number the
+    micro-batches of a global batch 0..G-1 and let rank r take r*gas .. r*gas+gas-1; the global batch is then
+    the same for any number of ranks, and a resumed run sees exactly the windows it would have seen.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, micro_batch: int, seed: int, split: str):
+        _check(tokens, block_size, f"data split {split!r}")
+        if micro_batch < 1 or seed < 0:
+            raise ConfigError(f"micro_batch={micro_batch} must be >= 1 and seed={seed} >= 0")
+        self.tokens, self.block_size, self.micro_batch = tokens, block_size, micro_batch
+        self.seed, self.split = seed, split
+        self._key = _split_key(split)
+
+    def starts(self, step: int, micro_index: int) -> np.ndarray:
+        """First token position of each window of micro-batch ``micro_index`` at ``step``."""
+        if step < 0 or micro_index < 0:
+            raise ValueError(f"step={step} and micro_index={micro_index} must be >= 0")
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self._key, step, micro_index]))
+        return rng.integers(0, len(self.tokens) - self.block_size, size=self.micro_batch)
+
+    def get(self, step: int, micro_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _xy(self.tokens, self.starts(step, micro_index), self.block_size)
+
+
+def eval_windows(
+    tokens: np.ndarray, block_size: int, num_windows: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed set of ``num_windows`` full windows (x, y), the same for every caller with the same arguments.
+
+    Windows are drawn without replacement from the tiling of the split into consecutive blocks, so they do not
+    overlap; a short split gives fewer windows (at least one).
+    """
+    _check(tokens, block_size, "evaluation split")
+    if num_windows < 1:
+        raise ConfigError(f"num_windows={num_windows} must be at least 1")
+    available = (len(tokens) - 1) // block_size
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _split_key("eval")]))
+    chosen = np.sort(rng.choice(available, size=min(num_windows, available), replace=False))
+    return _xy(tokens, chosen * block_size, block_size)
