@@ -1,0 +1,58 @@
+"""Plotting helpers: small functions that each write one PNG (matplotlib, Agg canvas, no pyplot state)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def new_axes(
+    title: str, xlabel: str, ylabel: str, size: tuple[float, float] = (5.5, 3.8)
+) -> tuple[Figure, Axes]:
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def save(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    return out
+
+
+def plot_incumbent(losses: Sequence[float], path: str | Path, title: str = "Incumbent") -> Path:
+    """Loss of each trial (dots) and best loss so far (step line) against the number of trials."""
+    fig, ax = new_axes(title, "trials", "loss")
+    x = range(1, len(losses) + 1)
+    best, running = [], float("inf")
+    for v in losses:
+        running = min(running, v)
+        best.append(running)
+    ax.scatter(x, losses, s=6, alpha=0.35, color="tab:gray", label="trial")
+    ax.step(x, best, where="post", color="tab:blue", label="best so far")
+    ax.legend()
+    return save(fig, path)
+
+
+def plot_pareto(
+    params: Sequence[float],
+    losses: Sequence[float],
+    front_params: Sequence[float],
+    front_losses: Sequence[float],
+    path: str | Path,
+    title: str = "Loss vs parameters",
+) -> Path:
+    """All trials (dots) and their Pareto front (line) of loss against parameter count."""
+    fig, ax = new_axes(title, "parameters", "loss")
+    ax.scatter(params, losses, s=6, alpha=0.35, color="tab:gray", label="trial")
+    ax.step(front_params, front_losses, where="post", marker="o", ms=3, color="tab:red", label="Pareto front")
+    ax.legend()
+    return save(fig, path)

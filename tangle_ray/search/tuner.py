@@ -1,0 +1,261 @@
+"""Run a search on Ray Tune: one trial scores one architecture with the supernet's inherited weights.
+
+The driver loads the supernet and builds the evaluation windows once; both reach the trials through the
+object store as numpy arrays (zero-copy reads). Each worker process builds the model once and keeps it
+(``reuse_actors=True``), so a trial costs one evaluation. Rerunning with the same ``storage_path``/``name``
+resumes the campaign (``Tuner.restore``): finished trials are kept, unfinished and errored ones rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray import tune
+from torch import nn
+
+from tangle_ray.checkpoint import load_supernet, load_weights
+from tangle_ray.errors import ConfigError
+from tangle_ray.report.leaderboard import TrialRecord, ranked, write_report
+from tangle_ray.search.config import SearchConfig, to_dict
+from tangle_ray.search.evaluate import eval_data, evaluate_arch
+from tangle_ray.search.searchers import check_constraints, make_searcher, saved_searcher_state
+from tangle_ray.space import Arch, SearchSpace, load_space, space_from_dict, space_to_dict
+from tangle_ray.supernet import Supernet
+
+CONFIG_FILE = "search.json"
+log = logging.getLogger(__name__)
+
+
+class SearchInterrupted(RuntimeError):
+    """The campaign stopped before its end (e.g. Ctrl+C); running the same search again resumes it."""
+
+
+@dataclass
+class SearchResult:
+    out_dir: Path
+    trials: list[TrialRecord]  # in proposal order
+
+    @property
+    def best(self) -> TrialRecord:
+        return ranked(self.trials)[0]
+
+    @property
+    def best_arch(self) -> Arch:
+        return self.best.arch
+
+    @property
+    def best_loss(self) -> float:
+        return self.best.loss
+
+
+@dataclass
+class SharedSupernet:
+    """What a trial needs to rebuild the supernet: the space and its weights as numpy arrays."""
+
+    key: str  # identifies this copy in a worker's cache
+    space: dict[str, Any]
+    state: dict[str, np.ndarray]
+
+    @classmethod
+    def of(cls, supernet: Supernet) -> SharedSupernet:
+        state, seen = {}, set()
+        for name, t in supernet.net.state_dict().items():
+            if t.data_ptr() not in seen:  # the tied output head is the token embedding: send it once
+                seen.add(t.data_ptr())
+                state[name] = t.detach().cpu().contiguous().numpy()
+        return cls(uuid.uuid4().hex, space_to_dict(supernet.space), state)
+
+
+_CACHE: dict[str, nn.Module] = {}  # per worker process: key -> built model
+
+
+def cached_model(shared: SharedSupernet) -> nn.Module:
+    """The supernet's ``net`` for ``shared``, built once per process and kept for the next trials."""
+    net = _CACHE.get(shared.key)
+    if net is None:
+        _CACHE.clear()
+        net = space_from_dict(shared.space).build_supernet().net
+        load_weights(net, {k: _tensor(v) for k, v in shared.state.items()}, "shared supernet")
+        net = _CACHE[shared.key] = net.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    return net
+
+
+def evaluate_trial(
+    config: dict, shared: SharedSupernet, x: np.ndarray, y: np.ndarray, batch_size: int
+) -> None:
+    """The Tune trial: score ``config["arch"]`` and report loss, perplexity, params, FLOPs and the arch."""
+    start = time.perf_counter()
+    net = cached_model(shared)
+    ready = time.perf_counter()
+    arch = config["arch"]
+    loss = evaluate_arch(net, arch, _tensor(x), _tensor(y), batch_size)
+    space: SearchSpace = net.space
+    tune.report(
+        {
+            "loss": loss,
+            "perplexity": math.exp(loss),
+            "params": space.param_count(arch),
+            "flops": space.flops(arch),
+            "index": config["index"],
+            "arch": json.dumps(arch),
+            "setup_s": ready - start,
+            "eval_s": time.perf_counter() - ready,
+        }
+    )
+
+
+def load_checked_supernet(config: SearchConfig) -> Supernet:
+    """The checkpoint, checked against ``config.space`` when one is named."""
+    supernet = load_supernet(config.supernet)
+    if config.space is not None:
+        want, have = _shape(load_space(config.space)), _shape(supernet.space)
+        if want != have:
+            diff = sorted(k for k in want if want[k] != have[k])
+            raise ConfigError(
+                f"search config: supernet {config.supernet} was trained on space {supernet.space.name!r}, "
+                f"which differs from space = {config.space!r} in {diff}: "
+                f"{[have[k] for k in diff]} vs {[want[k] for k in diff]}"
+            )
+    return supernet
+
+
+def make_trainable(config: SearchConfig, supernet: Supernet, x: np.ndarray, y: np.ndarray):
+    """``evaluate_trial`` bound to the shared supernet and windows (object store), with trial resources."""
+    trainable = tune.with_parameters(
+        evaluate_trial, shared=SharedSupernet.of(supernet), x=x, y=y, batch_size=config.eval_batch_size
+    )
+    return tune.with_resources(trainable, {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial})
+
+
+def check_resumable(config: SearchConfig) -> None:
+    """ConfigError if ``config.run_dir()`` holds a search with other settings than ``config``."""
+    saved = config.run_dir() / CONFIG_FILE
+    if not saved.is_file():
+        return
+    before, now = json.loads(saved.read_text())["identity"], config.identity()
+    if before != now:
+        diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        raise ConfigError(
+            f"search config: {config.run_dir()} holds a search with other settings ({diff}); "
+            f"give a new name to start another search, or restore the settings to resume it"
+        )
+
+
+def make_tuner(
+    config: SearchConfig, trainable, searcher, callbacks: Sequence[tune.Callback] = ()
+) -> tune.Tuner:
+    """A new Tuner, or the restored one when ``config.run_dir()`` holds a run of this search."""
+    check_resumable(config)
+    run_dir = config.run_dir()
+    if tune.Tuner.can_restore(str(run_dir)):
+        return tune.Tuner.restore(str(run_dir), trainable, resume_unfinished=True, resume_errored=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = {"config": to_dict(config), "identity": config.identity()}
+    (run_dir / CONFIG_FILE).write_text(json.dumps(saved, indent=2) + "\n")
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            metric="loss",
+            mode="min",
+            num_samples=-1,
+            max_concurrent_trials=config.max_concurrent_trials,
+            reuse_actors=True,
+            trial_dirname_creator=_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=config.name,
+            storage_path=str(run_dir.parent),
+            callbacks=list(callbacks),
+            verbose=config.verbose,
+        ),
+    )
+
+
+def run_search(
+    config: SearchConfig, callbacks: Sequence[tune.Callback] = (), address: str | None = None
+) -> SearchResult:
+    """Search, or resume the search in ``config.run_dir()``; writes the report there and returns the trials.
+
+    Every check that can fail on the user's input runs before Ray starts (on ``address`` when it is not
+    running yet). ``callbacks`` apply to a new run; a resumed run keeps those it was started with (Tune
+    restores its run configuration).
+    """
+    supernet = load_checked_supernet(config)
+    space = supernet.space
+    check_constraints(space, config.constraints, config.seed)
+    check_resumable(config)
+    f = space.fixed
+    x, y = eval_data(
+        config.data_dir, config.split, f["block_size"], f["vocab_size"], config.eval_windows, config.eval_seed
+    )
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address=address)
+    trainable = make_trainable(config, supernet, x.numpy(), y.numpy())
+    tuner = make_tuner(config, trainable, make_searcher(config, space), callbacks)
+    del supernet  # the trials hold their own copies
+    grid = tuner.fit()
+    if grid.errors:
+        raise RuntimeError(
+            f"search {config.run_dir()}: {len(grid.errors)} of {len(grid)} trials failed; first error: "
+            f"{grid.errors[0]!r}. Run the same search again to retry them."
+        )
+    done = [r for r in grid if "loss" in (r.metrics or {})]
+    state = saved_searcher_state(config.run_dir())
+    if len(done) < len(grid) or not (state and state["finished"]):
+        raise SearchInterrupted(
+            f"search {config.run_dir()} was interrupted after {len(done)} of {config.total_trials} planned "
+            "trials; run the same search again to resume it"
+        )
+    if len(done) < config.total_trials:
+        log.warning(
+            "search %s ended after %d of %d planned trials: no new architecture inside the constraints "
+            "was left",
+            config.run_dir(),
+            len(done),
+            config.total_trials,
+        )
+    trials = sorted((_record(r.config, r.metrics) for r in done), key=lambda t: t.index)
+    write_report(trials, config.run_dir())
+    return SearchResult(config.run_dir(), trials)
+
+
+def _record(config: dict, metrics: dict) -> TrialRecord:
+    return TrialRecord(
+        index=config["index"],
+        arch=config["arch"],
+        loss=metrics["loss"],
+        perplexity=metrics["perplexity"],
+        params=metrics["params"],
+        flops=metrics["flops"],
+    )
+
+
+def _shape(space: SearchSpace) -> dict[str, Any]:
+    d = space_to_dict(space)
+    return {k: d[k] for k in ("model", "fixed", "choices", "per_layer")}
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor viewing ``a``; arrays from the object store are read-only, and evaluation never writes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
+def _dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
