@@ -20,7 +20,7 @@ import time
 import torch
 
 from tangle_ray.mixers import drnas, keyed_generator
-from tangle_ray.space import space_from_dict
+from tangle_ray.space import load_space, space_from_dict
 
 MID_GPT = {  # a mid-sized GPT space: the gpt-tinystories structure at half the width, an 8k vocabulary
     "name": "bench-mid", "model": "gpt",
@@ -37,10 +37,17 @@ def peak_memory(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(variant: str, device: str, steps: int, batch: int) -> dict[str, float]:
+def bench_space(name: str | None):
+    return load_space(name) if name else space_from_dict(MID_GPT)
+
+
+def measure(variant: str, device: str, steps: int, batch: int, space_name: str | None) -> dict[str, float]:
     torch.manual_seed(0)
-    space = space_from_dict(MID_GPT)
-    supernet = space.build_supernet().to(device)
+    space = bench_space(space_name)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # as DeepSpeed trains: bf16 on GPUs
+    supernet = space.build_supernet()
+    supernet.net.to(device, dtype)
+    supernet.alphas.to(device)
     alphas = {k: v.detach().to(device).requires_grad_() for k, v in supernet.alphas.items()}
     if variant == "largest":
         model = supernet.extract(space.largest())
@@ -49,7 +56,7 @@ def measure(variant: str, device: str, steps: int, batch: int) -> dict[str, floa
     opt = torch.optim.AdamW(params, lr=1e-4)
     arch_opt = torch.optim.Adam(alphas.values(), lr=3e-4)
     T = space.fixed["block_size"]
-    x = torch.randint(0, 8192, (batch, T), device=device)
+    x = torch.randint(0, space.fixed["vocab_size"], (batch, T), device=device)
 
     def step(i: int) -> None:
         if variant == "largest":
@@ -86,19 +93,21 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--space", help="a space name instead of the built-in mid-sized GPT, e.g. gpt-tinystories")
     parser.add_argument("--variant", choices=VARIANTS, help="(internal) measure one variant in this process")
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(measure(args.variant, args.device, args.steps, args.batch)))
+        print(json.dumps(measure(args.variant, args.device, args.steps, args.batch, args.space)))
         return
     rows = {}
     for variant in VARIANTS:
         out = subprocess.run([sys.executable, __file__, "--variant", variant, "--device", args.device,
-                              "--steps", str(args.steps), "--batch", str(args.batch)],
+                              "--steps", str(args.steps), "--batch", str(args.batch)]
+                             + (["--space", args.space] if args.space else []),
                              check=True, capture_output=True, text=True).stdout
         rows[variant] = json.loads(out.strip().splitlines()[-1])
-    space = space_from_dict(MID_GPT)
-    print(f"device {args.device}, batch {args.batch} x {MID_GPT['fixed']['block_size']} tokens, "
+    space = bench_space(args.space)
+    print(f"space {space.name}, device {args.device}, batch {args.batch} x {space.fixed['block_size']} tokens, "
           f"{args.steps} steps; largest arch {space.param_count(space.largest()) / 1e6:.1f}M parameters")
     print(f"{'variant':12s} {'step ms':>9s} {'tokens/s':>10s} {'peak MB':>9s}")
     for r in rows.values():

@@ -7,14 +7,11 @@ The defaults reproduce the TangleNAS language-model search: evolution with a pop
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
-import yaml
-
+from tangle_ray.configs import build, read_settings, to_dict
 from tangle_ray.errors import ConfigError
 from tangle_ray.space import Arch, SearchSpace
 
@@ -156,98 +153,13 @@ class SearchConfig:
 # ===================================================================== reading
 
 
-def to_dict(config: Any) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(config)))
-
-
 def search_config_from_dict(raw: Any, source: str = "search config") -> SearchConfig:
-    return _build(SearchConfig, raw, source, "")
+    return build(SearchConfig, raw, source, "search config")
 
 
 def load_search_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SearchConfig:
     """A search file (YAML) with dotted ``key=value`` overrides (e.g. ``evolution.population=10``) on top."""
-    raw: dict[str, Any] = {}
-    source = "search config"
-    if path is not None:
-        source = str(path)
-        if not Path(path).is_file():
-            raise ConfigError(f"search file {path} does not exist")
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a search file must be a mapping of settings")
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. evolution.population=10")
-        node = raw
-        *parents, last = key.strip().split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {p!r} is not a group of settings")
-        node[last] = yaml.safe_load(value)
-    return search_config_from_dict(raw, source)
-
-
-def _build(cls: type, raw: Any, source: str, prefix: str):
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'search config'} must be a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{source}: unknown setting(s) {[prefix + u for u in unknown]}; "
-            f"allowed: {[prefix + f for f in fields]}"
-        )
-    missing = [
-        n
-        for n, f in fields.items()
-        if n not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise ConfigError(f"{source}: missing setting(s) {[prefix + m for m in missing]}")
-    hints = get_type_hints(cls)
-    kwargs = {}
-    for name, value in raw.items():
-        typ = hints[name]
-        where = f"{source}: {prefix}{name}"
-        kwargs[name] = (
-            _build(typ, value, source, f"{prefix}{name}.")
-            if dataclasses.is_dataclass(typ)
-            else _coerce(value, typ, where)
-        )
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(str(e).replace("search config", source, 1)) from None
-
-
-def _coerce(value: Any, typ: Any, where: str) -> Any:
-    """Check a scalar against its annotation: ints where ints, numbers (made float) where floats."""
-    if value is None:
-        if type(None) in getattr(typ, "__args__", ()):
-            return None
-        raise ConfigError(f"{where} must not be empty")
-    base = next((t for t in getattr(typ, "__args__", (typ,)) if t is not type(None)), typ)
-    if base in (int, float) and isinstance(value, str):  # YAML reads 30e6 (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            raise ConfigError(f"{where} = {value!r} must be a number") from None
-    if base is int and isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if base is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{where} = {value!r} must be an integer")
-    if base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} = {value!r} must be a number")
-        return float(value)
-    if base is str and not isinstance(value, str):
-        raise ConfigError(f"{where} = {value!r} must be a string")
-    return value
+    return search_config_from_dict(*read_settings(path, overrides, "search"))
 
 
 def _within(value: int, lo: int | None, hi: int | None) -> bool:

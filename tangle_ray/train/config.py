@@ -7,16 +7,14 @@ weight decay 0.1, clip 1.0; architecture Adam 3e-4, betas (0.5, 0.999), weight d
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
-import yaml
-
+from tangle_ray.configs import build, read_settings, set_dotted, to_dict
 from tangle_ray.errors import ConfigError
 
 METHODS = ("tanglenas", "spos", "fixed")
@@ -161,39 +159,19 @@ class TrainConfig:
         return Path(self.run.storage_path).resolve() / self.run_name()
 
 
-# ===================================================================== reading and writing
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(config)))
+# ===================================================================== reading
 
 
 def from_dict(raw: dict[str, Any], source: str = "run config") -> TrainConfig:
-    return _build(TrainConfig, raw, source, "")
+    return build(TrainConfig, raw, source, "run config")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **kw: Any) -> TrainConfig:
     """A run file (YAML) with ``key.sub=value`` overrides and keyword overrides applied on top."""
-    raw: dict[str, Any] = {}
-    source = "run config"
-    if path is not None:
-        source = str(path)
-        if not Path(path).is_file():
-            raise ConfigError(f"run file {path} does not exist")
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a run file must be a mapping of settings")
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. optimizer.lr=1e-3")
-        _set(raw, key.strip(), yaml.safe_load(value))
+    raw, source = read_settings(path, overrides, "run")
     for key, value in kw.items():
         if value is not None:
-            _set(raw, key, value)
+            set_dotted(raw, key, value)
     if isinstance(raw.get("arch"), str):  # a path to arch.json
         raw["arch"] = _read_arch(raw["arch"], source)
     return from_dict(raw, source)
@@ -206,62 +184,3 @@ def _read_arch(path: str, source: str) -> dict[str, Any]:
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{source}: arch file {path} is not valid JSON: {e}") from None
-
-
-def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, last = dotted.split(".")
-    node = raw
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[last] = value
-
-
-def _build(cls: type, raw: Any, source: str, prefix: str):
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"{source}: unknown setting(s) {[prefix + u for u in unknown]}; allowed: "
-                          f"{[prefix + f for f in fields]}")
-    hints = get_type_hints(cls)
-    kwargs = {}
-    for name, value in raw.items():
-        typ = hints[name]
-        if dataclasses.is_dataclass(typ):
-            kwargs[name] = _build(typ, value, source, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, typ, f"{source}: {prefix}{name}")
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(str(e).replace("run config", source, 1)) from None
-
-
-def _coerce(value: Any, typ: Any, where: str) -> Any:
-    """Check a scalar setting against its annotation (ints where ints, numbers where floats)."""
-    name = getattr(typ, "__name__", str(typ))
-    if value is None:
-        if "None" in str(typ):
-            return None
-        raise ConfigError(f"{where} must not be empty")
-    if typ is bool and not isinstance(value, bool):
-        raise ConfigError(f"{where} = {value!r} must be true or false")
-    if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{where} = {value!r} must be an integer")
-    if typ is float or "float | None" in str(typ):
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} = {value!r} must be a number")
-        return float(value)
-    if typ is str and not isinstance(value, str):
-        raise ConfigError(f"{where} = {value!r} must be a string")
-    if name == "tuple":
-        if not isinstance(value, (list, tuple)) or len(value) != 2:
-            raise ConfigError(f"{where} = {value!r} must be a pair of numbers like [0.9, 0.99]")
-        return tuple(float(v) for v in value)
-    return value

@@ -15,7 +15,8 @@ from tangle_ray.data.prepare import prepare_text, read_meta
 from tangle_ray.data.sources import TextSource
 from tangle_ray.errors import ConfigError
 from tangle_ray.space import load_space, space_to_dict
-from tangle_ray.train.config import TrainConfig, to_dict
+from tangle_ray.configs import to_dict
+from tangle_ray.train.config import TrainConfig
 from tangle_ray.train.export import export_run
 from tangle_ray.train.loop import train_loop_per_worker
 from tangle_ray.train.state import latest_checkpoint, load_search_state, read_trainer_state
