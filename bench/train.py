@@ -64,8 +64,8 @@ def main() -> None:
     print("1. throughput (weight-step tokens; a TangleNAS step also runs an architecture step on as many tokens)")
     print(f"   TangleNAS (DrNAS) step : {t_speed:10,.0f} tokens/s")
     print(f"   fixed largest arch     : {f_speed:10,.0f} tokens/s")
-    print(f"   ratio fixed / TangleNAS: {f_speed / t_speed:.2f}x  (about 2x is the cost of the extra architecture "
-          f"step; the rest is superposition)\n")
+    print(f"   ratio fixed / TangleNAS: {f_speed / t_speed:.2f}x  (a TangleNAS step is an architecture step plus a "
+          f"weight step; a fixed step is one weight step)\n")
 
     print(f"2. optimizer-state bytes per rank ({W} workers, TangleNAS)")
     state = {}
