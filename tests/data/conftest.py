@@ -8,16 +8,14 @@ import datasets
 import pytest
 
 from tangle_ray.data.synth import write_demo_corpus
-from tangle_ray.data.tokenizer import BPE_ENV
 
 GPT2_BPE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "gpt2.tiktoken"
 
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep datasets' cache out of the home folder and the tokenizer independent of the environment."""
+    """Keep datasets' cache out of the home folder."""
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_cache")))
-    monkeypatch.delenv(BPE_ENV, raising=False)
     datasets.disable_progress_bars()
 
 

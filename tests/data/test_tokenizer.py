@@ -53,6 +53,7 @@ def test_offline_download_failure_says_what_to_do(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(tokenizer_mod.tiktoken, "get_encoding", offline)
+    monkeypatch.delenv(BPE_ENV, raising=False)
     with pytest.raises(ConfigError, match=f"bpe_file.*{BPE_ENV}"):
         get_tokenizer("gpt2")
 
