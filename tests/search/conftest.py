@@ -113,12 +113,3 @@ def make_config(supernet_dir, data_dir, tmp_path):
         return search_config_from_dict({**raw, **overrides})
 
     return make
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()

@@ -37,12 +37,3 @@ def tiny_config(data_dir, tmp_path_factory):
         return load_config(None, [f"{k}={v}" for k, v in base.items()])
 
     return make
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()

@@ -99,3 +99,40 @@ def test_deepspeed_config_and_schedule():
     assert not ds["bf16"]["enabled"]
     assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
     assert lr_factor(100, cfg) == pytest.approx(0.1)  # cosine down to min_lr = lr / 10
+
+
+def _fake_checkpoint(run_dir, world_size, space_choices):
+    """The files the driver reads before resuming (DeepSpeed's shards are not needed for these checks)."""
+    import json
+
+    import torch
+
+    folder = run_dir / "checkpoint_2026-01-01_00-00-00.000000"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"step": 2, "world_size": world_size, "zero_stage": 2,
+                                                           "method": "tanglenas", "arch": None}))
+    torch.save({"space": {"choices": space_choices}}, folder / "search_state.pt")
+    return folder
+
+
+def test_resume_checks_workers_and_space_before_any_worker_starts(tmp_path, data_dir):
+    base = ["space=gpt-nano", f"data.dir={data_dir}", f"run.storage_path={tmp_path}"]
+    cfg = load_config(None, [*base, "run.name=other-workers"])
+    _fake_checkpoint(cfg.run_dir(), world_size=2, space_choices={"n_layer": [2, 3, 4], "n_embd": [32, 48, 64]})
+    with pytest.raises(ConfigError, match="written by 2 workers but scaling.num_workers = 1"):
+        preflight(cfg)
+    cfg = load_config(None, [*base, "run.name=other-space"])
+    _fake_checkpoint(cfg.run_dir(), world_size=1, space_choices={"n_layer": [5, 6, 7], "n_embd": [384]})
+    with pytest.raises(ConfigError, match="another space"):
+        preflight(cfg)
+
+
+def test_export_of_a_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    from tangle_ray.train.export import export_run
+
+    with pytest.raises(ConfigError, match="no checkpoint found"):
+        export_run(tmp_path / "no-run")
+    folder = _fake_checkpoint(tmp_path / "run", world_size=1, space_choices={})
+    (folder / "search_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="cannot load search_state.pt"):
+        export_run(tmp_path / "run")
