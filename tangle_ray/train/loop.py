@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -303,8 +304,8 @@ class Worker:
             ray.train.report({**last, "step": self.step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     def _log(self, message: str) -> None:
-        if self.rank == 0:
-            print(f"[tangle-ray] {message}", flush=True)
+        if self.rank == 0:  # stderr: Ray Train forwards a worker's stdout to the driver twice
+            print(f"[tangle-ray] {message}", file=sys.stderr, flush=True)
 
 
 def compact(arch: dict[str, Any]) -> str:
