@@ -56,3 +56,29 @@ def plot_pareto(
     ax.step(front_params, front_losses, where="post", marker="o", ms=3, color="tab:red", label="Pareto front")
     ax.legend()
     return save(fig, path)
+
+
+def plot_anytime(steps: Sequence[int], losses: Sequence[float], path: str | Path) -> Path:
+    """Any-time performance: validation loss of the current argmax architecture against the step."""
+    fig, ax = new_axes("Any-time performance", "step", "validation loss of the argmax architecture", (5.5, 3.4))
+    ax.plot(steps, losses, marker="o")
+    return save(fig, path)
+
+
+def plot_choice_trajectory(
+    steps: Sequence[int], probs: Sequence[Sequence[Sequence[float]]], values: Sequence[float], name: str,
+    path: str | Path,
+) -> Path:
+    """softmax(alpha) of every option of one choice over the steps: ``probs[panel][step][option]``, one panel
+    per layer for a per-layer choice (the paper's MLP-ratio-per-layer figure) or a single panel."""
+    fig = Figure(figsize=(2.6 * len(probs) + 1, 2.9), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(probs), sharey=True, squeeze=False)[0]
+    for panel, (ax, rows) in enumerate(zip(axes, probs)):
+        for k, value in enumerate(values):
+            ax.plot(steps, [r[k] for r in rows], label=f"{value:g}")
+        ax.set(title=f"layer {panel + 1}" if len(probs) > 1 else name, xlabel="step")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel(f"softmax(alpha) of {name}")
+    axes[-1].legend(title=name, fontsize=8)
+    return save(fig, path)

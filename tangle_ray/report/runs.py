@@ -7,12 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from tangle_ray.space import SearchSpace  # noqa: E402
+from tangle_ray.report.plots import plot_anytime, plot_choice_trajectory
+from tangle_ray.space import SearchSpace
 
 
 def write_run_report(run_dir: Path, cfg, history: dict[str, list], arch: dict[str, Any], space: SearchSpace,
@@ -26,7 +22,8 @@ def write_run_report(run_dir: Path, cfg, history: dict[str, list], arch: dict[st
         _write_csv(run_dir / "alphas.csv", list(_alpha_rows(history["alphas"], space)))
         plots += plot_alpha_trajectories(history["alphas"], space, run_dir)
     if history["anytime"]:
-        plots.append(plot_anytime(history["anytime"], run_dir / "anytime.png"))
+        steps, losses = zip(*[(r["step"], r["valid_loss"]) for r in history["anytime"]])
+        plots.append(plot_anytime(steps, losses, run_dir / "anytime.png"))
     summary = _summary(cfg, history, arch, space, export_dir, plots)
     (run_dir / "summary.md").write_text(summary)
     return run_dir / "summary.md"
@@ -47,34 +44,10 @@ def plot_alpha_trajectories(alphas: list[dict[str, Any]], space: SearchSpace, ou
     steps = [r["step"] for r in alphas]
     paths = []
     for d in space.dims.values():
-        n_panels = space.max_layers if d.per_layer else 1
-        fig, axes = plt.subplots(1, n_panels, figsize=(2.6 * n_panels + 1, 2.8), sharey=True, squeeze=False)
-        for layer, ax in enumerate(axes[0]):
-            for k, value in enumerate(d.values):
-                probs = [(r[d.name][layer] if d.per_layer else r[d.name])[k] for r in alphas]
-                ax.plot(steps, probs, label=f"{value:g}")
-            ax.set_title(f"layer {layer + 1}" if d.per_layer else d.name, fontsize=9)
-            ax.set_xlabel("step")
-        axes[0][0].set_ylabel(f"softmax(alpha) of {d.name}")
-        axes[0][-1].legend(title=d.name, fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"alphas_{d.name}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        panels = range(space.max_layers) if d.per_layer else [None]
+        probs = [[r[d.name][p] if d.per_layer else r[d.name] for r in alphas] for p in panels]
+        paths.append(plot_choice_trajectory(steps, probs, d.values, d.name, out_dir / f"alphas_{d.name}.png"))
     return paths
-
-
-def plot_anytime(anytime: list[dict[str, Any]], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([r["step"] for r in anytime], [r["valid_loss"] for r in anytime], marker="o")
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss of the argmax architecture")
-    ax.set_title("any-time performance")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
