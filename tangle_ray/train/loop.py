@@ -61,6 +61,7 @@ class Worker:
         self.fixed_arch = loop_config.get("arch")
         self._build(loop_config)
         self.nodes = self._gather_node_ids()
+        self.tensorboard = self._tensorboard()
         self.history: dict[str, list] = {"alphas": [], "metrics": [], "anytime": []}
         self.step = 0
         self._restore()
@@ -125,6 +126,14 @@ class Worker:
             if rng_file.is_file():
                 torch.set_rng_state(torch.load(rng_file, weights_only=False))
         self._log(f"resumed at step {self.step}")
+
+    def _tensorboard(self):
+        """Rank 0 writes TensorBoard events into RUN/tensorboard (local or shared file systems)."""
+        if self.rank != 0 or "://" in self.cfg.run.storage_path:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.cfg.run_dir() / "tensorboard"))
 
     def _gather_node_ids(self) -> list[str]:
         """The Ray node of every rank, in rank order (shown in trainer_state.json)."""
@@ -255,6 +264,8 @@ class Worker:
             total += loss.item() * x.size(0)
         module.train()
         self.history["anytime"].append({"step": self.step, "valid_loss": total / n, "arch": arch})
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar("anytime_valid_loss", total / n, self.step)
 
     def _record(self, window: list[dict[str, float]], tokens_per_s: float, eta_s: float, elapsed_s: float) -> None:
         means = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
@@ -268,6 +279,11 @@ class Worker:
                                        for k, a in self.alphas.items()}}
             )
         self.history["metrics"].append(row)
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self.tensorboard.add_scalar(key, value, self.step)
+            self.tensorboard.flush()
         losses = "  ".join(f"{k} {means[k]:.4f}" for k in ("train_loss", "valid_loss") if k in means)
         ent = f"  H(alpha) {row['arch_entropy']:.3f}" if self.alphas else ""
         self._log(

@@ -62,6 +62,7 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
     _check_resume(cfg, run_dir, space_to_dict(space))
     train = to_dict(cfg)
     train["data"]["dir"] = str(data_dir.resolve())
+    train["run"]["storage_path"] = str(run_dir.parent)  # workers run in another folder
     return {"train": train, "space": space_to_dict(space), "arch": arch}
 
 

@@ -62,6 +62,7 @@ def test_export_of_zero3_run_equals_the_supernet_single_path(local_ray, tiny_con
     assert model.num_parameters() == supernet.space.param_count(arch)
     for name in ("summary.md", "arch.json", "alphas_mlp_ratio.png", "anytime.png", "alphas.csv", "metrics.csv"):
         assert (run.run_dir / name).is_file(), name
+    assert list((run.run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
