@@ -114,6 +114,29 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         f"{args.steps / sec:,.0f} batches/s = {sec / args.steps * 1e3:.3f} ms per batch"
         f" ({cpu / args.steps * 1e3:.3f} ms CPU)"
     )
+    step = train_step_seconds(args.repeat)
+    print(f"one training step (forward, backward, AdamW) of the smallest gpt-nano architecture, micro-batch 8 x 64:"
+          f" {step * 1e3:.1f} ms = {step / (sec / args.steps):,.0f}x the sampler's time per batch")
+
+
+def train_step_seconds(repeat: int) -> float:
+    """A plain training step of the smallest architecture of the smallest GPT space: what the sampler feeds."""
+    import torch
+
+    from tangle_ray import load_space
+
+    space = load_space("gpt-nano")
+    model = space.build_supernet().extract(space.smallest())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, space.fixed["vocab_size"], (8, space.fixed["block_size"]))
+
+    def step() -> None:
+        model(x, x)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    return best_of(repeat, lambda: [step() for _ in range(5)])[0] / 5
 
 
 def main() -> None:
