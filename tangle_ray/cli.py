@@ -151,7 +151,8 @@ def cmd_demo(args) -> int:
     cfg = load_config(None, [*DEMO_OVERRIDES, f"data.dir={tokens}", f"run.storage_path={out / 'runs'}",
                              f"run.name=demo-{time.strftime('%Y%m%d-%H%M%S')}", *args.overrides])
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=max(2, cfg.scaling.num_workers), include_dashboard=False)
+    ray.init(address="local", num_cpus=max(2, cfg.scaling.num_workers), include_dashboard=False,
+             logging_config=ray.LoggingConfig(log_level="ERROR"))  # no State-API warnings without a dashboard
     try:
         result = run_training(cfg)
     finally:
