@@ -15,6 +15,7 @@ from tangle_ray.data.prepare import prepare_text, read_meta
 from tangle_ray.data.sources import TextSource
 from tangle_ray.errors import ConfigError
 from tangle_ray.space import load_space, space_to_dict
+from tangle_ray.checkpoint import load_supernet
 from tangle_ray.configs import to_dict
 from tangle_ray.train.config import TrainConfig
 from tangle_ray.train.export import export_run
@@ -38,6 +39,8 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
     arch = None
     if cfg.method == "fixed":
         arch = space.validate(cfg.arch, source="arch")
+    if cfg.init == "inherit":  # the supernet folder must load, and be of this space, before workers start
+        load_supernet(cfg.init_from, space)
     data_dir = Path(cfg.data.dir)
     if not (data_dir / "meta.json").is_file():
         if cfg.data.source is None:
@@ -63,6 +66,8 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
     train = to_dict(cfg)
     train["data"]["dir"] = str(data_dir.resolve())
     train["run"]["storage_path"] = str(run_dir.parent)  # workers run in another folder
+    if cfg.init_from:
+        train["init_from"] = str(Path(cfg.init_from).resolve())
     return {"train": train, "space": space_to_dict(space), "arch": arch}
 
 

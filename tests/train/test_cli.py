@@ -45,3 +45,11 @@ def test_cli_reports_user_errors_without_a_traceback(capsys):
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "runs" / "tiny-cpu-tanglenas.yaml"
     assert main(["search", str(recipe), "zero_stage=7"]) == 2
     assert "zero_stage = 7 does not exist" in capsys.readouterr().err
+
+
+def test_settings_may_follow_options(capsys):
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "runs" / "tiny-cpu-tanglenas.yaml"
+    assert main(["search", str(recipe), "--no-export", "zero_stage=7"]) == 2  # reached the run config
+    assert "zero_stage = 7 does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["search", str(recipe), "--no-export", "--bogus"])
