@@ -136,3 +136,11 @@ def test_export_of_a_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
     (folder / "search_state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="cannot load search_state.pt"):
         export_run(tmp_path / "run")
+
+
+def test_retrain_from_a_missing_supernet_is_refused_on_the_driver(tmp_path, data_dir):
+    cfg = load_config(None, ["method=fixed", "space=gpt-nano", f"data.dir={data_dir}", f"run.storage_path={tmp_path}",
+                             "arch={n_layer: 2, n_embd: 32, n_head: [2, 2, 2, 2], mlp_ratio: [2, 2, 2, 2]}",
+                             "init=inherit", f"init_from={tmp_path / 'no-supernet'}"])
+    with pytest.raises(ConfigError, match="missing.*supernet.safetensors"):
+        preflight(cfg)
