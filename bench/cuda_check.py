@@ -31,9 +31,11 @@ def main() -> None:
     base = ["space=gpt-nano", f"data.dir={tokens}", "steps=6", "global_batch_size=16", "micro_batch_size=8",
             "log_every=3", "eval_every=3", "checkpoint_every=3", "eval_windows=8", "dropout=0.0",
             "scaling.use_gpu=true", "precision=bf16", f"run.storage_path={tmp / 'runs'}", "debug_checks=true"]
-    for method, stage in (("tanglenas", 2), ("tanglenas", 3), ("spos", 3)):
+    for method, stage, compiled in (("tanglenas", 2, False), ("tanglenas", 3, False), ("spos", 3, False),
+                                    ("tanglenas", 2, True)):
         result = run_training(load_config(None, [*base, f"method={method}", f"zero_stage={stage}",
-                                                 f"run.name={method}-z{stage}"]))
+                                                 f"compile={str(compiled).lower()}",
+                                                 f"run.name={method}-z{stage}-c{int(compiled)}"]))
         last = result.history["metrics"][-1]
         arch = json.loads((result.export_dir / "arch.json").read_text())
         supernet = load_supernet(result.export_dir / "supernet").cuda().eval()
@@ -41,7 +43,7 @@ def main() -> None:
         idx = torch.randint(0, 50257, (2, 64), device="cuda")
         with torch.no_grad():
             diff = (model(idx)[0] - supernet(idx, arch=arch)[0]).abs().max().item()
-        print(f"{method:9s} ZeRO-{stage} bf16 NCCL: steps {last['step']}, train loss {last['train_loss']:.3f}, "
+        print(f"{method:9s} ZeRO-{stage} bf16 NCCL{' compiled' if compiled else ''}: steps {last['step']}, train loss {last['train_loss']:.3f}, "
               f"{last['tokens_per_s']:,.0f} tok/s, export vs single path max |diff| {diff:.2e}")
         assert diff == 0.0
     ray.shutdown()

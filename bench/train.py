@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16")
     parser.add_argument("--stages", default="0,1,2,3", help="ZeRO stages for the optimizer-state comparison")
+    parser.add_argument("--compile", action="store_true", help="also time both steps with torch.compile")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -64,12 +65,18 @@ def main() -> None:
     print("1. throughput (weight-step tokens; a TangleNAS step also runs an architecture step on as many tokens)")
     print(f"   TangleNAS (DrNAS) step : {t_speed:10,.0f} tokens/s")
     print(f"   fixed largest arch     : {f_speed:10,.0f} tokens/s")
+    if args.compile:
+        _, _, tc = run(base, "method=tanglenas", "run.name=tanglenas-compiled", "compile=true")
+        _, _, fc = run(base, "method=fixed", f"arch={arch}".replace("'", ""), "run.name=fixed-compiled", "compile=true")
+        print(f"   compiled TangleNAS     : {tc[-1]['tokens_per_s']:10,.0f} tokens/s")
+        print(f"   compiled fixed         : {fc[-1]['tokens_per_s']:10,.0f} tokens/s  "
+              f"(ratio {fc[-1]['tokens_per_s'] / tc[-1]['tokens_per_s']:.2f}x)")
     print(f"   ratio fixed / TangleNAS: {f_speed / t_speed:.2f}x  (a TangleNAS step is an architecture step plus a "
           f"weight step; a fixed step is one weight step)\n")
 
     print(f"2. optimizer-state bytes per rank ({W} workers, TangleNAS)")
     state = {}
-    for stage in [int(v) for v in args.stages.split(",")]:
+    for stage in [int(v) for v in args.stages.split(",") if v]:
         _, _, m = run(base, "method=tanglenas", f"zero_stage={stage}", f"run.name=zero{stage}", f"steps={2}",
                       "log_every=1")
         state[stage] = m[-1]["optimizer_state_bytes"]

@@ -226,9 +226,18 @@ class EntangledGPT(nn.Module):
         if T > self.block_size:
             raise ValueError(f"sequence length {T} exceeds the context of {self.block_size}")
         pos = torch.arange(T, device=idx.device)
-        t = self.transformer
         if arch is not None:
             return self._path(idx, targets, pos, arch, keep_all_params)
+        return self._superposed(idx, targets, pos, weights, output_mix)
+
+    def compile_superposition(self, **options) -> None:
+        """``torch.compile`` the superposition forward (it fuses the masks and mixing into few kernels);
+        single paths stay eager, since every architecture would be a graph of its own."""
+        self._superposed = torch.compile(self._superposed, **options)
+
+    def _superposed(self, idx: Tensor, targets: Tensor | None, pos: Tensor, weights: dict[str, Tensor],
+                    output_mix: bool) -> tuple[Tensor, Tensor | None]:
+        t = self.transformer
         w_embd = weights["n_embd"]
         mask = w_embd.to(self.width_ind.dtype) @ self.width_ind
         x = t.drop((t.wte(idx) + t.wpe(pos)) * mask.to(t.wte.weight.dtype))

@@ -90,6 +90,7 @@ class TrainConfig:
     eval_windows: int = 64
     seed: int = 0
     dropout: float | None = None  # None keeps the space's training dropout
+    compile: bool = False  # torch.compile the supernet's superposition (tanglenas) or the model (fixed)
     debug_checks: bool = False  # assert after every step that the alphas agree on all ranks
     inject_failure_at_step: int | None = None  # fault-tolerance drill: rank 0 raises once at this step
 
@@ -110,6 +111,11 @@ class TrainConfig:
             raise ConfigError(f"{source}: init = {self.init!r}; allowed: ['scratch', 'inherit']")
         if self.init == "inherit" and not self.init_from:
             raise ConfigError(f"{source}: init 'inherit' needs init_from (a supernet folder from `tangle-ray export`)")
+        if self.compile and (self.method == "spos" or self.zero_stage == 3):
+            raise ConfigError(
+                f"{source}: compile = true works with methods 'tanglenas' and 'fixed' under ZeRO stages 0-2 "
+                f"(got method {self.method!r}, zero_stage {self.zero_stage}); SPOS changes its graph every step"
+            )
         if self.precision not in PRECISIONS:
             raise ConfigError(f"{source}: precision = {self.precision!r}; allowed: {list(PRECISIONS)}")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -143,7 +149,7 @@ class TrainConfig:
         """What makes two runs the same run: a rerun with equal identity resumes it."""
         d = to_dict(self)
         for volatile in ("steps", "run", "max_failures", "checkpoint_every", "log_every", "eval_every",
-                         "debug_checks", "inject_failure_at_step", "scaling"):
+                         "debug_checks", "inject_failure_at_step", "scaling", "compile"):
             d.pop(volatile)
         d["num_workers"] = self.scaling.num_workers
         return d

@@ -82,6 +82,8 @@ class Worker:
                 k: v.to(self.device).detach().requires_grad_() for k, v in supernet.alphas.items()
             }
         model.to(self.device)
+        if self.cfg.compile:
+            model.compile() if self.cfg.method == "fixed" else model.compile_superposition()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = weight_optimizer(params, self.cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, self.cfg))
@@ -159,16 +161,18 @@ class Worker:
             metrics = self.train_step()
             self.step += 1
             window.append(metrics)
-            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                self._anytime()
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            log = self.step % cfg.log_every == 0 or self.step == cfg.steps
+            if log:
                 now = time.time()
                 speed = tokens_per_step * (self.step - last_log[0]) / max(now - last_log[1], 1e-9)
                 eta = (now - t0) / (self.step - start) * (cfg.steps - self.step)
                 self._record(window, speed, eta, now - t0)
-                window, last_log = [], (self.step, now)
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                self._anytime()
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self._checkpoint()
+            if log:  # throughput counts training steps, not evaluations and checkpoints
+                window, last_log = [], (self.step, time.time())
 
     def train_step(self) -> dict[str, float]:
         metrics = {}
