@@ -44,7 +44,7 @@ def load_supernet(path: str | Path, space: SearchSpace | None = None, **override
             f"`tangle-ray export RUN` (files {list(SUPERNET_FILES)})"
         )
     stored = space_from_dict(yaml.safe_load((folder / "space.yaml").read_text()), source=str(folder / "space.yaml"))
-    if space is not None and space_to_dict(space)["choices"] != space_to_dict(stored)["choices"]:
+    if space is not None and _shape(space) != _shape(stored):
         raise ConfigError(
             f"supernet checkpoint {folder} was trained on space {stored.name!r}, which does not match "
             f"space {space.name!r}: {space_to_dict(stored)} vs {space_to_dict(space)}"
@@ -73,8 +73,11 @@ def load_weights(module: nn.Module, state: dict[str, Tensor], where: str) -> Non
         )
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / "meta.json").read_text())
+def _shape(space: SearchSpace) -> dict[str, Any]:
+    """What the weights depend on: the choices and the fixed settings except dropout."""
+    d = space_to_dict(space)
+    return {"choices": d["choices"], "per_layer": d["per_layer"],
+            "fixed": {k: v for k, v in d["fixed"].items() if k != "dropout"}}
 
 
 def _contiguous(state: dict) -> dict:

@@ -112,3 +112,19 @@ def test_flops_grow_with_sequence_length_and_size():
     space = load_space("gpt-tinystories")
     assert space.flops(space.largest(), 224) > space.flops(space.smallest(), 224)
     assert space.flops(space.largest(), 224) > 2 * space.flops(space.largest(), 112)
+
+
+def test_supernet_folder_of_another_space_shape_is_refused(tmp_path):
+    from tangle_ray import ConfigError as Err
+    from tangle_ray.checkpoint import load_supernet, save_supernet
+    from tangle_ray.space import space_from_dict
+
+    space = load_space("gpt-micro")
+    save_supernet(space.build_supernet(), tmp_path / "sn")
+    raw = space_to_dict(space)
+    raw["per_layer"]["mlp_ratio"] = [1, 2]
+    with pytest.raises(Err, match="does not match"):
+        load_supernet(tmp_path / "sn", space_from_dict(raw))
+    raw = space_to_dict(space)
+    raw["fixed"]["dropout"] = 0.3  # dropout does not change the weights
+    assert load_supernet(tmp_path / "sn", space_from_dict(raw)) is not None
