@@ -298,11 +298,18 @@ class EntangledGPT(nn.Module):
         return model
 
     def arch_config(self, arch: Arch) -> GPTConfig:
-        return GPTConfig(
-            vocab_size=self.vocab_size, block_size=self.block_size, n_layer=arch["n_layer"], n_embd=arch["n_embd"],
-            n_head=list(arch["n_head"][: arch["n_layer"]]), mlp_ratio=list(arch["mlp_ratio"][: arch["n_layer"]]),
-            bias=self.bias, dropout=self.dropout,
-        )
+        return gpt_config(self.space, arch, dropout=self.dropout)
+
+
+def gpt_config(space: SearchSpace, arch: Arch, **overrides) -> GPTConfig:
+    """The standalone model of one architecture of ``space`` (``overrides`` replace fixed settings)."""
+    f = {**space.fixed, **overrides}
+    depth = arch["n_layer"]
+    return GPTConfig(
+        vocab_size=f["padded_vocab_size"], block_size=f["block_size"], n_layer=depth, n_embd=arch["n_embd"],
+        n_head=list(arch["n_head"][:depth]), mlp_ratio=list(arch["mlp_ratio"][:depth]),
+        bias=f["bias"], dropout=f["dropout"],
+    )
 
 
 # ===================================================================== family functions used by SearchSpace

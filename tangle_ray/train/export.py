@@ -8,7 +8,7 @@ from typing import Any
 
 from tangle_ray.checkpoint import load_weights, save_supernet
 from tangle_ray.errors import ConfigError
-from tangle_ray.models.gpt import GPT
+from tangle_ray.models.gpt import GPT, gpt_config
 from tangle_ray.space import Arch, space_from_dict
 from tangle_ray.train.state import consolidated_weights, latest_checkpoint, load_search_state, read_trainer_state
 
@@ -29,7 +29,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, arch: Arc
                             "method": trainer["method"]}
     if trainer["method"] == "fixed":
         chosen = trainer["arch"]
-        model = GPT(space.build_supernet().net.arch_config(chosen))
+        model = GPT(gpt_config(space, chosen))
         load_weights(model, weights, f"checkpoint {checkpoint}")
     else:
         supernet = space.build_supernet()

@@ -54,9 +54,10 @@ class Worker:
         self.space = space_from_dict(self.loop_space)
         self.gas = cfg.grad_accum_steps
         block = self.space.fixed["block_size"]
+        valid = load_split(cfg.data.dir, "valid")
         self.train_data = WindowSampler(load_split(cfg.data.dir, "train"), block, cfg.micro_batch_size, cfg.seed, "train")
-        self.valid_data = WindowSampler(load_split(cfg.data.dir, "valid"), block, cfg.micro_batch_size, cfg.seed, "valid")
-        self.eval_x, self.eval_y = eval_windows(load_split(cfg.data.dir, "valid"), block, cfg.eval_windows, cfg.seed)
+        self.valid_data = WindowSampler(valid, block, cfg.micro_batch_size, cfg.seed, "valid")
+        self.eval_x, self.eval_y = eval_windows(valid, block, cfg.eval_windows, cfg.seed)
         self.mixer = get_mixer(cfg.mixer_name)
         self.fixed_arch = loop_config.get("arch")
         self._build(loop_config)
@@ -98,12 +99,11 @@ class Worker:
 
     def _fixed_model(self, overrides: dict[str, Any]) -> torch.nn.Module:
         from tangle_ray.checkpoint import load_supernet
-        from tangle_ray.models.gpt import GPT
+        from tangle_ray.models.gpt import GPT, gpt_config
 
         if self.cfg.init == "inherit":
             return load_supernet(self.cfg.init_from, self.space, **overrides).extract(self.fixed_arch)
-        net = self.space.build_supernet(**overrides).net
-        return GPT(net.arch_config(self.space.validate(self.fixed_arch)))
+        return GPT(gpt_config(self.space, self.space.validate(self.fixed_arch), **overrides))
 
     def _restore(self) -> None:
         import ray.train
