@@ -24,8 +24,8 @@ SUPERNET_FILES = ("space.yaml", "supernet.safetensors", "alphas.safetensors", "m
 def save_supernet(supernet: Supernet, out_dir: str | Path, meta: dict[str, Any] | None = None) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(_contiguous(supernet.net.state_dict()), str(out / "supernet.safetensors"))
-    save_file(_contiguous(dict(supernet.alphas)), str(out / "alphas.safetensors"))
+    save_file(unique_tensors(supernet.net.state_dict()), str(out / "supernet.safetensors"))
+    save_file(unique_tensors(dict(supernet.alphas)), str(out / "alphas.safetensors"))
     (out / "space.yaml").write_text(yaml.safe_dump(space_to_dict(supernet.space), sort_keys=False))
     (out / "meta.json").write_text(json.dumps(meta or {}, indent=2) + "\n")
     return out
@@ -44,10 +44,12 @@ def load_supernet(path: str | Path, space: SearchSpace | None = None, **override
             f"`tangle-ray export RUN` (files {list(SUPERNET_FILES)})"
         )
     stored = space_from_dict(yaml.safe_load((folder / "space.yaml").read_text()), source=str(folder / "space.yaml"))
-    if space is not None and _shape(space) != _shape(stored):
+    if space is not None and space_shape(space) != space_shape(stored):
+        want, have = space_shape(space), space_shape(stored)
+        diff = sorted(k for k in want if want[k] != have[k])
         raise ConfigError(
-            f"supernet checkpoint {folder} was trained on space {stored.name!r}, which does not match "
-            f"space {space.name!r}: {space_to_dict(stored)} vs {space_to_dict(space)}"
+            f"supernet checkpoint {folder} was trained on space {stored.name!r}, which differs from space = "
+            f"{space.name!r} in {diff}: {[have[k] for k in diff]} vs {[want[k] for k in diff]}"
         )
     supernet = stored.build_supernet(**overrides)
     try:
@@ -73,15 +75,15 @@ def load_weights(module: nn.Module, state: dict[str, Tensor], where: str) -> Non
         )
 
 
-def _shape(space: SearchSpace) -> dict[str, Any]:
-    """What the weights depend on: the choices and the fixed settings except dropout."""
+def space_shape(space: SearchSpace) -> dict[str, Any]:
+    """What the weights depend on: the model, the choices and the fixed settings except dropout."""
     d = space_to_dict(space)
-    return {"choices": d["choices"], "per_layer": d["per_layer"],
+    return {"model": d["model"], "choices": d["choices"], "per_layer": d["per_layer"],
             "fixed": {k: v for k, v in d["fixed"].items() if k != "dropout"}}
 
 
-def _contiguous(state: dict) -> dict:
-    """safetensors stores each tensor once: drop tied aliases (lm_head shares wte) and make contiguous."""
+def unique_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each tensor once (the tied output head is the token embedding), detached, contiguous, on the CPU."""
     seen, out = set(), {}
     for name, t in state.items():
         if t.data_ptr() in seen:

@@ -26,10 +26,10 @@ import torch
 from ray import tune
 from torch import nn
 
-from tangle_ray.checkpoint import load_supernet, load_weights
+from tangle_ray.checkpoint import load_supernet, load_weights, unique_tensors
+from tangle_ray.configs import to_dict
 from tangle_ray.errors import ConfigError
 from tangle_ray.report.leaderboard import TrialRecord, ranked, write_report
-from tangle_ray.configs import to_dict
 from tangle_ray.search.config import SearchConfig
 from tangle_ray.search.evaluate import eval_data, evaluate_arch
 from tangle_ray.search.searchers import check_constraints, make_searcher, saved_searcher_state
@@ -72,11 +72,7 @@ class SharedSupernet:
 
     @classmethod
     def of(cls, supernet: Supernet) -> SharedSupernet:
-        state, seen = {}, set()
-        for name, t in supernet.net.state_dict().items():
-            if t.data_ptr() not in seen:  # the tied output head is the token embedding: send it once
-                seen.add(t.data_ptr())
-                state[name] = t.detach().cpu().contiguous().numpy()
+        state = {name: t.numpy() for name, t in unique_tensors(supernet.net.state_dict()).items()}
         return cls(uuid.uuid4().hex, space_to_dict(supernet.space), state)
 
 
@@ -120,17 +116,7 @@ def evaluate_trial(
 
 def load_checked_supernet(config: SearchConfig) -> Supernet:
     """The checkpoint, checked against ``config.space`` when one is named."""
-    supernet = load_supernet(config.supernet)
-    if config.space is not None:
-        want, have = _shape(load_space(config.space)), _shape(supernet.space)
-        if want != have:
-            diff = sorted(k for k in want if want[k] != have[k])
-            raise ConfigError(
-                f"search config: supernet {config.supernet} was trained on space {supernet.space.name!r}, "
-                f"which differs from space = {config.space!r} in {diff}: "
-                f"{[have[k] for k in diff]} vs {[want[k] for k in diff]}"
-            )
-    return supernet
+    return load_supernet(config.supernet, load_space(config.space) if config.space is not None else None)
 
 
 def make_trainable(config: SearchConfig, supernet: Supernet, x: np.ndarray, y: np.ndarray):
@@ -244,11 +230,6 @@ def _record(config: dict, metrics: dict) -> TrialRecord:
         params=metrics["params"],
         flops=metrics["flops"],
     )
-
-
-def _shape(space: SearchSpace) -> dict[str, Any]:
-    d = space_to_dict(space)
-    return {k: d[k] for k in ("model", "fixed", "choices", "per_layer")}
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
