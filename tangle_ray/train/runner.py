@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -11,12 +10,12 @@ from typing import Any
 
 import yaml
 
+from tangle_ray.checkpoint import load_supernet, space_shape
+from tangle_ray.configs import to_dict
 from tangle_ray.data.prepare import prepare_text, read_meta
 from tangle_ray.data.sources import TextSource
 from tangle_ray.errors import ConfigError
-from tangle_ray.space import load_space, space_to_dict
-from tangle_ray.checkpoint import load_supernet
-from tangle_ray.configs import to_dict
+from tangle_ray.space import SearchSpace, load_space, space_from_dict, space_to_dict
 from tangle_ray.train.config import TrainConfig
 from tangle_ray.train.export import export_run
 from tangle_ray.train.loop import train_loop_per_worker
@@ -62,7 +61,7 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
         )
     run_dir = cfg.run_dir()
     _check_writable(run_dir)
-    _check_resume(cfg, run_dir, space_to_dict(space))
+    _check_resume(cfg, run_dir, space)
     train = to_dict(cfg)
     train["data"]["dir"] = str(data_dir.resolve())
     train["run"]["storage_path"] = str(run_dir.parent)  # workers run in another folder
@@ -81,11 +80,11 @@ def _check_writable(run_dir: Path) -> None:
         raise ConfigError(f"run.storage_path: cannot write to {run_dir} ({e.strerror or e})") from None
 
 
-def _check_resume(cfg: TrainConfig, run_dir: Path, space: dict[str, Any]) -> None:
+def _check_resume(cfg: TrainConfig, run_dir: Path, space: SearchSpace) -> None:
     stored = run_dir / "run_config.yaml"
     if stored.is_file():
         previous = yaml.safe_load(stored.read_text())
-        if previous.get("identity") != json.loads(json.dumps(cfg.identity())):
+        if previous.get("identity") != cfg.identity():
             raise ConfigError(
                 f"run {run_dir} exists with a different configuration; give a new run.name to start a fresh "
                 f"run, or rerun with the original settings to resume it"
@@ -99,7 +98,7 @@ def _check_resume(cfg: TrainConfig, run_dir: Path, space: dict[str, Any]) -> Non
             f"checkpoint {checkpoint} was written by {state['world_size']} workers but scaling.num_workers = "
             f"{cfg.scaling.num_workers}; ZeRO shards are per rank: resume with {state['world_size']} workers"
         )
-    if load_search_state(checkpoint)["space"]["choices"] != space["choices"]:
+    if space_shape(space_from_dict(load_search_state(checkpoint)["space"])) != space_shape(space):
         raise ConfigError(f"checkpoint {checkpoint} belongs to another space than {cfg.space!r}")
 
 
@@ -112,7 +111,7 @@ def run_training(cfg: TrainConfig, address: str | None = None, export: bool = Tr
     loop_config = preflight(cfg)
     run_dir = cfg.run_dir()
     (run_dir / "run_config.yaml").write_text(
-        yaml.safe_dump({"identity": json.loads(json.dumps(cfg.identity())), "config": to_dict(cfg)}, sort_keys=False)
+        yaml.safe_dump({"identity": cfg.identity(), "config": to_dict(cfg)}, sort_keys=False)
     )
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -139,5 +138,5 @@ def run_training(cfg: TrainConfig, address: str | None = None, export: bool = Tr
     from tangle_ray.report.runs import write_run_report
 
     export_dir = export_run(run_dir) if export else None
-    write_run_report(run_dir, cfg, state["history"], arch, load_space(cfg.space), export_dir)
+    write_run_report(run_dir, cfg, state["history"], arch, space_from_dict(loop_config["space"]), export_dir)
     return TrainResult(run_dir, checkpoint, arch, state["history"], export_dir, time.time() - start)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tangle_ray import load_space
 from tangle_ray.errors import ConfigError
 from tangle_ray.train.config import TrainConfig, load_config
 from tangle_ray.train.deepspeed import deepspeed_config, lr_factor
@@ -109,11 +110,16 @@ def _fake_checkpoint(run_dir, world_size, space_choices):
 
     import torch
 
+    from tangle_ray.space import space_to_dict
+
+    space = space_to_dict(load_space("gpt-nano"))
+    space["choices"].update(space_choices)
+
     folder = run_dir / "checkpoint_2026-01-01_00-00-00.000000"
     folder.mkdir(parents=True)
     (folder / "trainer_state.json").write_text(json.dumps({"step": 2, "world_size": world_size, "zero_stage": 2,
                                                            "method": "tanglenas", "arch": None}))
-    torch.save({"space": {"choices": space_choices}}, folder / "search_state.pt")
+    torch.save({"space": space}, folder / "search_state.pt")
     return folder
 
 
@@ -124,7 +130,7 @@ def test_resume_checks_workers_and_space_before_any_worker_starts(tmp_path, data
     with pytest.raises(ConfigError, match="written by 2 workers but scaling.num_workers = 1"):
         preflight(cfg)
     cfg = load_config(None, [*base, "run.name=other-space"])
-    _fake_checkpoint(cfg.run_dir(), world_size=1, space_choices={"n_layer": [5, 6, 7], "n_embd": [384]})
+    _fake_checkpoint(cfg.run_dir(), world_size=1, space_choices={"n_layer": [5, 6, 7], "n_embd": [96]})
     with pytest.raises(ConfigError, match="another space"):
         preflight(cfg)
 
