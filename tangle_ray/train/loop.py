@@ -26,6 +26,7 @@ from tangle_ray.data.prepare import load_split
 from tangle_ray.data.sampler import WindowSampler, eval_windows
 from tangle_ray.errors import ConfigError
 from tangle_ray.mixers import entropy, get_mixer, keyed_generator
+from tangle_ray.report.leaderboard import describe
 from tangle_ray.space import space_from_dict
 from tangle_ray.train.config import TrainConfig, from_dict
 from tangle_ray.train.deepspeed import deepspeed_config, lr_factor, weight_optimizer
@@ -292,7 +293,7 @@ class Worker:
         ent = f"  H(alpha) {row['arch_entropy']:.3f}" if self.alphas else ""
         self._log(
             f"step {self.step}/{self.cfg.steps}  {losses}  {tokens_per_s:,.0f} tok/s  "
-            f"arch {compact(arch)} ({row['arch_params'] / 1e6:.2f}M){ent}  ETA {eta_s / 60:.1f} min"
+            f"arch {describe(arch)} ({row['arch_params'] / 1e6:.2f}M){ent}  ETA {eta_s / 60:.1f} min"
         )
 
     def _optimizer_state_bytes(self) -> int:
@@ -327,10 +328,3 @@ class Worker:
         if self.rank == 0:  # stderr: Ray Train forwards a worker's stdout to the driver twice
             print(f"[tangle-ray] {message}", file=sys.stderr, flush=True)
 
-
-def compact(arch: dict[str, Any]) -> str:
-    """A one-line architecture: L=6 E=576 H=[8,6,12,8,6,8] R=[4,3,2,4,4,3]."""
-    depth = arch["n_layer"]
-    heads = ",".join(str(h) for h in arch["n_head"][:depth])
-    ratios = ",".join(f"{r:g}" for r in arch["mlp_ratio"][:depth])
-    return f"L={depth} E={arch['n_embd']} H=[{heads}] R=[{ratios}]"
