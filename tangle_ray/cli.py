@@ -167,9 +167,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from tangle_ray.space import read_arch
     from tangle_ray.train.export import export_run
 
-    arch = json.loads(Path(args.arch).read_text()) if args.arch else None
+    arch = read_arch(args.arch) if args.arch else None
     print(f"exported to {export_run(args.run_dir, args.out, arch)}")
     return 0
 

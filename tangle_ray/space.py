@@ -8,6 +8,7 @@ Entries of layers beyond ``n_layer`` are carried along but have no effect.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -204,6 +205,19 @@ class SearchSpace:
 
 
 # ===================================================================== loading
+
+
+def read_arch(path: str | Path) -> Arch:
+    """An architecture from a JSON file (arch.json, best_arch.json); validate it against a space after."""
+    try:
+        arch = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"architecture file {path}: cannot read it ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"architecture file {path}: not valid JSON ({e})") from None
+    if not isinstance(arch, dict):
+        raise ConfigError(f"architecture file {path}: expected a JSON object of choices, got {type(arch).__name__}")
+    return arch
 
 
 def available_spaces() -> list[str]:

@@ -128,3 +128,17 @@ def test_supernet_folder_of_another_space_shape_is_refused(tmp_path):
     raw = space_to_dict(space)
     raw["fixed"]["dropout"] = 0.3  # dropout does not change the weights
     assert load_supernet(tmp_path / "sn", space_from_dict(raw)) is not None
+
+
+def test_read_arch_names_the_file_and_the_problem(tmp_path):
+    from tangle_ray.space import read_arch
+
+    with pytest.raises(ConfigError, match="missing.json: cannot read"):
+        read_arch(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{n_layer: 2")
+    with pytest.raises(ConfigError, match="bad.json: not valid JSON"):
+        read_arch(bad)
+    bad.write_text("[2, 3]")
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        read_arch(bad)

@@ -20,7 +20,7 @@ from tangle_ray.data.prepare import load_split
 from tangle_ray.data.sampler import eval_windows
 from tangle_ray.errors import ConfigError
 from tangle_ray.models.gpt import GPT
-from tangle_ray.space import Arch
+from tangle_ray.space import Arch, read_arch
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -108,7 +108,7 @@ def evaluate_on_split(
         sn = load_supernet(supernet)
         source = str(arch) if isinstance(arch, (str, Path)) else "architecture"
         if isinstance(arch, (str, Path)):
-            arch = _read_arch(arch)
+            arch = read_arch(arch)
         arch = sn.space.validate(sn.argmax_arch() if arch is None else arch, source)
         f = sn.space.fixed
         x, y = eval_data(data_dir, split, f["block_size"], f["vocab_size"], num_windows, seed)
@@ -123,9 +123,3 @@ def evaluate_on_split(
         "arch": arch,
     }
 
-
-def _read_arch(path: str | Path) -> Arch:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"architecture file {path}: cannot read it as JSON ({e})") from None

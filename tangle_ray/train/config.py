@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tangle_ray.configs import build, read_settings, set_dotted, to_dict
 from tangle_ray.errors import ConfigError
+from tangle_ray.space import read_arch
 
 METHODS = ("tanglenas", "spos", "fixed")
 TANGLENAS_MIXERS = ("drnas", "darts", "gdas")
@@ -179,14 +179,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if value is not None:
             set_dotted(raw, key, value)
     if isinstance(raw.get("arch"), str):  # a path to arch.json
-        raw["arch"] = _read_arch(raw["arch"], source)
+        raw["arch"] = read_arch(raw["arch"])
     return from_dict(raw, source)
 
-
-def _read_arch(path: str, source: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ConfigError(f"{source}: arch file {path} does not exist")
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{source}: arch file {path} is not valid JSON: {e}") from None
