@@ -13,7 +13,7 @@ from pathlib import Path
 import ray
 import torch
 
-from tangle_ray.checkpoint import load_supernet
+from tangle_ray.supernet import load_supernet
 from tangle_ray.data.prepare import prepare_text
 from tangle_ray.data.sources import TextSource
 from tangle_ray.data.synth import write_demo_corpus

@@ -24,11 +24,11 @@ import ray
 import torch
 from ray import tune
 
-from tangle_ray.checkpoint import load_supernet, save_supernet
-from tangle_ray.search.config import search_config_from_dict
-from tangle_ray.search.evaluate import evaluate_arch
-from tangle_ray.search.searchers import RandomSearcher
-from tangle_ray.search.tuner import make_trainable, make_tuner
+from tangle_ray.supernet import load_supernet, save_supernet
+from tangle_ray.tune.config import search_config_from_dict
+from tangle_ray.evaluate import evaluate_arch
+from tangle_ray.tune.searchers import RandomSearcher
+from tangle_ray.tune.tuner import make_trainable, make_tuner
 from tangle_ray.space import load_space
 
 

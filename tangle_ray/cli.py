@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
 
     tune = sub.add_parser("tune", help="two-stage search (random or evolutionary) on Ray Tune over a trained supernet")
-    tune.add_argument("search_file", help="YAML search file (see recipes/search/)")
+    tune.add_argument("search_file", help="YAML search file (see recipes/tune/)")
     tune.add_argument("overrides", nargs="*", help="settings as key=value")
     tune.add_argument("--address", help="Ray cluster address")
 
@@ -111,7 +111,7 @@ def _train(args, method: str, extra: list[str] | None = None) -> int:
     result = run_training(cfg, address=args.address, export=not args.no_export or method == "fixed")
     _print_result(result)
     if method == "fixed":  # the retrained architecture on the held-out test split
-        from tangle_ray.search.evaluate import evaluate_on_split
+        from tangle_ray.evaluate import evaluate_on_split
 
         scores = evaluate_on_split(cfg.data.dir, "test", model=result.export_dir / "model", seed=cfg.seed)
         (result.run_dir / "test_scores.json").write_text(json.dumps(scores, indent=2) + "\n")
@@ -176,7 +176,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from tangle_ray.search.evaluate import evaluate_on_split
+    from tangle_ray.evaluate import evaluate_on_split
 
     result = evaluate_on_split(data_dir=args.data, split=args.split, supernet=args.supernet, arch=args.arch,
                                model=args.model, num_windows=args.windows, seed=args.seed)
@@ -185,8 +185,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from tangle_ray.search.config import load_search_config
-    from tangle_ray.search.tuner import run_search
+    from tangle_ray.tune.config import load_search_config
+    from tangle_ray.tune.tuner import run_search
 
     result = run_search(load_search_config(args.search_file, args.overrides), address=args.address)
     print(f"\nleaderboard: {result.out_dir / 'leaderboard.md'}")

@@ -116,7 +116,7 @@ def test_flops_grow_with_sequence_length_and_size():
 
 def test_supernet_folder_of_another_space_shape_is_refused(tmp_path):
     from tangle_ray import ConfigError as Err
-    from tangle_ray.checkpoint import load_supernet, save_supernet
+    from tangle_ray.supernet import load_supernet, save_supernet
     from tangle_ray.space import space_from_dict
 
     space = load_space("gpt-micro")

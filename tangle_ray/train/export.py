@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tangle_ray.checkpoint import load_weights, save_supernet
+from tangle_ray.supernet import load_weights, save_supernet
 from tangle_ray.errors import ConfigError
 from tangle_ray.models.gpt import GPT, gpt_config
 from tangle_ray.space import Arch, space_from_dict
-from tangle_ray.train.state import consolidated_weights, latest_checkpoint, load_search_state, read_trainer_state
+from tangle_ray.train.checkpoint import consolidated_weights, latest_checkpoint, load_search_state, read_trainer_state
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None, arch: Arch | None = None) -> Path:

@@ -30,7 +30,7 @@ from tangle_ray.report.leaderboard import describe
 from tangle_ray.space import space_from_dict
 from tangle_ray.train.config import TrainConfig, from_dict
 from tangle_ray.train.deepspeed import deepspeed_config, lr_factor, weight_optimizer
-from tangle_ray.train.state import DS_TAG, SEARCH_STATE, TRAINER_STATE, load_search_state
+from tangle_ray.train.checkpoint import DS_TAG, SEARCH_STATE, TRAINER_STATE, load_search_state
 
 WEIGHT_PHASE, ARCH_PHASE = 0, 1
 
@@ -99,7 +99,7 @@ class Worker:
         )
 
     def _fixed_model(self, overrides: dict[str, Any]) -> torch.nn.Module:
-        from tangle_ray.checkpoint import load_supernet
+        from tangle_ray.supernet import load_supernet
         from tangle_ray.models.gpt import GPT, gpt_config
 
         if self.cfg.init == "inherit":

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from tangle_ray.checkpoint import load_supernet, space_shape
+from tangle_ray.supernet import load_supernet, space_shape
 from tangle_ray.configs import to_dict
 from tangle_ray.data.prepare import prepare_text, read_meta
 from tangle_ray.data.sources import TextSource
@@ -19,7 +19,7 @@ from tangle_ray.space import SearchSpace, load_space, space_from_dict, space_to_
 from tangle_ray.train.config import TrainConfig
 from tangle_ray.train.export import export_run
 from tangle_ray.train.loop import train_loop_per_worker
-from tangle_ray.train.state import latest_checkpoint, load_search_state, read_trainer_state
+from tangle_ray.train.checkpoint import latest_checkpoint, load_search_state, read_trainer_state
 
 
 @dataclass

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from tangle_ray import load_space
-from tangle_ray.checkpoint import save_supernet
+from tangle_ray.supernet import save_supernet
 from tangle_ray.cli import main
 from tangle_ray.models.gpt import GPT
-from tangle_ray.search.evaluate import evaluate_on_split
+from tangle_ray.evaluate import evaluate_on_split
 
 pytestmark = pytest.mark.ray
 

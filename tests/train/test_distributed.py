@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from tangle_ray.checkpoint import load_supernet
+from tangle_ray.supernet import load_supernet
 from tangle_ray.models.gpt import GPT
 from tangle_ray.train.runner import run_training
-from tangle_ray.train.state import consolidated_weights, latest_checkpoint, load_search_state
+from tangle_ray.train.checkpoint import consolidated_weights, latest_checkpoint, load_search_state
 
 pytestmark = pytest.mark.ray
 _runs = {}

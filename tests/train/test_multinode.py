@@ -3,7 +3,7 @@
 import pytest
 
 from tangle_ray.train.runner import run_training
-from tangle_ray.train.state import read_trainer_state
+from tangle_ray.train.checkpoint import read_trainer_state
 
 pytestmark = pytest.mark.ray
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tangle_ray.checkpoint import load_supernet
+from tangle_ray.supernet import load_supernet
 from tangle_ray.data.prepare import load_split
 from tangle_ray.data.sampler import eval_windows
 from tangle_ray.errors import ConfigError

@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 
 from tangle_ray.errors import ConfigError
-from tangle_ray.search.config import load_search_config, search_config_from_dict
+from tangle_ray.tune.config import load_search_config, search_config_from_dict
 from tangle_ray.space import load_space
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "search"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "tune"
 BASE = {"supernet": "sn", "data_dir": "data"}
 
 

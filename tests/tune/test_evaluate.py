@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tangle_ray.errors import ConfigError
-from tangle_ray.search.evaluate import evaluate_arch, evaluate_model, evaluate_on_split
+from tangle_ray.evaluate import evaluate_arch, evaluate_model, evaluate_on_split
 
 
 def _archs(space, n=4, seed=0):
@@ -38,7 +38,7 @@ def test_same_number_for_any_batch_size_thread_count_and_the_extracted_model(sup
 
 
 def test_eval_mode_without_dropout_no_grad_and_mode_restored(supernet_dir, eval_xy):
-    from tangle_ray.checkpoint import load_supernet
+    from tangle_ray.supernet import load_supernet
 
     x, y = eval_xy
     noisy, plain = load_supernet(supernet_dir, dropout=0.5), load_supernet(supernet_dir)
@@ -50,7 +50,7 @@ def test_eval_mode_without_dropout_no_grad_and_mode_restored(supernet_dir, eval_
 
 
 def test_evaluate_on_split_with_a_supernet_or_an_exported_model(supernet_dir, data_dir, eval_xy, tmp_path):
-    from tangle_ray.checkpoint import load_supernet
+    from tangle_ray.supernet import load_supernet
 
     supernet = load_supernet(supernet_dir)
     arch = supernet.space.largest()

@@ -6,7 +6,7 @@ import pytest
 import ray
 
 from tangle_ray.errors import ConfigError
-from tangle_ray.search.tuner import run_search
+from tangle_ray.tune.tuner import run_search
 
 
 def test_input_errors_before_tune_starts(make_config, tmp_path):

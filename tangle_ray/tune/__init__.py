@@ -5,8 +5,8 @@ Ray is imported only when a searcher or ``run_search`` is used, so evaluating st
 
 from importlib import import_module
 
-from tangle_ray.search.config import Constraints, EvolutionConfig, SearchConfig, load_search_config
-from tangle_ray.search.evaluate import evaluate_arch, evaluate_model, evaluate_on_split
+from tangle_ray.tune.config import Constraints, EvolutionConfig, SearchConfig, load_search_config
+from tangle_ray.evaluate import evaluate_arch, evaluate_model, evaluate_on_split
 
 _LAZY = {
     "run_search": "tuner",
@@ -34,5 +34,5 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(import_module(f"tangle_ray.search.{_LAZY[name]}"), name)
+        return getattr(import_module(f"tangle_ray.tune.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

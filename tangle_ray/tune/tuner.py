@@ -26,13 +26,13 @@ import torch
 from ray import tune
 from torch import nn
 
-from tangle_ray.checkpoint import load_supernet, load_weights, unique_tensors
+from tangle_ray.supernet import load_supernet, load_weights, unique_tensors
 from tangle_ray.configs import to_dict
 from tangle_ray.errors import ConfigError
 from tangle_ray.report.leaderboard import TrialRecord, ranked, write_report
-from tangle_ray.search.config import SearchConfig
-from tangle_ray.search.evaluate import eval_data, evaluate_arch
-from tangle_ray.search.searchers import check_constraints, make_searcher, saved_searcher_state
+from tangle_ray.tune.config import SearchConfig
+from tangle_ray.evaluate import eval_data, evaluate_arch
+from tangle_ray.tune.searchers import check_constraints, make_searcher, saved_searcher_state
 from tangle_ray.space import Arch, SearchSpace, load_space, space_from_dict, space_to_dict
 from tangle_ray.supernet import Supernet
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from tangle_ray.checkpoint import load_supernet, save_supernet
+from tangle_ray.supernet import load_supernet, save_supernet
 from tangle_ray.data.prepare import FORMAT_VERSION, SPLITS, load_split
 from tangle_ray.data.sampler import eval_windows
-from tangle_ray.search.config import SearchConfig, search_config_from_dict
+from tangle_ray.tune.config import SearchConfig, search_config_from_dict
 from tangle_ray.space import load_space
 
 VOCAB = 97  # gpt-micro

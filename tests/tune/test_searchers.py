@@ -6,9 +6,9 @@ import random
 import pytest
 
 from tangle_ray.errors import ConfigError
-from tangle_ray.search.config import Constraints, EvolutionConfig
-from tangle_ray.search.evaluate import evaluate_arch
-from tangle_ray.search.searchers import EvolutionSearcher, RandomSearcher, check_constraints
+from tangle_ray.tune.config import Constraints, EvolutionConfig
+from tangle_ray.evaluate import evaluate_arch
+from tangle_ray.tune.searchers import EvolutionSearcher, RandomSearcher, check_constraints
 from tangle_ray.space import load_space, space_from_dict, space_to_dict
 
 FINISHED = "FINISHED"

@@ -29,7 +29,7 @@ from pathlib import Path
 from ray.tune.search import Searcher
 
 from tangle_ray.errors import ConfigError
-from tangle_ray.search.config import Constraints, EvolutionConfig, SearchConfig
+from tangle_ray.tune.config import Constraints, EvolutionConfig, SearchConfig
 from tangle_ray.space import Arch, SearchSpace
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ from typing import ClassVar
 import pytest
 from ray import tune
 
-from tangle_ray.search.evaluate import evaluate_arch, evaluate_on_split
-from tangle_ray.search.tuner import SearchInterrupted, run_search
+from tangle_ray.evaluate import evaluate_arch, evaluate_on_split
+from tangle_ray.tune.tuner import SearchInterrupted, run_search
 
 pytestmark = pytest.mark.ray
 

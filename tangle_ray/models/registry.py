@@ -1,0 +1,87 @@
+"""The model-family registry: a family is one module of ``tangle_ray/models/`` that registers itself.
+
+A family says what its space files hold (fixed settings, choices, their checks), builds the weight-entangled
+net of a space and the standalone model of one architecture, loads an exported model folder and counts
+parameters and FLOPs. Everything outside ``models/`` reaches a family through ``get_family(space.model)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import nn
+
+from tangle_ray.errors import ConfigError
+from tangle_ray.space import Arch, SearchSpace
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One fixed setting of a family's space files: its type and default (``REQUIRED`` if none)."""
+
+    type: type
+    default: Any = REQUIRED
+
+
+class ModelFamily:
+    """Base of every family. Subclass, fill in the class attributes and methods, and decorate with ``register``.
+
+    The entangled net (``build_net``) runs ``net(x, targets, weights=W)`` (superposition), ``net(x, targets,
+    arch=A, keep_all_params=...)`` (single path) and ``net.extract(A)`` (the standalone model); every forward
+    returns ``(output, loss)``. A standalone model has ``forward(x, targets=None) -> (output, loss)``,
+    ``num_parameters()`` and ``save_pretrained(folder, arch)``, which writes ``model.safetensors`` and a
+    ``config.json`` naming the family under ``"model"``.
+    """
+
+    name: ClassVar[str]  # the ``model:`` key of space files
+    task: ClassVar[str]  # the task it trains on (``tangle_ray.tasks``)
+    depth_dim: ClassVar[str]  # the choice that sets the number of layers
+    dims: ClassVar[dict[str, bool]]  # every choice of the family -> chosen per layer
+    integer_dims: ClassVar[tuple[str, ...]] = ()  # choices whose values must be integers
+    fixed: ClassVar[dict[str, Setting]]
+
+    def check(self, space: SearchSpace) -> None:
+        """Rules across settings and choices; raise ConfigError naming ``space.source``, the key and the value."""
+
+    def build_net(self, space: SearchSpace, **overrides: Any) -> nn.Module:
+        raise NotImplementedError
+
+    def build_model(self, space: SearchSpace, arch: Arch, **overrides: Any) -> nn.Module:
+        """A freshly initialised standalone model of ``arch`` (``overrides`` replace fixed settings)."""
+        raise NotImplementedError
+
+    def load_model(self, folder: Path, config: dict[str, Any]) -> nn.Module:
+        """The standalone model saved in ``folder`` (``config`` is its parsed ``config.json``)."""
+        raise NotImplementedError
+
+    def param_count(self, space: SearchSpace, arch: Arch) -> int:
+        raise NotImplementedError
+
+    def flops(self, space: SearchSpace, arch: Arch) -> int:
+        """Forward FLOPs (2 per multiply-add) of one sample: a sequence of the full context, or one image."""
+        raise NotImplementedError
+
+    def no_weight_decay(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
+        """Whether the weight optimizer exempts a parameter (biases, norms, embeddings by default)."""
+        return param.ndim < 2 or isinstance(module, (nn.Embedding, nn.LayerNorm))
+
+
+FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register(cls: type[ModelFamily]) -> type[ModelFamily]:
+    """Class decorator: make ``cls`` the family of space files with ``model: <cls.name>``."""
+    FAMILIES[cls.name] = cls()
+    return cls
+
+
+def get_family(name: str, source: str = "space") -> ModelFamily:
+    from tangle_ray import models  # noqa: F401  (imports every family module, which registers itself)
+
+    if name not in FAMILIES:
+        raise ConfigError(f"{source}: model = {name!r} is not a known family; allowed: {sorted(FAMILIES)}")
+    return FAMILIES[name]

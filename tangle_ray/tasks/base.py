@@ -1,0 +1,65 @@
+"""The task seam: what a model family trains on and how it is scored.
+
+A task owns its data section of a run file (a dataclass), preparing and checking that data on the driver,
+the training batches (keyed by seed, split, step and global micro-batch index, so that 1 and N workers and
+resumed runs see the same data), the evaluation set of a split, the metrics of an evaluation (summed
+exactly, so they do not depend on the batch size), the Tune metric and its mode, and the unit of throughput.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+from torch import Tensor
+
+from tangle_ray.space import SearchSpace
+
+
+class Batches(Protocol):
+    """Training or architecture batches: ``get(step, micro_index) -> (x, y)``, a pure function of its key."""
+
+    def get(self, step: int, micro_index: int) -> tuple[Tensor, Tensor]: ...
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric a task reports: its key, how a person reads it and which way is better."""
+
+    key: str
+    label: str
+    mode: str  # "min" or "max"
+    fmt: str = ".4f"
+
+
+class Task:
+    """Base of every task; subclasses fill in the class attributes and methods."""
+
+    name: ClassVar[str]
+    data_config: ClassVar[type]  # the dataclass of a run file's ``data:`` section for this task
+    unit: ClassVar[str]  # what throughput counts: "tokens" or "images"
+    metrics: ClassVar[tuple[Metric, ...]]  # the first one is what the two-stage search optimises
+
+    @property
+    def objective(self) -> Metric:
+        return self.metrics[0]
+
+    def prepare(self, data: Any, space: SearchSpace, seed: int) -> Any:
+        """On the driver: check (and, where the config says how, create) the data; return it resolved."""
+        raise NotImplementedError
+
+    def batches(self, data: Any, space: SearchSpace, split: str, micro_batch: int, seed: int) -> Batches:
+        raise NotImplementedError
+
+    def eval_set(self, data: Any, space: SearchSpace, split: str, num: int, seed: int) -> tuple[Tensor, Tensor]:
+        """A fixed evaluation set of ``num`` samples of ``split`` (the same for every caller)."""
+        raise NotImplementedError
+
+    def units_per_sample(self, space: SearchSpace) -> int:
+        """Throughput units in one sample (tokens of a window, or 1 image)."""
+        raise NotImplementedError
+
+    def evaluate(self, output_of: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, batch_size: int) -> dict[str, Any]:
+        """Every metric of ``self.metrics`` on (x, y), plus the number of samples and units it rests on."""
+        raise NotImplementedError

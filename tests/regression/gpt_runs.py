@@ -1,0 +1,59 @@
+"""The GPT reference runs: a tiny TangleNAS search, a SPOS supernet and a Tune ES search on the CPU recipes.
+
+``python -m tests.regression.gpt_runs record`` writes their numbers to ``gpt_reference.json``;
+``test_gpt_unchanged.py`` runs them again and compares. Timing columns are left out (they vary).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+REFERENCE = Path(__file__).with_name("gpt_reference.json")
+RUN_OVERRIDES = ["steps=12", "checkpoint_every=6", "eval_every=6", "log_every=3", "eval_windows=8"]
+TIMING = {"tokens_per_s", "elapsed_s", "optimizer_state_bytes"}
+
+
+def _history(run_dir: Path, history: dict) -> dict:
+    metrics = [{k: v for k, v in row.items() if k not in TIMING} for row in history["metrics"]]
+    return {"metrics": metrics, "alphas": history["alphas"], "anytime": history["anytime"],
+            "arch": json.loads((run_dir / "arch.json").read_text())}
+
+
+def run_all(root: Path) -> dict:
+    """Run the three reference jobs under ``root`` (a local Ray cluster must be running)."""
+    from tangle_ray.api import load_run_config, load_tune_config, prepare_text, run_training, run_tune, synth_corpus
+
+    corpus = synth_corpus(root / "raw", n_train=300, n_valid=40, seed=0)
+    tokens = prepare_text(corpus, root / "tokens")
+    out = {}
+    common = [f"data.dir={tokens}", f"run.storage_path={root / 'runs'}", *RUN_OVERRIDES]
+    for name, recipe in (("tanglenas", "tiny-cpu-tanglenas"), ("spos", "tiny-cpu-spos")):
+        cfg = load_run_config(REPO / "recipes" / "runs" / f"{recipe}.yaml", [*common, f"run.name={name}"])
+        result = run_training(cfg)
+        out[name] = _history(result.run_dir, result.history)
+    search = load_tune_config(
+        REPO / "recipes" / "tune" / "tiny-cpu-evolution.yaml",
+        [f"supernet={root / 'runs' / 'spos' / 'export' / 'supernet'}", f"data_dir={tokens}",
+         f"storage_path={root / 'search'}", "evolution.population=4", "evolution.generations=2",
+         "evolution.parents=2", "evolution.mutations=2", "evolution.crossovers=2", "eval_windows=8"],
+    )
+    trials = run_tune(search).trials
+    out["evolution"] = [{"index": t.index, "arch": t.arch, "loss": t.loss, "params": t.params} for t in trials]
+    return out
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["record"]:
+    import os
+    import tempfile
+
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        REFERENCE.write_text(json.dumps(run_all(Path(tmp)), indent=1, sort_keys=True) + "\n")
+    ray.shutdown()
