@@ -13,7 +13,7 @@ from pathlib import Path
 import ray
 import torch
 
-from tangle_ray.supernet import load_supernet
+from tangle_ray.folders import load_supernet
 from tangle_ray.data.prepare import prepare_text
 from tangle_ray.data.sources import TextSource
 from tangle_ray.data.synth import write_demo_corpus
@@ -29,7 +29,7 @@ def main() -> None:
     tokens = prepare_text(TextSource(kind="jsonl", path=str(write_demo_corpus(tmp / "raw", n_train=500))), tmp / "tok")
     ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
     base = ["space=gpt-nano", f"data.dir={tokens}", "steps=6", "global_batch_size=16", "micro_batch_size=8",
-            "log_every=3", "eval_every=3", "checkpoint_every=3", "eval_windows=8", "dropout=0.0",
+            "log_every=3", "eval_every=3", "checkpoint_every=3", "eval_samples=8", "dropout=0.0",
             "scaling.use_gpu=true", "precision=bf16", f"run.storage_path={tmp / 'runs'}", "debug_checks=true"]
     for method, stage, compiled in (("tanglenas", 2, False), ("tanglenas", 3, False), ("spos", 3, False),
                                     ("tanglenas", 2, True)):

@@ -20,7 +20,7 @@ import time
 import torch
 
 from tangle_ray.mixers import drnas, keyed_generator
-from tangle_ray.space import load_space, space_from_dict
+from tangle_ray.models import load_space, space_from_dict
 
 MID_GPT = {  # a mid-sized GPT space: the gpt-tinystories structure at half the width, an 8k vocabulary
     "name": "bench-mid", "model": "gpt",

@@ -20,7 +20,7 @@ import ray
 from tangle_ray.data.prepare import prepare_text
 from tangle_ray.data.sources import TextSource
 from tangle_ray.data.synth import write_demo_corpus
-from tangle_ray.space import load_space
+from tangle_ray.models import load_space
 from tangle_ray.train.config import load_config
 from tangle_ray.train.runner import run_training
 
@@ -52,7 +52,7 @@ def main() -> None:
     W = args.workers
     base = [f"space={args.space}", f"data.dir={tokens}", f"steps={args.steps}", f"micro_batch_size={args.micro_batch}",
             f"global_batch_size={args.micro_batch * W}", f"log_every={args.steps // 2}", f"eval_every={args.steps}",
-            f"checkpoint_every={args.steps}", "eval_windows=4", "dropout=0.0", f"scaling.num_workers={W}",
+            f"checkpoint_every={args.steps}", "eval_samples=4", "dropout=0.0", f"scaling.num_workers={W}",
             f"scaling.use_gpu={str(args.gpu).lower()}", f"run.storage_path={tmp / 'runs'}", "zero_stage=2"]
     device = "GPU" if args.gpu else "CPU"
     print(f"{args.space}, {W} worker(s) on {device}, micro-batch {args.micro_batch} x {space.fixed['block_size']} "

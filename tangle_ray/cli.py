@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--supernet", help="supernet folder (with --arch: inherited weights)")
     evaluate.add_argument("--arch", help="arch.json (default: the supernet's argmax architecture)")
     evaluate.add_argument("--model", help="an exported model folder instead of a supernet")
-    evaluate.add_argument("--windows", type=int, default=256, help="number of full-context windows")
+    evaluate.add_argument("--samples", type=int, default=256,
+                          help="number of samples (full-context windows of text, images)")
     evaluate.add_argument("--seed", type=int, default=0)
 
     tune = sub.add_parser("tune", help="two-stage search (random or evolutionary) on Ray Tune over a trained supernet")
@@ -108,15 +109,12 @@ def _train(args, method: str, extra: list[str] | None = None) -> int:
     if run_file and "=" in run_file and not Path(run_file).is_file():  # no run file, only settings
         run_file, overrides = None, [run_file, *overrides]
     cfg = load_config(run_file, [f"method={method}", *(extra or []), *overrides])
-    result = run_training(cfg, address=args.address, export=not args.no_export or method == "fixed")
+    result = run_training(cfg, address=args.address, export=not args.no_export)
     _print_result(result)
-    if method == "fixed":  # the retrained architecture on the held-out test split
-        from tangle_ray.evaluate import evaluate_on_split
-
-        scores = evaluate_on_split(cfg.data.dir, "test", model=result.export_dir / "model", seed=cfg.seed)
-        (result.run_dir / "test_scores.json").write_text(json.dumps(scores, indent=2) + "\n")
-        print(f"test loss {scores['loss']:.4f}, perplexity {scores['perplexity']:.2f} "
-              f"({scores['tokens']:,d} tokens; {result.run_dir / 'test_scores.json'})")
+    if result.test_scores:
+        scores = result.test_scores
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float))
+        print(f"test:       {metrics} on {scores['samples']:,} samples ({result.run_dir / 'test_scores.json'})")
     return 0
 
 
@@ -179,7 +177,7 @@ def cmd_evaluate(args) -> int:
     from tangle_ray.evaluate import evaluate_on_split
 
     result = evaluate_on_split(data_dir=args.data, split=args.split, supernet=args.supernet, arch=args.arch,
-                               model=args.model, num_windows=args.windows, seed=args.seed)
+                               model=args.model, num_samples=args.samples, seed=args.seed)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -190,7 +188,9 @@ def cmd_tune(args) -> int:
 
     result = run_search(load_search_config(args.search_file, args.overrides), address=args.address)
     print(f"\nleaderboard: {result.out_dir / 'leaderboard.md'}")
-    print(f"best arch:   {json.dumps(result.best_arch)} (loss {result.best_loss:.4f})")
+    objective = result.task.objective
+    print(f"best arch:   {json.dumps(result.best_arch)} ({objective.label} "
+          f"{result.best.metrics[objective.key]:{objective.fmt}})")
     return 0
 
 
@@ -210,7 +210,7 @@ def cmd_data(args) -> int:
 
 
 def cmd_spaces(args) -> int:
-    from tangle_ray.space import available_spaces, load_space
+    from tangle_ray.models import available_spaces, load_space
 
     for name in available_spaces():
         s = load_space(name)

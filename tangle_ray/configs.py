@@ -16,9 +16,23 @@ import yaml
 from tangle_ray.errors import ConfigError
 
 
+VOLATILE = {"identity": False}  # field metadata: a setting that does not make a run another run
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """A config as plain JSON-able data (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def identity(config: Any) -> dict[str, Any]:
+    """The settings that make a run what it is, as JSON-able data: every field not marked ``VOLATILE``,
+    nested configs by their own identity. A rerun with an equal identity resumes the run."""
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.metadata.get("identity", True):
+            value = getattr(config, f.name)
+            out[f.name] = identity(value) if dataclasses.is_dataclass(value) else json.loads(json.dumps(value))
+    return out
 
 
 def read_settings(path: str | Path | None, overrides: list[str] | None, kind: str) -> tuple[dict[str, Any], str]:

@@ -1,81 +1,56 @@
-"""The search objective: mean next-token cross-entropy of one architecture on fixed windows of a split.
+"""Scoring architectures and models: with a supernet's inherited weights, or an exported standalone model.
 
-The mean is the exactly rounded sum (``math.fsum``) of per-token losses divided by their count, so it
-does not depend on the batch size's summation order, only on the logits.
+Serves the two-stage search (every Tune trial), ``tangle-ray evaluate``, the test score of a retrained model
+and the any-time curve of a training run. What is measured is the task's business (``Task.evaluate``): sums
+are exact, so a score depends on the outputs only, not on the batch size.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tangle_ray.supernet import load_supernet
-from tangle_ray.data.prepare import load_split
-from tangle_ray.data.sampler import eval_windows
 from tangle_ray.errors import ConfigError
-from tangle_ray.models.gpt import GPT
+from tangle_ray.models import get_family, load_model
 from tangle_ray.space import Arch, read_arch
+from tangle_ray.folders import load_supernet
+from tangle_ray.tasks import Task, get_task
 
 DEFAULT_BATCH_SIZE = 16
 
 
-def evaluate_arch(
-    model: nn.Module, arch: Arch, x: Tensor, y: Tensor, batch_size: int = DEFAULT_BATCH_SIZE
-) -> float:
-    """Mean cross-entropy of the single path ``arch`` on inherited weights (a ``Supernet`` or its ``net``)."""
-    return _mean_loss(model, lambda xb: model(xb, None, arch=arch)[0], x, y, batch_size)
-
-
-def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = DEFAULT_BATCH_SIZE) -> float:
-    """Mean cross-entropy of a standalone model (e.g. an extracted ``GPT``), computed as ``evaluate_arch``."""
-    return _mean_loss(model, lambda xb: model(xb)[0], x, y, batch_size)
-
-
-def _mean_loss(
-    model: nn.Module, logits_of: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, batch_size: int
-) -> float:
-    if x.shape != y.shape or x.ndim != 2 or len(x) == 0:
-        raise ValueError(
-            f"expected equal non-empty [n, T] inputs and targets, got {tuple(x.shape)}, {tuple(y.shape)}"
-        )
+def score(model: nn.Module, output_of: Callable[[Tensor], Tensor], task: Task, x: Tensor, y: Tensor,
+          batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, Any]:
+    """The task's metrics of ``output_of`` (a function of ``model``) on (x, y), in eval mode, without gradients."""
+    if len(x) == 0 or len(x) != len(y):
+        raise ValueError(f"expected equal non-empty inputs and targets, got {tuple(x.shape)}, {tuple(y.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    losses: list[float] = []
     try:
-        with torch.inference_mode():
-            for start in range(0, len(x), batch_size):
-                xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
-                logits = logits_of(xb)
-                nll = F.cross_entropy(
-                    logits.reshape(-1, logits.size(-1)).float(), yb.reshape(-1), reduction="none"
-                )
-                losses.extend(nll.double().cpu().tolist())
+        with torch.no_grad():
+            return task.evaluate(lambda xb: output_of(xb.to(device)), x, y, batch_size)
     finally:
         model.train(was_training)
-    return math.fsum(losses) / len(losses)
 
 
-def eval_data(
-    data_dir: str | Path, split: str, block_size: int, vocab_size: int, num_windows: int, seed: int
-) -> tuple[Tensor, Tensor]:
-    """The fixed windows (x, y) of a prepared split, checked to hold only token ids below ``vocab_size``."""
-    x, y = eval_windows(load_split(data_dir, split), block_size, num_windows, seed)
-    top = int(max(x.max(), y.max()))
-    if top >= vocab_size:
-        raise ConfigError(
-            f"data {data_dir}: split {split!r} holds token id {top}, outside the model's vocabulary "
-            f"of {vocab_size}: was it prepared with another tokenizer?"
-        )
-    return x, y
+def evaluate_arch(net: nn.Module, arch: Arch, task: Task, x: Tensor, y: Tensor,
+                  batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, Any]:
+    """The single path ``arch`` of a supernet (a ``Supernet`` or its ``net``) with inherited weights."""
+    return score(net, lambda xb: net(xb, None, arch=arch)[0], task, x, y, batch_size)
+
+
+def evaluate_model(model: nn.Module, task: Task, x: Tensor, y: Tensor,
+                   batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, Any]:
+    """A standalone model (e.g. an extracted one), scored as ``evaluate_arch`` scores a path."""
+    return score(model, lambda xb: model(xb)[0], task, x, y, batch_size)
 
 
 def evaluate_on_split(
@@ -84,42 +59,32 @@ def evaluate_on_split(
     supernet: str | Path | None = None,
     arch: Arch | str | Path | None = None,
     model: str | Path | None = None,
-    num_windows: int = 256,
+    num_samples: int = 256,
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
-) -> dict:
-    """Loss and perplexity on ``num_windows`` fixed windows of ``split``: ``arch`` (a dict or an arch.json;
-    default the supernet's argmax) with a supernet folder's inherited weights, or an exported ``model``."""
+) -> dict[str, Any]:
+    """The task's metrics on ``num_samples`` fixed samples of ``split``: ``arch`` (a dict or an arch.json;
+    default the supernet's argmax) with a supernet folder's inherited weights, or an exported ``model``.
+
+    The result says how many samples were asked and how many the split could give (``samples``)."""
     if (supernet is None) == (model is None):
-        raise ConfigError(
-            "evaluate: give a supernet folder (optionally with an architecture) or a model folder"
-        )
+        raise ConfigError("evaluate: give a supernet folder (optionally with an architecture) or a model folder")
     if model is not None:
         if arch is not None:
-            raise ConfigError(
-                "evaluate: an architecture goes with a supernet folder; a model folder holds its own"
-            )
-        net = GPT.from_pretrained(model)
-        arch = json.loads((Path(model) / "config.json").read_text()).get("arch")
-        c = net.config
-        x, y = eval_data(data_dir, split, c.block_size, c.vocab_size, num_windows, seed)
-        loss, params = evaluate_model(net, x, y, batch_size), net.num_parameters()
+            raise ConfigError("evaluate: an architecture goes with a supernet folder; a model folder holds its own")
+        net, config = load_model(model), json.loads((Path(model) / "config.json").read_text())
+        family, arch = get_family(config["model"]), config.get("arch")
+        task = get_task(family.task)
+        x, y = task.eval_set(task.data_config(dir=str(data_dir)), family.model_settings(net), split, num_samples, seed)
+        scores, params = evaluate_model(net, task, x, y, batch_size), net.num_parameters()
     else:
         sn = load_supernet(supernet)
+        space, task = sn.space, get_task(sn.space.family.task)
         source = str(arch) if isinstance(arch, (str, Path)) else "architecture"
         if isinstance(arch, (str, Path)):
             arch = read_arch(arch)
-        arch = sn.space.validate(sn.argmax_arch() if arch is None else arch, source)
-        f = sn.space.fixed
-        x, y = eval_data(data_dir, split, f["block_size"], f["vocab_size"], num_windows, seed)
-        loss, params = evaluate_arch(sn, arch, x, y, batch_size), sn.space.param_count(arch)
-    return {
-        "split": split,
-        "windows": len(x),
-        "tokens": x.numel(),
-        "loss": loss,
-        "perplexity": math.exp(loss),
-        "params": params,
-        "arch": arch,
-    }
+        arch = space.validate(sn.argmax_arch() if arch is None else arch, source)
+        x, y = task.eval_set(task.data_config(dir=str(data_dir)), space.fixed, split, num_samples, seed)
+        scores, params = evaluate_arch(sn, arch, task, x, y, batch_size), space.param_count(arch)
+    return {"split": split, "asked": num_samples, **scores, "params": params, "arch": arch}
 

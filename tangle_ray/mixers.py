@@ -1,12 +1,15 @@
 """Mixers: architecture parameters -> mixing weights W (one probability vector per choice and layer).
 
-Random mixers draw from a generator keyed by (seed, step, global micro-batch index), never from
-process-local state, so a run is a function of its config and seed, not of its number of workers.
+Every mixer is called ``mixer(alphas, gen, *, step=0, steps=1)``: ``step`` is the 0-based weight step of
+a run of ``steps`` (only GDAS's temperature uses them). Random mixers draw from a generator keyed by
+(seed, step, global micro-batch index), never from process-local state, so a run is a function of its
+config and seed, not of its number of workers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 
 import numpy as np
 import torch
@@ -16,6 +19,7 @@ from torch import Tensor
 from tangle_ray.errors import ConfigError
 
 Weights = dict[str, Tensor]
+GDAS_SCHEDULES = ("reference", "linear")
 
 
 def keyed_generator(*key: int) -> torch.Generator:
@@ -28,7 +32,7 @@ def _fork_seed(gen: torch.Generator) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=gen))
 
 
-def drnas(alphas: Mapping[str, Tensor], gen: torch.Generator, progress: float = 0.0) -> Weights:
+def drnas(alphas: Mapping[str, Tensor], gen: torch.Generator, *, step: int = 0, steps: int = 1) -> Weights:
     """DrNAS: a reparameterised Dirichlet sample per row, concentration ELU(alpha) + 1."""
     out = {}
     for name, a in alphas.items():
@@ -40,19 +44,41 @@ def drnas(alphas: Mapping[str, Tensor], gen: torch.Generator, progress: float = 
     return out
 
 
-def darts(alphas: Mapping[str, Tensor], gen: torch.Generator | None = None, progress: float = 0.0) -> Weights:
+def darts(
+    alphas: Mapping[str, Tensor], gen: torch.Generator | None = None, *, step: int = 0, steps: int = 1
+) -> Weights:
     """DARTS: a softmax per row."""
     return {name: F.softmax(a, dim=-1) for name, a in alphas.items()}
 
 
-def gdas_tau(progress: float, tau_max: float = 10.0, tau_min: float = 0.1) -> float:
-    """GDAS temperature, annealed linearly from ``tau_max`` to ``tau_min`` over the run."""
-    return tau_max - (tau_max - tau_min) * min(max(progress, 0.0), 1.0)
+def gdas_tau(
+    step: int, steps: int, schedule: str = "reference", tau_max: float = 10.0, tau_min: float = 0.1
+) -> float:
+    """GDAS temperature at 0-based ``step`` of a run of ``steps``.
+
+    ``reference``: TangleNAS's nanoGPT search (train_search.py with GDASSampler: taus (0.1, 10), 100
+    "epochs", ``before_epoch`` once before the loop and then every ``eval_interval`` = 100 steps from step
+    0 on): tau = tau_max - (tau_max - tau_min) * (step // 100 + 1) / 99, whatever the run length: 9.9 for
+    steps 0-99, 9.8 for 100-199, ..., 4.0 at the end of 6,000 steps. Floored at ``tau_min`` (reached at step
+    9,800; the reference divides by zero at 9,900). ``linear``: tau_max - (tau_max - tau_min) * step / steps.
+    """
+    if schedule == "reference":
+        return max(tau_min, tau_max - (tau_max - tau_min) * (step // 100 + 1) / 99)
+    if schedule == "linear":
+        return tau_max - (tau_max - tau_min) * min(max(step / max(steps, 1), 0.0), 1.0)
+    raise ConfigError(f"gdas_schedule = {schedule!r} is not known; allowed: {list(GDAS_SCHEDULES)}")
 
 
-def gdas(alphas: Mapping[str, Tensor], gen: torch.Generator, progress: float = 0.0) -> Weights:
+def gdas(
+    alphas: Mapping[str, Tensor],
+    gen: torch.Generator,
+    *,
+    step: int = 0,
+    steps: int = 1,
+    schedule: str = "reference",
+) -> Weights:
     """GDAS: hard Gumbel-softmax, one-hot forward and the soft sample's gradient (straight-through)."""
-    tau = gdas_tau(progress)
+    tau = gdas_tau(step, steps, schedule)
     out = {}
     for name, a in alphas.items():
         u = torch.rand(a.shape, generator=gen, dtype=torch.float64).clamp_(1e-20, 1.0 - 1e-12)
@@ -63,7 +89,7 @@ def gdas(alphas: Mapping[str, Tensor], gen: torch.Generator, progress: float = 0
     return out
 
 
-def spos(alphas: Mapping[str, Tensor], gen: torch.Generator, progress: float = 0.0) -> Weights:
+def spos(alphas: Mapping[str, Tensor], gen: torch.Generator, *, step: int = 0, steps: int = 1) -> Weights:
     """SPOS: a uniformly drawn one-hot row per choice (no gradient)."""
     out = {}
     for name, a in alphas.items():
@@ -72,18 +98,27 @@ def spos(alphas: Mapping[str, Tensor], gen: torch.Generator, progress: float = 0
     return out
 
 
-def argmax(alphas: Mapping[str, Tensor], gen: torch.Generator | None = None, progress: float = 0.0) -> Weights:
+def argmax(
+    alphas: Mapping[str, Tensor], gen: torch.Generator | None = None, *, step: int = 0, steps: int = 1
+) -> Weights:
     """The one-hot of the largest architecture parameter per row."""
     return {name: F.one_hot(a.detach().argmax(-1), a.size(-1)).to(a.dtype) for name, a in alphas.items()}
 
 
-MIXERS: dict[str, Callable[..., Weights]] = {"drnas": drnas, "darts": darts, "gdas": gdas, "spos": spos, "argmax": argmax}
+MIXERS: dict[str, Callable[..., Weights]] = {
+    "drnas": drnas, "darts": darts, "gdas": gdas, "spos": spos, "argmax": argmax,
+}
 
 
-def get_mixer(name: str, source: str = "mixer") -> Callable[..., Weights]:
+def get_mixer(
+    name: str, source: str = "mixer", *, gdas_schedule: str = "reference"
+) -> Callable[..., Weights]:
+    """The mixer ``name``; GDAS with its temperature schedule bound (see ``gdas_tau``)."""
     if name not in MIXERS:
         raise ConfigError(f"{source} = {name!r} is not known; allowed: {sorted(MIXERS)}")
-    return MIXERS[name]
+    if gdas_schedule not in GDAS_SCHEDULES:
+        raise ConfigError(f"gdas_schedule = {gdas_schedule!r} is not known; allowed: {list(GDAS_SCHEDULES)}")
+    return partial(gdas, schedule=gdas_schedule) if name == "gdas" else MIXERS[name]
 
 
 def entropy(alphas: Mapping[str, Tensor]) -> float:

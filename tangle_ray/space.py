@@ -1,9 +1,14 @@
-"""Search spaces: loading and validating space files, and everything done with architectures.
+"""Search spaces as data: the choices of a space, and everything done with architectures.
 
-An architecture is a plain dict (and the same JSON on disk): global choices as scalars,
-per-layer choices as lists over the maximum number of layers, for example
+A space file (``spaces/*.yaml``) names its model family (``model:``), the family's fixed settings and the
+choices; ``tangle_ray.models.load_space`` reads it, checks it against the family's schema and returns a
+``SearchSpace``. This module knows no family: the family object is handed to the space, which asks it for
+parameter counts and FLOPs.
+
+An architecture is a plain dict (and the same JSON on disk): global choices as scalars, per-layer choices as
+lists over the maximum number of layers, for example
 ``{"n_layer": 6, "n_embd": 576, "n_head": [8, 6, 12, 8, 6, 8, 12], "mlp_ratio": [4, 3, 2, 4, 4, 3, 2]}``.
-Entries of layers beyond ``n_layer`` are carried along but have no effect.
+Entries of layers beyond the depth are carried along but have no effect.
 """
 
 from __future__ import annotations
@@ -16,19 +21,11 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
-import yaml
 
 from tangle_ray.errors import ConfigError
 
 Arch = dict[str, Any]
 Choice = Union[int, float]
-
-SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
-DEPTH = "n_layer"
-_MODELS = ("gpt",)
-_TOP_KEYS = {"name", "description", "model", "fixed", "choices", "per_layer"}
-_GPT_FIXED = {"vocab_size": int, "padded_vocab_size": int, "block_size": int, "bias": bool, "dropout": float}
-_GPT_DIMS = {"n_layer": False, "n_embd": False, "n_head": True, "mlp_ratio": True}
 
 
 @dataclass(frozen=True)
@@ -42,22 +39,30 @@ class Dim:
     def index(self, value: Choice) -> int:
         return self.values.index(value)
 
+    def allows(self, value: Any) -> bool:
+        """``value`` is one of the values, and an integer where every value is (``2.0`` is not ``2`` here)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in self.values:
+            return False
+        return isinstance(value, int) or not all(isinstance(v, int) for v in self.values)
+
 
 @dataclass
 class SearchSpace:
     """A validated search space: fixed settings of the model family plus the architectural choices."""
 
     name: str
-    model: str
+    model: str  # the family's name
     fixed: dict[str, Any]
     dims: dict[str, Dim]
+    depth_dim: str  # the choice that sets the number of layers
+    family: Any = field(default=None, repr=False, compare=False)  # a tangle_ray.models ModelFamily
     description: str = ""
     source: str = field(default="<dict>", repr=False)
 
     # ----------------------------------------------------------------- shape of the space
     @property
     def max_layers(self) -> int:
-        return int(max(self.dims[DEPTH].values))
+        return int(max(self.dims[self.depth_dim].values))
 
     @property
     def global_dims(self) -> list[Dim]:
@@ -69,9 +74,9 @@ class SearchSpace:
 
     def num_architectures(self) -> int:
         """Distinct architectures, counting only the choices of layers that are active."""
-        others = math.prod(len(d.values) for d in self.global_dims if d.name != DEPTH)
+        others = math.prod(len(d.values) for d in self.global_dims if d.name != self.depth_dim)
         per_layer = math.prod(len(d.values) for d in self.layer_dims)
-        return sum(others * per_layer ** int(n) for n in self.dims[DEPTH].values)
+        return sum(others * per_layer ** int(n) for n in self.dims[self.depth_dim].values)
 
     # ----------------------------------------------------------------- architectures
     def largest(self) -> Arch:
@@ -88,7 +93,9 @@ class SearchSpace:
         return arch
 
     def validate(self, arch: Arch, source: str = "architecture") -> Arch:
-        """Return ``arch`` if it belongs to this space, else raise a ConfigError naming the problem."""
+        """``arch`` with every per-layer list as long as the deepest choice, if it belongs to this space;
+        else a ConfigError naming the problem. Lists may stop after the active layers (as ``active`` writes
+        them): the inactive rest is filled with the smallest choice, which computes nothing."""
         if not isinstance(arch, dict):
             raise ConfigError(f"{source}: expected a dict of choices, got {type(arch).__name__}")
         unknown = sorted(set(arch) - set(self.dims))
@@ -100,26 +107,30 @@ class SearchSpace:
                 + (f"; missing: {missing}" if missing else "")
                 + f"; allowed keys: {list(self.dims)}"
             )
+        depth = arch[self.depth_dim]
+        depth = int(depth) if self.dims[self.depth_dim].allows(depth) else self.max_layers
+        full = dict(arch)
         for d in self.dims.values():
             value = arch[d.name]
             if d.per_layer:
-                if not isinstance(value, (list, tuple)) or len(value) != self.max_layers:
+                if not isinstance(value, (list, tuple)) or not depth <= len(value) <= self.max_layers:
                     raise ConfigError(
-                        f"{source}: {d.name!r} must be a list of {self.max_layers} values "
-                        f"(one per layer up to the maximum depth), got {value!r}"
+                        f"{source}: {d.name!r} must be a list of one value per layer ({depth} active, at most "
+                        f"{self.max_layers}), got {value!r}"
                     )
+                full[d.name] = value = list(value) + [min(d.values)] * (self.max_layers - len(value))
                 for i, v in enumerate(value):
-                    if v not in d.values:
+                    if not d.allows(v):
                         raise ConfigError(
                             f"{source}: {d.name}[{i}] = {v!r} is not allowed; choose from {list(d.values)}"
                         )
-            elif value not in d.values:
+            elif not d.allows(value):
                 raise ConfigError(f"{source}: {d.name} = {value!r} is not allowed; choose from {list(d.values)}")
-        return arch
+        return full
 
     def key(self, arch: Arch) -> tuple:
         """A hashable identity of ``arch`` that ignores inactive layers (two archs that compute alike)."""
-        depth = int(arch[DEPTH])
+        depth = int(arch[self.depth_dim])
         return tuple(
             tuple(arch[d.name][:depth]) if d.per_layer else arch[d.name] for d in self.dims.values()
         )
@@ -140,11 +151,11 @@ class SearchSpace:
         Layers that become active when the depth grows get fresh random choices.
         """
         child = {k: list(v) if isinstance(v, list) else v for k, v in arch.items()}
-        old_depth = int(arch[DEPTH])
+        old_depth = int(arch[self.depth_dim])
         for d in self.global_dims:
             if rng.random() < p_global:
                 child[d.name] = rng.choice(d.values)
-        new_depth = int(child[DEPTH])
+        new_depth = int(child[self.depth_dim])
         for d in self.layer_dims:
             for i in range(self.max_layers):
                 grown = old_depth <= i < new_depth
@@ -189,22 +200,33 @@ class SearchSpace:
             arch[d.name] = [d.values[i] for i in idx] if d.per_layer else d.values[idx]
         return arch
 
-    # ----------------------------------------------------------------- model family
-    def param_count(self, arch: Arch) -> int:
-        return _family(self).param_count(self, self.validate(arch))
+    def describe(self, arch: Arch) -> str:
+        """A compact one-line architecture: global choices, then the per-layer choices of active layers."""
+        depth = int(arch[self.depth_dim])
+        return " ".join(
+            f"{k}={','.join(map(str, arch[k][:depth]))}" if self.dims[k].per_layer else f"{k}={arch[k]}"
+            for k in self.dims
+        )
 
-    def flops(self, arch: Arch, seq_len: int | None = None) -> int:
-        """Forward FLOPs (2 per multiply-add) for one sequence of ``seq_len`` tokens."""
-        return _family(self).flops(self, self.validate(arch), seq_len or self.fixed["block_size"])
+    def active(self, arch: Arch) -> Arch:
+        """``arch`` without the entries of inactive layers (for files a person reads)."""
+        depth = int(arch[self.depth_dim])
+        return {k: list(arch[k][:depth]) if d.per_layer else arch[k] for k, d in self.dims.items()}
+
+    # ----------------------------------------------------------------- asked of the model family
+    def param_count(self, arch: Arch) -> int:
+        return self.family.param_count(self, self.validate(arch))
+
+    def flops(self, arch: Arch) -> int:
+        """Forward FLOPs (2 per multiply-add) of one sample: a sequence of the full context, or one image."""
+        return self.family.flops(self, self.validate(arch))
 
     def build_supernet(self, **overrides: Any):
-        """The weight-entangled supernet of this space (``overrides`` replace fixed settings, e.g. dropout)."""
-        from tangle_ray.supernet import Supernet
-
-        return Supernet(self, _family(self).build_net(self, **overrides))
+        """The weight-entangled ``Supernet`` of this space (``overrides`` replace fixed settings, e.g. dropout)."""
+        return self.family.build_supernet(self, **overrides)
 
 
-# ===================================================================== loading
+# ===================================================================== files
 
 
 def read_arch(path: str | Path) -> Arch:
@@ -220,39 +242,8 @@ def read_arch(path: str | Path) -> Arch:
     return arch
 
 
-def available_spaces() -> list[str]:
-    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
-
-
-def load_space(name_or_path: str | Path) -> SearchSpace:
-    """Load a space by name (a file in ``spaces/``) or by path, and validate it."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = SPACES_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ConfigError(
-            f"space {str(name_or_path)!r}: no such file {path}; known spaces: {available_spaces()}"
-        )
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return space_from_dict(raw, source=str(path))
-
-
-def space_from_dict(raw: Any, source: str = "<dict>") -> SearchSpace:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: a space file must be a mapping with keys {sorted(_TOP_KEYS)}")
-    unknown = sorted(set(raw) - _TOP_KEYS)
-    if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(_TOP_KEYS)}")
-    for key in ("name", "model", "fixed", "choices"):
-        if key not in raw:
-            raise ConfigError(f"{source}: missing key {key!r}")
-    model = raw["model"]
-    if model not in _MODELS:
-        raise ConfigError(f"{source}: model = {model!r} is not known; allowed: {list(_MODELS)}")
-    fixed = _check_fixed(raw["fixed"], source)
+def parse_dims(raw: dict[str, Any], source: str) -> dict[str, Dim]:
+    """The ``choices`` (global) and ``per_layer`` sections of a space file as dimensions."""
     dims = {}
     for section, per_layer in (("choices", False), ("per_layer", True)):
         entries = raw.get(section) or {}
@@ -260,15 +251,11 @@ def space_from_dict(raw: Any, source: str = "<dict>") -> SearchSpace:
             raise ConfigError(f"{source}: {section!r} must map choice names to lists of values")
         for name, values in entries.items():
             dims[name] = _check_dim(name, values, per_layer, source, section)
-    _check_dims_of_gpt(dims, fixed, source)
-    return SearchSpace(
-        name=str(raw["name"]), model=model, fixed=fixed, dims=dims,
-        description=str(raw.get("description", "")), source=source,
-    )
+    return dims
 
 
 def space_to_dict(space: SearchSpace) -> dict[str, Any]:
-    """The space as the mapping of a space file (``space_from_dict`` reads it back)."""
+    """The space as the mapping of a space file (``tangle_ray.models.space_from_dict`` reads it back)."""
     return {
         "name": space.name,
         "description": space.description,
@@ -277,38 +264,6 @@ def space_to_dict(space: SearchSpace) -> dict[str, Any]:
         "choices": {d.name: list(d.values) for d in space.global_dims},
         "per_layer": {d.name: list(d.values) for d in space.layer_dims},
     }
-
-
-def _check_fixed(fixed: Any, source: str) -> dict[str, Any]:
-    if not isinstance(fixed, dict):
-        raise ConfigError(f"{source}: 'fixed' must be a mapping with keys {list(_GPT_FIXED)}")
-    unknown = sorted(set(fixed) - set(_GPT_FIXED))
-    missing = sorted(set(_GPT_FIXED) - set(fixed))
-    if unknown or missing:
-        raise ConfigError(
-            f"{source}: fixed settings {sorted(fixed)} do not match {list(_GPT_FIXED)}"
-            + (f"; unknown: {unknown}" if unknown else "") + (f"; missing: {missing}" if missing else "")
-        )
-    out = {}
-    for key, typ in _GPT_FIXED.items():
-        value = fixed[key]
-        ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
-        if typ is float and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
-        if not ok:
-            raise ConfigError(f"{source}: fixed.{key} = {value!r} must be of type {typ.__name__}")
-        out[key] = value
-    if out["padded_vocab_size"] < out["vocab_size"]:
-        raise ConfigError(
-            f"{source}: fixed.padded_vocab_size = {out['padded_vocab_size']} must be >= "
-            f"vocab_size = {out['vocab_size']}"
-        )
-    for key in ("vocab_size", "block_size"):
-        if out[key] < 1:
-            raise ConfigError(f"{source}: fixed.{key} = {out[key]} must be positive")
-    if not 0.0 <= out["dropout"] < 1.0:
-        raise ConfigError(f"{source}: fixed.dropout = {out['dropout']} must be in [0, 1)")
-    return out
 
 
 def _check_dim(name: str, values: Any, per_layer: bool, source: str, section: str) -> Dim:
@@ -321,41 +276,3 @@ def _check_dim(name: str, values: Any, per_layer: bool, source: str, section: st
     if len(set(values)) != len(values):
         raise ConfigError(f"{where} = {values}: values must be distinct")
     return Dim(name, tuple(sorted(values)), per_layer)
-
-
-def _check_dims_of_gpt(dims: dict[str, Dim], fixed: dict[str, Any], source: str) -> None:
-    for name, per_layer in _GPT_DIMS.items():
-        where = "per_layer" if per_layer else "choices"
-        if name not in dims:
-            raise ConfigError(f"{source}: missing choice {where}.{name} (a gpt space needs {list(_GPT_DIMS)})")
-        if dims[name].per_layer != per_layer:
-            raise ConfigError(f"{source}: {name!r} belongs under {where!r}")
-    unknown = sorted(set(dims) - set(_GPT_DIMS))
-    if unknown:
-        raise ConfigError(f"{source}: unknown choice(s) {unknown}; a gpt space has {list(_GPT_DIMS)}")
-    for name in ("n_layer", "n_embd", "n_head"):
-        bad = [v for v in dims[name].values if not isinstance(v, int)]
-        if bad:
-            raise ConfigError(f"{source}: {name} values {bad} must be integers")
-    max_embd = max(dims["n_embd"].values)
-    for h in dims["n_head"].values:
-        for e in dims["n_embd"].values:
-            if e % h:
-                raise ConfigError(
-                    f"{source}: per_layer.n_head value {h} does not divide choices.n_embd value {e}; "
-                    f"every head count must divide every embedding dim"
-                )
-        if max_embd % h:
-            raise ConfigError(f"{source}: per_layer.n_head value {h} does not divide the largest n_embd")
-    for r in dims["mlp_ratio"].values:
-        for e in dims["n_embd"].values:
-            if abs(r * e - round(r * e)) > 1e-9:
-                raise ConfigError(
-                    f"{source}: per_layer.mlp_ratio value {r} times n_embd {e} is not an integer hidden width"
-                )
-
-
-def _family(space: SearchSpace):
-    from tangle_ray.models import gpt  # the only family so far; imported lazily to keep space.py light
-
-    return gpt

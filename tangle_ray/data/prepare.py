@@ -1,8 +1,10 @@
 """Tokenize a text source once into flat token files: ``train.bin``, ``valid.bin``, ``test.bin`` + ``meta.json``.
 
 ``train`` trains the weights, ``valid`` (a seeded document-level share of the source's train split) scores
-architectures, ``test`` is the source's own held-out split. Files appear under temporary names and are renamed
-when complete, ``meta.json`` last, so an interrupted run never leaves files that :func:`load_split` accepts.
+architectures, ``test`` is the source's own held-out split (from a single file: the fixed slice that
+:func:`~tangle_ray.data.sources.load_text_source` holds out, the same for every seed). Files appear under
+temporary names and are renamed when complete, ``meta.json`` last, so an interrupted run never leaves files
+that :func:`load_split` accepts.
 """
 
 from __future__ import annotations

@@ -3,31 +3,42 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 import datasets
+import numpy as np
 import pyarrow as pa
-from datasets import DatasetDict
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from datasets import Dataset, DatasetDict
 
 from tangle_ray.errors import ConfigError
 
 KINDS = ("hub", "text", "jsonl", "parquet", "saved")
 TEXT_MODES = ("paragraph", "line")
+DEFAULT_TEST_FRACTION = 0.1
+TEST_SEED = 0  # the held-out test slice of a single file does not follow the preparation seed
 _EXTENSIONS = {"text": (".txt", ".text", ".md"), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
 _BUILDERS = {"text": "text", "jsonl": "json", "parquet": "parquet"}
+_LOCAL_HINT = (
+    "`tangle-ray data prepare --kind jsonl --path FILE` (also --kind text or parquet; --kind saved --path "
+    "FOLDER for a save_to_disk copy), or in a run file `data.source: {kind: jsonl, path: FILE}`"
+)
 
 
 @dataclass
 class TextSource:
     """Where documents come from.
 
-    ``kind``: ``hub`` (``path`` is a dataset id), ``text``/``jsonl``/``parquet`` (``path`` is a directory
-    holding ``train.*`` and ``validation.*``, or ``files`` maps each split name to a file), ``saved``
-    (``path`` is a ``DatasetDict.save_to_disk`` folder). Plain text holds one document per blank-line
-    separated block (``text_mode="paragraph"``) or per line (``"line"``).
+    ``kind``: ``hub`` (``path`` is a dataset id), ``text``/``jsonl``/``parquet`` (``path`` is one file, the
+    whole corpus, or a directory holding ``train.*`` and ``validation.*``, or ``files`` maps each split name
+    to a file), ``saved`` (``path`` is a ``DatasetDict.save_to_disk`` folder). Plain text holds one document
+    per blank-line separated block (``text_mode="paragraph"``) or per line (``"line"``). From a single file,
+    ``test_fraction`` (default 0.1) of the documents, a fixed draw, are held out as the test split.
     """
 
     kind: str = "hub"
@@ -37,6 +48,7 @@ class TextSource:
     test_split: str = "validation"
     text_mode: str = "paragraph"
     files: dict[str, str] = field(default_factory=dict)
+    test_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -46,7 +58,11 @@ class TextSource:
                 f"data source text_mode {self.text_mode!r} is unknown; allowed: {list(TEXT_MODES)}"
             )
         if self.files and self.kind in ("hub", "saved"):
-            raise ConfigError(f"data source files= applies to text/jsonl/parquet, not kind {self.kind!r}")
+            raise ConfigError(f"data source files applies to kinds text/jsonl/parquet, not {self.kind!r}")
+        if self.test_fraction is not None and not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(
+                f"data source test_fraction={self.test_fraction!r} must lie strictly between 0 and 1"
+            )
 
     @property
     def splits(self) -> dict[str, str]:
@@ -63,14 +79,16 @@ def split_files(src: TextSource) -> dict[str, list[Path]]:
     for split, name in src.splits.items():
         if src.files:
             if name not in src.files:
-                raise ConfigError(f"data source files= has no {name!r} entry; given: {sorted(src.files)}")
+                raise ConfigError(f"data source files has no {name!r} entry; given: {sorted(src.files)}")
             paths = [Path(src.path) / src.files[name] if Path(src.path).is_dir() else Path(src.files[name])]
         else:
             root = Path(src.path)
+            if not root.exists():
+                raise ConfigError(f"data source path {src.path!r} does not exist")
             if not root.is_dir():
                 raise ConfigError(
                     f"data source path {src.path!r} is not a directory: give a folder holding "
-                    f"{src.train_split}.* and {src.test_split}.* files, or files={{split: file}}"
+                    f"{src.train_split}.* and {src.test_split}.* files, or files (split name -> file)"
                 )
             paths = sorted(
                 p
@@ -91,27 +109,64 @@ def split_files(src: TextSource) -> dict[str, list[Path]]:
 def _check_file(path: Path, kind: str) -> None:
     if not path.is_file():
         raise ConfigError(f"data file {str(path)!r} does not exist")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise ConfigError(f"data file {str(path)!r} is empty")
-    if kind != "parquet":
-        with open(path, "rb") as f:
-            head = f.read(8192)
-        if b"\0" in head:
-            raise ConfigError(f"data file {str(path)!r} is binary, not {kind} (UTF-8 text expected)")
+    if kind == "parquet":
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except (pa.ArrowException, OSError) as e:
+            raise ConfigError(f"data file {str(path)!r} is not a Parquet file ({e})") from e
+        if rows == 0:
+            raise ConfigError(f"data file {str(path)!r} holds no rows")
+        return
+    with open(path, "rb") as f:
+        head = f.read(8192)
+    if b"\0" in head:
+        raise ConfigError(f"data file {str(path)!r} is binary, not {kind} (UTF-8 text expected)")
+    if len(head) == size and not head.strip():
+        raise ConfigError(f"data file {str(path)!r} holds only blank lines: no documents")
+
+
+def _single_file(src: TextSource) -> Path | None:
+    """``path`` when it names one text/jsonl/parquet file (the whole corpus), else None."""
+    single = src.kind in _BUILDERS and Path(src.path).is_file()
+    if single and src.files:
+        raise ConfigError(
+            f"data source path {src.path!r} is a file; files (split name -> file) needs a folder path"
+        )
+    if src.test_fraction is not None and not single:
+        raise ConfigError(
+            f"data source test_fraction applies to a single-file path; {src.path!r} is not one (its test "
+            f"split is {src.test_split!r})"
+        )
+    return Path(src.path) if single else None
+
+
+def _local_files(src: TextSource) -> dict[str, list[Path]]:
+    """Files per output split; a single file is the ``train`` split alone (the test slice comes later)."""
+    single = _single_file(src)
+    if single is None:
+        return split_files(src)
+    _check_file(single, src.kind)
+    return {"train": [single]}
 
 
 def source_hash(src: TextSource) -> str | None:
     """SHA-256 over a local source's file contents and parsing options; None for the hub (known after loading)."""
     if src.kind == "hub":
         return None
-    h = hashlib.sha256(repr((src.kind, src.text_field, src.text_mode)).encode())
+    options = (src.kind, src.text_field, src.text_mode)
     if src.kind == "saved":
         root = Path(src.path)
         if not root.is_dir():
             raise ConfigError(f"saved dataset {src.path!r} is not a directory")
         groups = {"all": sorted(p for p in root.rglob("*") if p.is_file())}
     else:
-        groups = split_files(src)
+        groups = _local_files(src)
+        if _single_file(src):
+            options += (src.test_fraction or DEFAULT_TEST_FRACTION,)
+    h = hashlib.sha256(repr(options).encode())
     for split, paths in groups.items():
         for p in paths:
             h.update(f"{split}:{p.name}:{p.stat().st_size}:".encode())
@@ -148,40 +203,98 @@ def load_hub(dataset_id: str, local_hint: str) -> DatasetDict:
         raise ConfigError(f"hub dataset {dataset_id!r} is not available offline ({e}); {how}") from e
 
 
-def _load_raw(src: TextSource) -> DatasetDict:
+def _load_hub_or_saved(src: TextSource) -> DatasetDict:
     if src.kind == "hub":
-        return load_hub(
-            src.path,
-            "TextSource(kind='jsonl'|'text'|'parquet', path=folder with train.* and validation.*) "
-            "or TextSource(kind='saved', path=a save_to_disk folder)",
-        )
-    if src.kind == "saved":
-        if not Path(src.path).is_dir():
-            raise ConfigError(f"saved dataset {src.path!r} is not a directory")
-        try:
-            loaded = datasets.load_from_disk(src.path)
-        except FileNotFoundError as e:
-            raise ConfigError(f"{src.path!r} is not a dataset saved with save_to_disk: {e}") from e
-        if not isinstance(loaded, DatasetDict):
+        if Path(src.path).exists():
+            what = "file" if Path(src.path).is_file() else "folder"
             raise ConfigError(
-                f"saved dataset {src.path!r} holds one split; a DatasetDict with splits is needed"
+                f"data source path {src.path!r} is a local {what} but kind is 'hub': give its kind "
+                "(--kind text|jsonl|parquet|saved; run file: data.source.kind)"
             )
-        return loaded
-    files = split_files(src)
+        return load_hub(src.path, _LOCAL_HINT)
+    if not Path(src.path).is_dir():
+        raise ConfigError(f"saved dataset {src.path!r} is not a directory")
+    try:
+        loaded = datasets.load_from_disk(src.path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{src.path!r} is not a dataset saved with save_to_disk: {e}") from e
+    if not isinstance(loaded, DatasetDict):
+        raise ConfigError(f"saved dataset {src.path!r} holds one split; a DatasetDict with splits is needed")
+    return loaded
+
+
+def _bad_line(src: TextSource, paths: list[Path]) -> str | None:
+    """Where the first malformed line of text/JSONL files is and what is wrong with it (None: none found)."""
+    if src.kind not in ("text", "jsonl"):
+        return None
+    field = src.text_field
+    for p in paths:
+        with open(p, "rb") as f:
+            for i, raw in enumerate(f, 1):
+                where = f"data file {str(p)!r} line {i}"
+                try:
+                    line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    return f"{where} is not UTF-8 text ({e.reason} at byte {e.start}): save the file as UTF-8"
+                if src.kind == "text" or not line.strip():
+                    continue
+                if i == 1 and line.lstrip().startswith("["):
+                    break  # one JSON array, not JSON lines: rows have no line numbers
+                try:
+                    doc = json.loads(line)
+                except ValueError as e:
+                    return f"{where} is not JSON ({e}); allowed: one JSON object per line"
+                if not isinstance(doc, dict):
+                    return f"{where} holds a JSON {type(doc).__name__}; allowed: one JSON object per line"
+                if not isinstance(value := doc.get(field), str):
+                    got = json.dumps(value)[:50] if field in doc else "missing"
+                    return (
+                        f"{where}: text field {field!r} is {got}; allowed: a string in every line "
+                        "(choose the field with --text-field / data.source.text_field)"
+                    )
+    return None
+
+
+def _load_local(src: TextSource, paths: list[Path]) -> Dataset:
+    """Read local files as one split (each split on its own: their columns need not agree)."""
     kwargs = {"sample_by": src.text_mode} if src.kind == "text" else {}
     try:
         return datasets.load_dataset(
-            _BUILDERS[src.kind],
-            data_files={src.splits[s]: [str(p) for p in ps] for s, ps in files.items()},
-            **kwargs,
+            _BUILDERS[src.kind], data_files=[str(p) for p in paths], split="train", **kwargs
         )
-    except (datasets.exceptions.DatasetGenerationError, pa.ArrowInvalid, StopIteration) as e:
+    except (datasets.exceptions.DatasetGenerationError, pa.ArrowInvalid, StopIteration, UnicodeError) as e:
+        if found := _bad_line(src, paths):
+            raise ConfigError(found) from e
         cause = e.__cause__ or e
-        what = "UTF-8 text" if isinstance(cause, UnicodeDecodeError) else src.kind
+        what = "UTF-8 text" if isinstance(cause, UnicodeError) else src.kind
         raise ConfigError(
-            f"data files {[str(p) for ps in files.values() for p in ps]} could not be read as {what}: "
+            f"data files {[str(p) for p in paths]} could not be read as {what}: "
             f"{type(cause).__name__}: {str(cause)[:200]}"
         ) from e
+
+
+def _text_error(src: TextSource, where: str, ds: Dataset, paths: list[Path]) -> ConfigError | None:
+    """Why the text field is not a UTF-8 string in every row, at the first bad line or row; None if it is."""
+    feature, column = ds.features[src.text_field], ds.data.column(src.text_field)
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        problem = f"{where} field {src.text_field!r} holds {feature}; allowed: text (strings)"
+    elif column.null_count:
+        row = pc.index(pc.is_null(column), True).as_py()
+        if src.kind == "parquet":
+            for p in paths:  # rows follow the files in order
+                n = pq.ParquetFile(p).metadata.num_rows
+                if row < n:
+                    where = f"data file {str(p)!r}"
+                    break
+                row -= n
+        problem = f"{where} row {row + 1}: text field {src.text_field!r} is null; allowed: a string"
+    else:
+        try:
+            column.validate(full=True)  # pyarrow's JSON reader lets bytes that are not UTF-8 through
+            return None
+        except pa.ArrowInvalid:
+            problem = f"{where} field {src.text_field!r} holds text that is not UTF-8"
+    return ConfigError(_bad_line(src, paths) or problem)
 
 
 def _clean(batch: dict, field: str, strip: bool) -> dict:
@@ -189,36 +302,63 @@ def _clean(batch: dict, field: str, strip: bool) -> dict:
     return {"text": [t for t in texts if t.strip()]}
 
 
+def _documents(src: TextSource, ds: Dataset, where: str, paths: list[Path]) -> Dataset:
+    """One non-blank document a row in column ``text``."""
+    feature = ds.features.get(src.text_field)
+    if feature is None:
+        raise ConfigError(
+            f"{where} has no text field {src.text_field!r}; columns: {ds.column_names} "
+            "(choose it with --text-field / data.source.text_field)"
+        )
+    if error := _text_error(src, where, ds, paths):
+        raise error
+    ds = ds.select_columns([src.text_field]).map(
+        _clean,
+        batched=True,
+        remove_columns=[src.text_field],
+        desc="Cleaning documents",
+        fn_kwargs={"field": src.text_field, "strip": src.kind == "text"},
+    )
+    if len(ds) == 0:
+        raise ConfigError(f"{where} holds no (non-blank) documents")
+    return ds
+
+
+def _hold_out(src: TextSource, ds: Dataset) -> DatasetDict:
+    """Split a single file's documents into ``train`` and a fixed ``test`` draw (both in file order)."""
+    fraction = src.test_fraction or DEFAULT_TEST_FRACTION
+    n = len(ds)
+    n_test = round(n * fraction)
+    if not 0 < n_test < n:
+        raise ConfigError(
+            f"data file {src.path!r}: test_fraction={fraction} of {n} documents leaves the "
+            f"{'test' if n_test == 0 else 'train'} split empty: give more documents"
+        )
+    is_test = np.zeros(n, bool)
+    is_test[np.random.default_rng(TEST_SEED).permutation(n)[:n_test]] = True
+    return DatasetDict(
+        {"train": ds.select(np.flatnonzero(~is_test)), "test": ds.select(np.flatnonzero(is_test))}
+    )
+
+
 def load_text_source(src: TextSource) -> DatasetDict:
     """Load ``src`` as a DatasetDict with splits ``train`` and ``test``: one non-blank document a row in ``text``.
 
     Local sources never touch the network. Blank documents are dropped; in text files, line breaks around a
-    document are stripped.
+    document are stripped. A single file is split into ``train`` and a held-out ``test`` slice.
     """
-    raw = _load_raw(src)
-    out = {}
-    for split, name in src.splits.items():
-        if name not in raw:
-            raise ConfigError(f"data source {src.path!r} has no split {name!r}; available: {sorted(raw)}")
-        ds = raw[name]
-        feature = ds.features.get(src.text_field)
-        if feature is None:
-            raise ConfigError(
-                f"data source {src.path!r} split {name!r} has no text field {src.text_field!r}; "
-                f"columns: {ds.column_names} (set text_field)"
-            )
-        if getattr(feature, "dtype", None) not in ("string", "large_string"):
-            raise ConfigError(
-                f"data source {src.path!r} field {src.text_field!r} holds {feature}, not text (strings)"
-            )
-        ds = ds.select_columns([src.text_field]).map(
-            _clean,
-            batched=True,
-            remove_columns=[src.text_field],
-            desc=f"Cleaning {split}",
-            fn_kwargs={"field": src.text_field, "strip": src.kind == "text"},
+    if src.kind in ("hub", "saved"):
+        raw = _load_hub_or_saved(src)
+        out = {}
+        for split, name in src.splits.items():
+            if name not in raw:
+                raise ConfigError(f"data source {src.path!r} has no split {name!r}; available: {sorted(raw)}")
+            out[split] = _documents(src, raw[name], f"data source {src.path!r} split {name!r}", [])
+        return DatasetDict(out)
+    single, out = _single_file(src), {}
+    for split, paths in _local_files(src).items():
+        where = (
+            f"data file {src.path!r}" if single else f"data source {src.path!r} split {src.splits[split]!r}"
         )
-        if len(ds) == 0:
-            raise ConfigError(f"data source {src.path!r} split {name!r} holds no (non-blank) documents")
-        out[split] = ds
-    return DatasetDict(out)
+        out[split] = _documents(src, _load_local(src, paths), where, paths)
+    return _hold_out(src, out["train"]) if single else DatasetDict(out)

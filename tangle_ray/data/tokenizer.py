@@ -1,52 +1,91 @@
-"""Tokenizers: tiktoken encodings, loadable offline from a BPE file."""
+"""Tokenizers: tiktoken encodings; GPT-2's BPE file ships with the package, so ``gpt2`` works offline."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 import tiktoken
-from tiktoken.load import load_tiktoken_bpe
 from tiktoken_ext.openai_public import r50k_pat_str
 
 from tangle_ray.errors import ConfigError
 
 BPE_ENV = "TANGLE_RAY_GPT2_BPE"
 ENDOFTEXT = "<|endoftext|>"
-# Encodings a GPT-2 BPE file (``gpt2.tiktoken`` == r50k_base's vocabulary) can stand for.
+# Byte-identical to r50k_base.tiktoken, the file tiktoken downloads for r50k_base (tiktoken checks the same
+# sha256); tiktoken's "gpt2" builds the same ranks from GPT-2's vocab.bpe/encoder.json. openai-whisper (MIT)
+# ships this file as whisper/assets/gpt2.tiktoken.
+PACKAGED_BPE = Path(__file__).with_name("gpt2.tiktoken")
+PACKAGED_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+# Encodings a GPT-2 BPE file stands for.
 _GPT2_FAMILY = ("gpt2", "r50k_base")
+_GPT2_RANKS = 50256  # merge ranks 0..50255; end-of-text is 50256
+
+
+def _packaged_bpe() -> bytes:
+    """The shipped GPT-2 BPE file, checked against its sha256."""
+    fix = f"reinstall tangle-ray, or set {BPE_ENV} to a copy of gpt2.tiktoken (sha256 {PACKAGED_SHA256})"
+    try:
+        data = PACKAGED_BPE.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"the GPT-2 BPE file shipped with tangle-ray cannot be read ({e}): {fix}") from e
+    if hashlib.sha256(data).hexdigest() != PACKAGED_SHA256:
+        raise ConfigError(f"the GPT-2 BPE file shipped with tangle-ray ({PACKAGED_BPE}) is corrupt: {fix}")
+    return data
+
+
+def _parse_bpe(data: bytes, where: str) -> dict[bytes, int]:
+    """Merge ranks of a tiktoken BPE file (lines ``<base64 token> <rank>``), as a GPT-2 vocabulary."""
+    ranks = {}
+    for i, line in enumerate(data.splitlines(), 1):
+        if line:
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError as e:
+                raise ConfigError(
+                    f"tokenizer BPE file {where!r} line {i} is not '<base64 token> <rank>': it is not a "
+                    "tiktoken BPE file"
+                ) from e
+    if sorted(ranks.values()) != list(range(_GPT2_RANKS)):
+        raise ConfigError(
+            f"tokenizer BPE file {where!r} has {len(ranks)} tokens; a GPT-2 vocabulary has the ranks "
+            f"0..{_GPT2_RANKS - 1}, once each"
+        )
+    return ranks
 
 
 def _build(name: str, bpe_file: str | None) -> tiktoken.Encoding:
-    if bpe_file is None:
-        if name not in tiktoken.list_encoding_names():
-            raise ConfigError(
-                f"tokenizer: unknown encoding {name!r}; allowed: {sorted(tiktoken.list_encoding_names())}"
-            )
+    if name not in tiktoken.list_encoding_names():
+        raise ConfigError(
+            f"tokenizer: unknown encoding {name!r}; allowed: {sorted(tiktoken.list_encoding_names())}"
+        )
+    if name not in _GPT2_FAMILY:
+        if bpe_file is not None:
+            raise ConfigError(f"tokenizer {name!r}: a bpe_file is supported for {list(_GPT2_FAMILY)} only")
         try:
             return tiktoken.get_encoding(name)
         except Exception as e:  # tiktoken downloads the BPE file: offline, a proxy, a bad cache...
             raise ConfigError(
-                f"tokenizer {name!r}: tiktoken could not fetch its BPE file ({type(e).__name__}: {e}). "
-                f"Pass a local BPE file (bpe_file=... / --bpe-file) or set {BPE_ENV}=/path/to/gpt2.tiktoken"
+                f"tokenizer {name!r}: tiktoken could not download its BPE file ({type(e).__name__}: {e}). "
+                "Offline, copy a TIKTOKEN_CACHE_DIR filled on a machine with network, or use 'gpt2' "
+                "(shipped with tangle-ray)"
             ) from e
-    if name not in _GPT2_FAMILY:
-        raise ConfigError(f"tokenizer {name!r}: a bpe_file is supported for {list(_GPT2_FAMILY)} only")
-    path = Path(bpe_file)
-    if not path.is_file():
-        raise ConfigError(f"tokenizer BPE file {str(path)!r} does not exist")
-    try:
-        ranks = load_tiktoken_bpe(str(path))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"tokenizer BPE file {str(path)!r} is not a tiktoken BPE file: {e}") from e
-    if len(ranks) != 50256:
-        raise ConfigError(
-            f"tokenizer BPE file {str(path)!r} has {len(ranks)} tokens; GPT-2 has 50256 (+1 special)"
-        )
+    if bpe_file is None:
+        data, where = _packaged_bpe(), str(PACKAGED_BPE)
+    else:  # read here, not by tiktoken: it caches local files by path and would miss a replaced file
+        try:
+            data, where = Path(bpe_file).read_bytes(), bpe_file
+        except OSError as e:
+            raise ConfigError(f"tokenizer BPE file {bpe_file!r} cannot be read: {e.strerror}") from e
     return tiktoken.Encoding(
-        name=name, pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: 50256}
+        name=name,
+        pat_str=r50k_pat_str,
+        mergeable_ranks=_parse_bpe(data, where),
+        special_tokens={ENDOFTEXT: _GPT2_RANKS},
     )
 
 
@@ -120,9 +159,11 @@ class Tokenizer:
 
 
 def get_tokenizer(name: str = "gpt2", bpe_file: str | None = None) -> Tokenizer:
-    """Load a tokenizer: from ``bpe_file``, else ``$TANGLE_RAY_GPT2_BPE`` (gpt2 only), else tiktoken's download.
+    """Load a tokenizer. ``gpt2`` / ``r50k_base``: from ``bpe_file`` (any GPT-2-format BPE file, loaded as
+    given: no hash check), else ``$TANGLE_RAY_GPT2_BPE`` (gpt2), else the file shipped with the package
+    (offline, sha256-checked). Other tiktoken encodings: tiktoken's download (or its cache).
 
-    Raises ConfigError when none of these works (e.g. offline without a BPE file).
+    Raises ConfigError when the tokenizer cannot be loaded.
     """
     if bpe_file is None and name == "gpt2" and os.environ.get(BPE_ENV):
         bpe_file = os.environ[BPE_ENV]

@@ -1,1 +1,133 @@
-"""Model families: one file each, the supernet and the standalone model it extracts to."""
+"""Model families: one module each, registered on import; loading space files and exported models.
+
+Adding a family is one new module in this package: subclass ``ModelFamily``, decorate it with ``register``
+and put its space files in ``spaces/``. Every module here is imported when the package is, so its family is
+known to ``load_space`` and ``load_model`` without any other edit.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from tangle_ray.errors import ConfigError
+from tangle_ray.models.registry import FAMILIES, REQUIRED, ModelFamily, Setting, get_family, register
+from tangle_ray.space import SearchSpace, parse_dims
+
+__all__ = [
+    "FAMILIES", "ModelFamily", "Setting", "available_spaces", "get_family", "load_model", "load_space",
+    "register", "space_from_dict", "spaces_dir",
+]
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "registry":
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+_TOP_KEYS = {"name", "description", "model", "fixed", "choices", "per_layer"}
+
+
+def spaces_dir() -> Path:
+    """The folder of the space files shipped with tangle_ray (the repository's ``spaces/``, linked into the
+    package as ``tangle_ray/spaces`` so that a wheel carries it)."""
+    return Path(__file__).resolve().parent.parent / "spaces"
+
+
+def available_spaces() -> list[str]:
+    return sorted(p.stem for p in spaces_dir().glob("*.yaml"))
+
+
+def load_space(name_or_path: str | Path) -> SearchSpace:
+    """Load a space by name (a file in ``spaces/``) or by path, and check it against its family."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = spaces_dir() / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"space {str(name_or_path)!r}: no such file {path}; known spaces: {available_spaces()}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return space_from_dict(raw, source=str(path))
+
+
+def space_from_dict(raw: Any, source: str = "<dict>") -> SearchSpace:
+    """A space from the mapping of a space file, checked against the schema of the family it names."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a space file must be a mapping with keys {sorted(_TOP_KEYS)}")
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(_TOP_KEYS)}")
+    for key in ("name", "model", "fixed", "choices"):
+        if key not in raw:
+            raise ConfigError(f"{source}: missing key {key!r}")
+    family = get_family(raw["model"], source)
+    dims = parse_dims(raw, source)
+    _check_dims(family, dims, source)
+    space = SearchSpace(
+        name=str(raw["name"]), model=family.name, fixed=_check_fixed(family, raw["fixed"], source), dims=dims,
+        depth_dim=family.depth_dim, family=family, description=str(raw.get("description", "")), source=source,
+    )
+    family.check(space)
+    return space
+
+
+def load_model(folder: str | Path) -> nn.Module:
+    """The standalone model in an exported model folder, of whichever family its ``config.json`` names."""
+    path = Path(folder)
+    for name in ("config.json", "model.safetensors"):
+        if not (path / name).is_file():
+            raise ConfigError(f"model folder {path}: missing {name} (write one with save_pretrained or export)")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"model folder {path}: config.json is not readable JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"model folder {path}: config.json must hold a JSON object")
+    return get_family(config.get("model"), f"model folder {path}: config.json").load_model(path, config)
+
+
+def _check_fixed(family: ModelFamily, fixed: Any, source: str) -> dict[str, Any]:
+    schema = family.fixed
+    if not isinstance(fixed, dict):
+        raise ConfigError(f"{source}: 'fixed' must be a mapping with keys {list(schema)}")
+    unknown = sorted(set(fixed) - set(schema))
+    missing = sorted(k for k, s in schema.items() if k not in fixed and s.default is REQUIRED)
+    if unknown or missing:
+        raise ConfigError(
+            f"{source}: fixed settings {sorted(fixed)} do not match a {family.name} space ({list(schema)})"
+            + (f"; unknown: {unknown}" if unknown else "") + (f"; missing: {missing}" if missing else "")
+        )
+    out = {}
+    for key, setting in schema.items():
+        value, typ = fixed.get(key, setting.default), setting.type
+        ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise ConfigError(f"{source}: fixed.{key} = {value!r} must be of type {typ.__name__}")
+        out[key] = value
+    return out
+
+
+def _check_dims(family: ModelFamily, dims: dict, source: str) -> None:
+    for name, per_layer in family.dims.items():
+        where = "per_layer" if per_layer else "choices"
+        if name not in dims:
+            raise ConfigError(
+                f"{source}: missing choice {where}.{name} (a {family.name} space needs {list(family.dims)})"
+            )
+        if dims[name].per_layer != per_layer:
+            raise ConfigError(f"{source}: {name!r} belongs under {where!r}")
+    unknown = sorted(set(dims) - set(family.dims))
+    if unknown:
+        raise ConfigError(f"{source}: unknown choice(s) {unknown}; a {family.name} space has {list(family.dims)}")
+    for name in family.integer_dims:
+        bad = [v for v in dims[name].values if not isinstance(v, int)]
+        if bad:
+            raise ConfigError(f"{source}: {name} values {bad} must be integers")

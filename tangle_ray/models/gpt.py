@@ -3,6 +3,7 @@
 ``GPT`` is a plain nanoGPT-style decoder (per-layer head counts and MLP ratios). ``EntangledGPT``
 holds the largest architecture's weights under the same names and runs in three modes:
 superposition (``weights=W``), single path (``arch=A``) and extraction (``extract(A)`` -> ``GPT``).
+``GPTFamily`` registers the family: the schema of its space files, parameter and FLOP counts.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,9 +21,12 @@ from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
 from tangle_ray.errors import ConfigError
+from tangle_ray.models.registry import ModelFamily, Setting, register
 from tangle_ray.ops import EntangledAttention, EntangledEmbedding, EntangledLayerNorm, EntangledLinear
+from tangle_ray.ops.depth import path_depth, superpose_depth
 from tangle_ray.ops.linear import prefix_indicators
 from tangle_ray.space import Arch, SearchSpace
+from tangle_ray.tasks.lm import lm_loss
 
 
 def hidden_width(n_embd: int, mlp_ratio: float) -> int:
@@ -38,13 +43,6 @@ def _init_weights(model: nn.Module, n_layer: int) -> None:
         else:
             std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("c_proj.weight") else 0.02
             nn.init.normal_(p, 0.0, std)
-
-
-def _lm_loss(logits: Tensor, targets: Tensor | None) -> Tensor | None:
-    if targets is None:
-        return None
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # no bf16 softmax over the vocabulary
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
 # ===================================================================== standalone model
@@ -126,7 +124,7 @@ class GPT(nn.Module):
         for block in t.h:
             x = block(x)
         logits = self.lm_head(t.ln_f(x))
-        return logits, _lm_loss(logits, targets)
+        return logits, lm_loss(logits, targets)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -241,28 +239,21 @@ class EntangledGPT(nn.Module):
         w_embd = weights["n_embd"]
         mask = w_embd.to(self.width_ind.dtype) @ self.width_ind
         x = t.drop((t.wte(idx) + t.wpe(pos)) * mask.to(t.wte.weight.dtype))
-        out = x
-        for i, block in enumerate(t.h):
-            x = block(x, w_embd, weights["n_head"][i], weights["mlp_ratio"][i], output_mix=output_mix)
-            if i + 1 in self.depths:  # depth: weighted sum of the outputs after each candidate depth
-                w_depth = weights["n_layer"][self.depths.index(i + 1)].to(x.dtype)
-                out = w_depth * x if i + 1 == self.depths[0] else torch.addcmul(out, w_depth, x)
+        layers = [partial(block, w_embd=w_embd, w_head=weights["n_head"][i], w_ratio=weights["mlp_ratio"][i],
+                          output_mix=output_mix) for i, block in enumerate(t.h)]
+        out = superpose_depth(x, layers, self.depths, weights["n_layer"])
         logits = self.lm_head(t.ln_f(out, w_embd), w_embd, output_mix=output_mix)
-        return logits, _lm_loss(logits, targets)
+        return logits, lm_loss(logits, targets)
 
     def _path(self, idx: Tensor, targets: Tensor | None, pos: Tensor, arch: Arch,
               keep_all_params: bool) -> tuple[Tensor, Tensor | None]:
         t, e, depth = self.transformer, arch["n_embd"], arch["n_layer"]
         x = t.drop(t.wte(idx, width=e) + t.wpe(pos, width=e))
-        zero = 0.0
-        for i, block in enumerate(t.h):
-            choice = dict(width=e, n_head=arch["n_head"][i], ratio=arch["mlp_ratio"][i])
-            if i < depth:
-                x = block(x, **choice)
-            elif keep_all_params and self.training:
-                zero = zero + 0.0 * block(x[:, :1].detach(), **choice).sum()
+        layers = [partial(block, width=e, n_head=arch["n_head"][i], ratio=arch["mlp_ratio"][i])
+                  for i, block in enumerate(t.h)]
+        x, zero = path_depth(x, layers, depth, keep_all_params and self.training)
         logits = self.lm_head(t.ln_f(x, width=e), out=self.vocab_size, inp=e)
-        loss = _lm_loss(logits, targets)
+        loss = lm_loss(logits, targets)
         return logits, (loss + zero if loss is not None and keep_all_params else loss)
 
     def extract(self, arch: Arch) -> GPT:
@@ -312,29 +303,74 @@ def gpt_config(space: SearchSpace, arch: Arch, **overrides) -> GPTConfig:
     )
 
 
-# ===================================================================== family functions used by SearchSpace
+# ===================================================================== the family
 
 
-def param_count(space: SearchSpace, arch: Arch) -> int:
-    f = space.fixed
-    e, bias = arch["n_embd"], int(f["bias"])
-    n = f["padded_vocab_size"] * e + f["block_size"] * e + e * (1 + bias)  # embeddings (tied head), ln_f
-    for i in range(arch["n_layer"]):
-        hid = hidden_width(e, arch["mlp_ratio"][i])
-        n += 2 * e * (1 + bias)  # ln_1, ln_2
-        n += 4 * e * e + bias * 4 * e  # c_attn, attn.c_proj
-        n += 2 * e * hid + bias * (hid + e)  # mlp
-    return n
+@register
+class GPTFamily(ModelFamily):
+    name = "gpt"
+    task = "lm"
+    depth_dim = "n_layer"
+    dims = {"n_layer": False, "n_embd": False, "n_head": True, "mlp_ratio": True}
+    integer_dims = ("n_layer", "n_embd", "n_head")
+    fixed = {
+        "vocab_size": Setting(int), "padded_vocab_size": Setting(int), "block_size": Setting(int),
+        "bias": Setting(bool), "dropout": Setting(float),
+    }
 
+    def check(self, space: SearchSpace) -> None:
+        src, f, dims = space.source, space.fixed, space.dims
+        if f["padded_vocab_size"] < f["vocab_size"]:
+            raise ConfigError(
+                f"{src}: fixed.padded_vocab_size = {f['padded_vocab_size']} must be >= vocab_size = {f['vocab_size']}"
+            )
+        for key in ("vocab_size", "block_size"):
+            if f[key] < 1:
+                raise ConfigError(f"{src}: fixed.{key} = {f[key]} must be positive")
+        if not 0.0 <= f["dropout"] < 1.0:
+            raise ConfigError(f"{src}: fixed.dropout = {f['dropout']} must be in [0, 1)")
+        for h in dims["n_head"].values:
+            for e in dims["n_embd"].values:
+                if e % h:
+                    raise ConfigError(
+                        f"{src}: per_layer.n_head value {h} does not divide choices.n_embd value {e}; "
+                        f"every head count must divide every embedding dim"
+                    )
+        for r in dims["mlp_ratio"].values:
+            for e in dims["n_embd"].values:
+                if abs(r * e - round(r * e)) > 1e-9:
+                    raise ConfigError(
+                        f"{src}: per_layer.mlp_ratio value {r} times n_embd {e} is not an integer hidden width"
+                    )
 
-def flops(space: SearchSpace, arch: Arch, seq_len: int) -> int:
-    e = arch["n_embd"]
-    matmul = space.fixed["padded_vocab_size"] * e  # lm_head
-    for i in range(arch["n_layer"]):
-        matmul += 4 * e * e + 2 * e * hidden_width(e, arch["mlp_ratio"][i])
-    attention = 4 * arch["n_layer"] * seq_len * seq_len * e  # q k^T and att v
-    return 2 * matmul * seq_len + attention
+    def build_net(self, space: SearchSpace, **overrides) -> EntangledGPT:
+        return EntangledGPT(space, **overrides)
 
+    def build_model(self, space: SearchSpace, arch: Arch, **overrides) -> GPT:
+        return GPT(gpt_config(space, space.validate(arch), **overrides))
 
-def build_net(space: SearchSpace, **overrides) -> EntangledGPT:
-    return EntangledGPT(space, **overrides)
+    def load_model(self, folder: Path, config: dict) -> GPT:
+        return GPT.from_pretrained(folder)
+
+    def model_settings(self, model: GPT) -> dict:
+        return {"vocab_size": model.config.vocab_size, "block_size": model.config.block_size}
+
+    def param_count(self, space: SearchSpace, arch: Arch) -> int:
+        f = space.fixed
+        e, bias = arch["n_embd"], int(f["bias"])
+        n = f["padded_vocab_size"] * e + f["block_size"] * e + e * (1 + bias)  # embeddings (tied head), ln_f
+        for i in range(arch["n_layer"]):
+            hid = hidden_width(e, arch["mlp_ratio"][i])
+            n += 2 * e * (1 + bias)  # ln_1, ln_2
+            n += 4 * e * e + bias * 4 * e  # c_attn, attn.c_proj
+            n += 2 * e * hid + bias * (hid + e)  # mlp
+        return n
+
+    def flops(self, space: SearchSpace, arch: Arch) -> int:
+        """One sequence of the full context (``block_size`` tokens)."""
+        e, seq_len = arch["n_embd"], space.fixed["block_size"]
+        matmul = space.fixed["padded_vocab_size"] * e  # lm_head
+        for i in range(arch["n_layer"]):
+            matmul += 4 * e * e + 2 * e * hidden_width(e, arch["mlp_ratio"][i])
+        attention = 4 * arch["n_layer"] * seq_len * seq_len * e  # q k^T and att v
+        return 2 * matmul * seq_len + attention

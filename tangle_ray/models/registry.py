@@ -15,6 +15,7 @@ from torch import nn
 
 from tangle_ray.errors import ConfigError
 from tangle_ray.space import Arch, SearchSpace
+from tangle_ray.supernet import Supernet
 
 REQUIRED = object()
 
@@ -50,12 +51,19 @@ class ModelFamily:
     def build_net(self, space: SearchSpace, **overrides: Any) -> nn.Module:
         raise NotImplementedError
 
+    def build_supernet(self, space: SearchSpace, **overrides: Any) -> Supernet:
+        return Supernet(space, self.build_net(space, **overrides))
+
     def build_model(self, space: SearchSpace, arch: Arch, **overrides: Any) -> nn.Module:
         """A freshly initialised standalone model of ``arch`` (``overrides`` replace fixed settings)."""
         raise NotImplementedError
 
     def load_model(self, folder: Path, config: dict[str, Any]) -> nn.Module:
         """The standalone model saved in ``folder`` (``config`` is its parsed ``config.json``)."""
+        raise NotImplementedError
+
+    def model_settings(self, model: nn.Module) -> dict[str, Any]:
+        """The fixed settings a task reads (input size, vocabulary or classes...) of a standalone model."""
         raise NotImplementedError
 
     def param_count(self, space: SearchSpace, arch: Arch) -> int:
@@ -80,8 +88,7 @@ def register(cls: type[ModelFamily]) -> type[ModelFamily]:
 
 
 def get_family(name: str, source: str = "space") -> ModelFamily:
-    from tangle_ray import models  # noqa: F401  (imports every family module, which registers itself)
-
+    """The family registered as ``name`` (``tangle_ray.models`` imports every family module)."""
     if name not in FAMILIES:
         raise ConfigError(f"{source}: model = {name!r} is not a known family; allowed: {sorted(FAMILIES)}")
     return FAMILIES[name]

@@ -14,20 +14,27 @@ class EntangledLayerNorm(nn.Module):
 
     The superposition is sum_e w_e pad(LN_e(x[:e])): each width keeps its own statistics, so a one-hot
     mix equals the sliced layer exactly (normalising over the padded width would not).
+    ``reference=True`` (superposition only) is TangleNAS's MixedLayerNormV2 instead: one layer norm over
+    the whole padded width with the superposed scale and shift, sum_e w_e pad(gamma[:e]) and likewise beta.
     """
 
-    def __init__(self, width: int, widths: list[int], bias: bool, eps: float = 1e-5):
+    def __init__(self, width: int, widths: list[int], bias: bool, eps: float = 1e-5, reference: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(width))
         self.bias = nn.Parameter(torch.zeros(width)) if bias else None
         self.widths = [int(e) for e in widths]
         self.eps = eps
+        self.reference = reference
         self.register_buffer("ind", prefix_indicators(self.widths, width), False)
 
     def forward(self, x: Tensor, w: Tensor | None = None, *, width: int | None = None) -> Tensor:
         if w is None:
             bias = None if self.bias is None else self.bias[:width]
             return F.layer_norm(x, (width,), self.weight[:width], bias, self.eps)
+        if self.reference:
+            mask = w.to(x.dtype) @ self.ind.to(x.dtype)  # sum_e w_e 1[j < e]
+            bias = None if self.bias is None else self.bias * mask
+            return F.layer_norm(x, self.weight.shape, self.weight * mask, bias, self.eps)
         var_mean = [torch.var_mean(x[..., :e], -1, unbiased=False) for e in self.widths]
         var = torch.stack([v for v, _ in var_mean], -1)
         mean = torch.stack([m for _, m in var_mean], -1)

@@ -28,15 +28,16 @@ def save(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     return out
 
 
-def plot_incumbent(losses: Sequence[float], path: str | Path, title: str = "Incumbent") -> Path:
-    """Loss of each trial (dots) and best loss so far (step line) against the number of trials."""
-    fig, ax = new_axes(title, "trials", "loss")
-    x = range(1, len(losses) + 1)
-    best, running = [], float("inf")
-    for v in losses:
-        running = min(running, v)
-        best.append(running)
-    ax.scatter(x, losses, s=6, alpha=0.35, color="tab:gray", label="trial")
+def plot_incumbent(values: Sequence[float], path: str | Path, label: str = "loss", mode: str = "min",
+                   title: str = "Incumbent") -> Path:
+    """The score of each trial (dots) and the best so far (step line) against the number of trials."""
+    fig, ax = new_axes(title, "trials", label)
+    x = range(1, len(values) + 1)
+    pick = min if mode == "min" else max
+    best: list[float] = []
+    for v in values:
+        best.append(v if not best else pick(best[-1], v))
+    ax.scatter(x, values, s=6, alpha=0.35, color="tab:gray", label="trial")
     ax.step(x, best, where="post", color="tab:blue", label="best so far")
     ax.legend()
     return save(fig, path)
@@ -44,16 +45,17 @@ def plot_incumbent(losses: Sequence[float], path: str | Path, title: str = "Incu
 
 def plot_pareto(
     params: Sequence[float],
-    losses: Sequence[float],
+    values: Sequence[float],
     front_params: Sequence[float],
-    front_losses: Sequence[float],
+    front_values: Sequence[float],
     path: str | Path,
-    title: str = "Loss vs parameters",
+    label: str = "loss",
+    title: str = "Pareto front",
 ) -> Path:
-    """All trials (dots) and their Pareto front (line) of loss against parameter count."""
-    fig, ax = new_axes(title, "parameters", "loss")
-    ax.scatter(params, losses, s=6, alpha=0.35, color="tab:gray", label="trial")
-    ax.step(front_params, front_losses, where="post", marker="o", ms=3, color="tab:red", label="Pareto front")
+    """All trials (dots) and their Pareto front (line) of the score (``label``) against parameter count."""
+    fig, ax = new_axes(title, "parameters", label)
+    ax.scatter(params, values, s=6, alpha=0.35, color="tab:gray", label="trial")
+    ax.step(front_params, front_values, where="post", marker="o", ms=3, color="tab:red", label="Pareto front")
     ax.legend()
     return save(fig, path)
 

@@ -11,8 +11,10 @@ from tangle_ray.report.plots import plot_anytime, plot_choice_trajectory
 from tangle_ray.space import SearchSpace
 
 
-def write_run_report(run_dir: Path, cfg, history: dict[str, list], arch: dict[str, Any], space: SearchSpace,
-                     export_dir: Path | None) -> Path:
+def write_run_report(run_dir: Path, plan, history: dict[str, list], arch: dict[str, Any],
+                     export_dir: Path | None, test_scores: dict[str, Any] | None = None) -> Path:
+    """Every file of a finished run's report; ``plan`` is the run's ``train.config.RunPlan``."""
+    space = plan.space
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "arch.json").write_text(json.dumps(arch, indent=2) + "\n")
     _write_csv(run_dir / "metrics.csv", history["metrics"])
@@ -24,7 +26,7 @@ def write_run_report(run_dir: Path, cfg, history: dict[str, list], arch: dict[st
     if history["anytime"]:
         steps, losses = zip(*[(r["step"], r["valid_loss"]) for r in history["anytime"]])
         plots.append(plot_anytime(steps, losses, run_dir / "anytime.png"))
-    summary = _summary(cfg, history, arch, space, export_dir, plots)
+    summary = _summary(plan, history, arch, export_dir, plots, test_scores)
     (run_dir / "summary.md").write_text(summary)
     return run_dir / "summary.md"
 
@@ -59,20 +61,26 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def _summary(cfg, history, arch, space: SearchSpace, export_dir, plots: list[Path]) -> str:
+def _summary(plan, history, arch, export_dir, plots: list[Path], test_scores: dict[str, Any] | None) -> str:
+    cfg, space, unit = plan.config, plan.space, plan.task.unit
     last = history["metrics"][-1] if history["metrics"] else {}
+    per_sample = plan.task.units_per_sample(space.fixed)
     lines = [
-        f"# Run `{cfg.run_name()}`", "",
+        f"# Run `{cfg.run.name}`", "",
         f"- space: `{space.name}`, method: `{cfg.method}`" + (f" (mixer `{cfg.mixer}`)" if cfg.method == "tanglenas" else ""),
         f"- steps: {last.get('step', 0)} of {cfg.steps}, global batch {cfg.global_batch_size} x "
-        f"{space.fixed['block_size']} tokens, {cfg.scaling.num_workers} worker(s), ZeRO stage {cfg.zero_stage}",
+        f"{per_sample} {unit}, {cfg.scaling.num_workers} worker(s), ZeRO stage {cfg.zero_stage}",
         f"- final train loss: {last.get('train_loss', float('nan')):.4f}"
         + (f", architecture-split loss: {last['valid_loss']:.4f}" if "valid_loss" in last else ""),
-        f"- throughput: {last.get('tokens_per_s', 0):,.0f} tokens/s", "",
+        f"- throughput: {last.get(f'{unit}_per_s', 0):,.0f} {unit}/s", "",
         "## Chosen architecture", "", "```json", json.dumps(arch), "```", "",
         f"{space.param_count(arch) / 1e6:.2f}M parameters, "
-        f"{space.flops(arch) / 1e9:.2f} GFLOPs per {space.fixed['block_size']}-token sequence (forward).", "",
+        f"{space.flops(arch) / 1e9:.2f} GFLOPs per sample of {per_sample} {unit} (forward).", "",
     ]
+    if test_scores:
+        metrics = ", ".join(f"{m.label} {test_scores[m.key]:{m.fmt}}" for m in plan.task.metrics)
+        lines += ["## Test split", "", f"The trained model on {test_scores['samples']:,} held-out test samples: "
+                  f"{metrics} (`test_scores.json`).", ""]
     if history["anytime"]:
         lines += ["## Any-time performance", "", "| step | valid loss of argmax arch |", "|---:|---:|"]
         lines += [f"| {r['step']} | {r['valid_loss']:.4f} |" for r in history["anytime"]]

@@ -49,14 +49,16 @@ class Task:
         """On the driver: check (and, where the config says how, create) the data; return it resolved."""
         raise NotImplementedError
 
-    def batches(self, data: Any, space: SearchSpace, split: str, micro_batch: int, seed: int) -> Batches:
+    # ``fixed`` below: the fixed settings of a space (``space.fixed``), or those a standalone model reports
+    # (``ModelFamily.model_settings``): input size, vocabulary or classes, context length.
+    def batches(self, data: Any, fixed: dict[str, Any], split: str, micro_batch: int, seed: int) -> Batches:
         raise NotImplementedError
 
-    def eval_set(self, data: Any, space: SearchSpace, split: str, num: int, seed: int) -> tuple[Tensor, Tensor]:
+    def eval_set(self, data: Any, fixed: dict[str, Any], split: str, num: int, seed: int) -> tuple[Tensor, Tensor]:
         """A fixed evaluation set of ``num`` samples of ``split`` (the same for every caller)."""
         raise NotImplementedError
 
-    def units_per_sample(self, space: SearchSpace) -> int:
+    def units_per_sample(self, fixed: dict[str, Any]) -> int:
         """Throughput units in one sample (tokens of a window, or 1 image)."""
         raise NotImplementedError
 

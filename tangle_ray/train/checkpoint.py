@@ -1,8 +1,10 @@
-"""Run state on disk: what a checkpoint holds besides DeepSpeed's shards, finding it, and consolidating it.
+"""Run checkpoints: what a checkpoint folder holds, writing and reading it, finding it, consolidating it.
 
 A checkpoint folder (one per ``ray.train.report``) holds DeepSpeed's files under ``ds/`` (written by all
-ranks), ``search_state.pt`` (rank 0: step, architecture parameters and their optimizer, the history of
-the run), ``trainer_state.json`` (rank 0: a readable summary) and ``rng_rank{r}.pt`` (each rank).
+ranks), ``run_state.json`` (rank 0: step, world size, space, the run's history and the method's JSON state),
+``run_state.safetensors`` (rank 0: the method's tensors, e.g. architecture parameters and their optimizer),
+``rng_rank{r}.safetensors`` (each rank's torch RNG state) and ``trainer_state.json`` (rank 0: a readable
+summary). Everything tangle_ray writes here is JSON or safetensors: reading it runs no code.
 """
 
 from __future__ import annotations
@@ -12,12 +14,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from tangle_ray.errors import ConfigError
 
 DS_TAG = "ds"
-SEARCH_STATE = "search_state.pt"
+RUN_STATE = "run_state.json"
+RUN_TENSORS = "run_state.safetensors"
 TRAINER_STATE = "trainer_state.json"
+
+
+def write_rank_files(folder: Path, rank: int) -> None:
+    """What every rank adds besides DeepSpeed's shards: its RNG state."""
+    save_file({"rng": torch.get_rng_state()}, str(folder / f"rng_rank{rank}.safetensors"))
+
+
+def write_run_state(folder: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor], summary: dict) -> None:
+    """Rank 0's files: the run state (JSON + tensors) and the readable summary."""
+    (folder / RUN_STATE).write_text(json.dumps(state) + "\n")
+    save_file({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, str(folder / RUN_TENSORS))
+    (folder / TRAINER_STATE).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def restore_rng(folder: Path, rank: int) -> None:
+    path = folder / f"rng_rank{rank}.safetensors"
+    if path.is_file():
+        torch.set_rng_state(load_file(str(path))["rng"])
 
 
 def find_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -31,20 +53,26 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _read_json(checkpoint: str | Path, name: str) -> dict[str, Any]:
+    try:
+        return json.loads((Path(checkpoint) / name).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"checkpoint {checkpoint}: cannot read {name} ({e}); is it complete?") from None
+
+
 def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
-    path = Path(checkpoint) / TRAINER_STATE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"checkpoint {checkpoint}: cannot read {TRAINER_STATE} ({e}); is it complete?") from None
+    return _read_json(checkpoint, TRAINER_STATE)
 
 
-def load_search_state(checkpoint: str | Path) -> dict[str, Any]:
-    path = Path(checkpoint) / SEARCH_STATE
+def read_run_state(checkpoint: str | Path) -> dict[str, Any]:
+    return _read_json(checkpoint, RUN_STATE)
+
+
+def read_run_tensors(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ConfigError(f"checkpoint {checkpoint}: cannot load {SEARCH_STATE} ({type(e).__name__}: {e})") from None
+        return load_file(str(Path(checkpoint) / RUN_TENSORS))
+    except Exception as e:  # missing or corrupt: safetensors raises its own error types
+        raise ConfigError(f"checkpoint {checkpoint}: cannot read {RUN_TENSORS} ({type(e).__name__}: {e})") from None
 
 
 def consolidated_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:

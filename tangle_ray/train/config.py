@@ -1,38 +1,31 @@
-"""The typed run configuration of a supernet training run, read from a YAML run file plus overrides.
+"""The typed run configuration of a training run, read from a YAML run file plus overrides.
 
-The defaults reproduce the TangleNAS language-model search (AdamW 5e-4 -> 5e-5, betas (0.9, 0.99),
+The defaults are the TangleNAS language-model search settings (AdamW 5e-4 -> 5e-5, betas (0.9, 0.99),
 weight decay 0.1, clip 1.0; architecture Adam 3e-4, betas (0.5, 0.999), weight decay 1e-3, clip 5;
-240 x 224 = 53,760 tokens per step, 6000 steps, an 80/20 weight/architecture split).
+240 x 224 = 53,760 tokens per step, 6000 steps). The ``data:`` section belongs to the task of the space's
+model family (``tangle_ray.tasks``). Settings marked ``VOLATILE`` may change between a run and its resume.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tangle_ray.configs import build, read_settings, set_dotted, to_dict
+from tangle_ray.configs import VOLATILE, build, identity, read_settings, set_dotted
 from tangle_ray.errors import ConfigError
-from tangle_ray.space import read_arch
+from tangle_ray.models import load_space
+from tangle_ray.space import Arch, SearchSpace, read_arch
+from tangle_ray.tasks import Task, get_task
 
 METHODS = ("tanglenas", "spos", "fixed")
 TANGLENAS_MIXERS = ("drnas", "darts", "gdas")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-@dataclass
-class DataConfig:
-    dir: str = "data/tinystories"  # prepared token files (train.bin, valid.bin, test.bin, meta.json)
-    source: dict[str, Any] | None = None  # a TextSource to prepare into ``dir`` when it is not there yet
-    tokenizer: str = "gpt2"
-    bpe_file: str | None = None
-    valid_fraction: float = 0.2
-    num_proc: int = 1
-
-
-@dataclass
+@dataclass(frozen=True)
 class OptimizerConfig:
     lr: float = 5e-4
     min_lr: float = 5e-5
@@ -42,7 +35,7 @@ class OptimizerConfig:
     warmup_steps: int = 100
 
 
-@dataclass
+@dataclass(frozen=True)
 class ArchOptimizerConfig:
     lr: float = 3e-4
     betas: tuple[float, float] = (0.5, 0.999)
@@ -50,30 +43,31 @@ class ArchOptimizerConfig:
     grad_clip: float = 5.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScalingConfig:
     num_workers: int = 1
-    use_gpu: bool = False
-    resources_per_worker: dict[str, float] | None = None
-    placement_strategy: str = "PACK"
+    use_gpu: bool = field(default=False, metadata=VOLATILE)
+    resources_per_worker: dict[str, float] | None = field(default=None, metadata=VOLATILE)
+    placement_strategy: str = field(default="PACK", metadata=VOLATILE)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
-    storage_path: str = "runs"
-    name: str | None = None  # default: derived from the config, so a rerun of the same command resumes
+    storage_path: str = field(default="runs", metadata=VOLATILE)
+    name: str | None = field(default=None, metadata=VOLATILE)  # default: derived from the identity
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     space: str = "gpt-tinystories"
     method: str = "tanglenas"
     mixer: str = "drnas"
+    gdas_schedule: str = "reference"  # GDAS temperature: "reference" (TangleNAS's steps) or "linear"
     arch: dict[str, Any] | None = None  # method "fixed": the architecture to train
     init: str = "scratch"  # method "fixed": "scratch" or "inherit" (weights of ``init_from``)
     init_from: str | None = None  # a supernet folder written by `tangle-ray export`
-    data: DataConfig = field(default_factory=DataConfig)
-    steps: int = 6000
+    data: Any = None  # the task's data section (e.g. ``tasks.lm.TextData``); built by ``from_dict``
+    steps: int = field(default=6000, metadata=VOLATILE)
     global_batch_size: int = 240
     micro_batch_size: int = 12
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -82,17 +76,17 @@ class TrainConfig:
     zero_stage: int = 2
     deepspeed: dict[str, Any] = field(default_factory=dict)  # merged over the generated DeepSpeed config
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    max_failures: int = 0
-    checkpoint_every: int = 500
-    log_every: int = 10
-    eval_every: int = 250  # any-time curve: loss of the current argmax architecture
-    eval_windows: int = 64
+    run: RunConfig = field(default_factory=RunConfig, metadata=VOLATILE)
+    max_failures: int = field(default=0, metadata=VOLATILE)
+    checkpoint_every: int = field(default=500, metadata=VOLATILE)
+    log_every: int = field(default=10, metadata=VOLATILE)
+    eval_every: int = field(default=250, metadata=VOLATILE)  # any-time curve: the reported architecture's score
+    eval_samples: int = 64  # evaluation samples of the any-time curve (windows of text, images)
     seed: int = 0
     dropout: float | None = None  # None keeps the space's training dropout
-    compile: bool = False  # torch.compile the supernet's superposition (tanglenas) or the model (fixed)
-    debug_checks: bool = False  # assert after every step that the alphas agree on all ranks
-    inject_failure_at_step: int | None = None  # fault-tolerance drill: rank 0 raises once at this step
+    compile: bool = field(default=False, metadata=VOLATILE)  # torch.compile the superposition or fixed model
+    debug_checks: bool = field(default=False, metadata=VOLATILE)  # assert each step that alphas agree on ranks
+    inject_failure_at_step: int | None = field(default=None, metadata=VOLATILE)  # drill: rank 0 raises once
 
     def __post_init__(self) -> None:
         self.validate()
@@ -121,7 +115,7 @@ class TrainConfig:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{source}: zero_stage = {self.zero_stage!r} does not exist; allowed: [0, 1, 2, 3]")
         for name in ("steps", "global_batch_size", "micro_batch_size", "log_every", "checkpoint_every",
-                     "eval_every", "eval_windows"):
+                     "eval_every", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{source}: {name} = {getattr(self, name)} must be at least 1")
         workers = self.scaling.num_workers
@@ -134,8 +128,6 @@ class TrainConfig:
                 f"scaling.num_workers x micro_batch_size = {workers} x {self.micro_batch_size} = {per_step}; "
                 f"use a multiple of {per_step}"
             )
-        if not 0.0 < self.data.valid_fraction < 1.0:
-            raise ConfigError(f"{source}: data.valid_fraction = {self.data.valid_fraction} must be in (0, 1)")
 
     @property
     def grad_accum_steps(self) -> int:
@@ -147,14 +139,10 @@ class TrainConfig:
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run: a rerun with equal identity resumes it."""
-        d = to_dict(self)
-        for volatile in ("steps", "run", "max_failures", "checkpoint_every", "log_every", "eval_every",
-                         "debug_checks", "inject_failure_at_step", "scaling", "compile"):
-            d.pop(volatile)
-        d["num_workers"] = self.scaling.num_workers
-        return d
+        return identity(self)
 
     def run_name(self) -> str:
+        """``run.name``, or a name derived from the identity (so that rerunning a command resumes its run)."""
         if self.run.name:
             return self.run.name
         digest = hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
@@ -165,11 +153,40 @@ class TrainConfig:
         return Path(self.run.storage_path).resolve() / self.run_name()
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """A run resolved on the driver, handed as it is to every worker: nothing is derived twice.
+
+    ``config`` has its paths made absolute and its run name fixed; ``identity`` is the identity of the
+    config as the user gave it (what ``run_config.yaml`` records).
+    """
+
+    config: TrainConfig
+    space: SearchSpace
+    task: Task
+    arch: Arch | None  # method "fixed": the validated architecture
+    identity: dict[str, Any]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.run.storage_path) / self.config.run.name
+
+
 # ===================================================================== reading
 
 
 def from_dict(raw: dict[str, Any], source: str = "run config") -> TrainConfig:
-    return build(TrainConfig, raw, source, "run config")
+    """A run config from the mapping of a run file; the ``data:`` section is built as the space's task says."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a run file must be a mapping of settings")
+    rest = {k: v for k, v in raw.items() if k != "data"}
+    cfg = build(TrainConfig, rest, source, "run config")
+    data_class = task_of(cfg.space).data_config
+    return replace(cfg, data=build(data_class, raw.get("data") or {}, source, "run config", "data."))
+
+
+def task_of(space_name: str) -> Task:
+    return get_task(load_space(space_name).family.task)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **kw: Any) -> TrainConfig:
@@ -181,4 +198,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if isinstance(raw.get("arch"), str):  # a path to arch.json
         raw["arch"] = read_arch(raw["arch"])
     return from_dict(raw, source)
-

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from tangle_ray.train.config import TrainConfig
 
@@ -41,14 +43,33 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def weight_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (nanoGPT's grouping)."""
+Exempt = Callable[[str, nn.Parameter, nn.Module], bool]  # (name, parameter, owning module) -> no decay
+
+
+def param_groups(module: nn.Module, weight_decay: float, exempt: Exempt) -> list[dict[str, Any]]:
+    """AdamW groups of ``module``'s trainable parameters: decayed unless ``exempt(name, param, owner)``.
+
+    Each parameter counts once, for its first owner in ``named_modules`` order (a tied weight belongs to the
+    module registered first: the token embedding, not the LM head). Empty groups are left out.
+    """
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for module_name, owner in module.named_modules():
+        for short, p in owner.named_parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            name = f"{module_name}.{short}" if module_name else short
+            (no_decay if exempt(name, p, owner) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def weight_optimizer(module: nn.Module, cfg: TrainConfig, exempt: Exempt) -> torch.optim.Optimizer:
+    """AdamW over ``param_groups(module, weight_decay, exempt)``; ``exempt``: ``family.no_weight_decay``."""
     o = cfg.optimizer
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=o.betas)
+    return torch.optim.AdamW(param_groups(module, o.weight_decay, exempt), lr=o.lr, betas=o.betas)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

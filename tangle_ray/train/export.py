@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tangle_ray.supernet import load_weights, save_supernet
 from tangle_ray.errors import ConfigError
-from tangle_ray.models.gpt import GPT, gpt_config
-from tangle_ray.space import Arch, space_from_dict
-from tangle_ray.train.checkpoint import consolidated_weights, latest_checkpoint, load_search_state, read_trainer_state
+from tangle_ray.models import space_from_dict
+from tangle_ray.space import Arch
+from tangle_ray.folders import load_weights, save_supernet
+from tangle_ray.train.checkpoint import (
+    RUN_STATE, consolidated_weights, latest_checkpoint, read_run_state, read_run_tensors, read_trainer_state,
+)
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None, arch: Arch | None = None) -> Path:
@@ -22,20 +24,21 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, arch: Arc
         raise ConfigError(f"run {run}: no checkpoint found (expected checkpoint_*/trainer_state.json)")
     out = Path(out_dir) if out_dir else run / "export"
     trainer = read_trainer_state(checkpoint)
-    state = load_search_state(checkpoint)
-    space = space_from_dict(state["space"], source=f"{checkpoint}/search_state.pt")
+    space = space_from_dict(read_run_state(checkpoint)["space"], source=f"{checkpoint}/{RUN_STATE}")
     weights = consolidated_weights(checkpoint)
     meta: dict[str, Any] = {"run": str(run), "checkpoint": checkpoint.name, "step": trainer["step"],
                             "method": trainer["method"]}
     if trainer["method"] == "fixed":
         chosen = trainer["arch"]
-        model = GPT(gpt_config(space, chosen))
+        model = space.family.build_model(space, chosen)
         load_weights(model, weights, f"checkpoint {checkpoint}")
     else:
         supernet = space.build_supernet()
         load_weights(supernet.net, weights, f"checkpoint {checkpoint}")
-        for name, value in state["alphas"].items():
-            supernet.alphas[name].data.copy_(value)
+        if trainer["method"] == "tanglenas":
+            tensors = read_run_tensors(checkpoint)
+            for name, alpha in supernet.alphas.items():
+                alpha.data.copy_(tensors[f"alphas.{name}"])
         chosen = space.validate(arch) if arch is not None else (
             supernet.argmax_arch() if trainer["method"] == "tanglenas" else trainer["arch"])
         save_supernet(supernet, out / "supernet", meta)

@@ -1,4 +1,8 @@
-"""The typed configuration of an architecture search, read from a YAML search file plus overrides.
+"""The typed configuration of a two-stage search, read from a YAML search file plus overrides.
+
+A search file is nested like a run file: ``data:``, ``eval:``, ``random:``/``evolution:``, ``constraints:``,
+``resources:`` and ``run:`` sections. Settings marked ``VOLATILE`` (where results go, resources) may change
+between a search and its resume; the evolution lag they imply may not.
 
 The defaults reproduce the TangleNAS language-model search: evolution with a population of 50 over
 50 generations (use 20 for AutoFormer-like spaces), top-10 parents, 25 mutations (per-layer probability
@@ -11,16 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tangle_ray.configs import build, read_settings, to_dict
+from tangle_ray.configs import VOLATILE, build, identity, read_settings
 from tangle_ray.errors import ConfigError
 from tangle_ray.space import Arch, SearchSpace
 
 ALGORITHMS = ("random", "evolution")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Constraints:
-    """Bounds on the parameter count and on forward FLOPs (one sequence of ``block_size`` tokens)."""
+    """Bounds on the parameter count and on forward FLOPs of one sample (``SearchSpace.flops``)."""
 
     min_params: int | None = None
     max_params: int | None = None
@@ -39,7 +43,7 @@ class Constraints:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvolutionConfig:
     population: int = 50  # architectures evaluated per generation
     generations: int = 50
@@ -70,82 +74,99 @@ class EvolutionConfig:
             raise ConfigError(f"search config: evolution.lag = {self.lag} must be in [0, population)")
 
 
-@dataclass
-class SearchConfig:
-    supernet: str  # a supernet folder written by `tangle-ray export` (or save_supernet)
-    data_dir: str  # prepared token files (see tangle_ray.data.prepare)
+@dataclass(frozen=True)
+class SearchData:
+    dir: str  # the prepared data the supernet was trained on (see `tangle-ray data prepare`)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How every architecture is scored: a fixed set of ``samples`` of ``split`` (windows of text, images)."""
+
     split: str = "valid"  # the architecture split
-    space: str | None = None  # when given, the checkpoint's space must equal this one
-    eval_windows: int = 64  # fixed windows of block_size tokens scoring every architecture
-    eval_seed: int = 0
-    eval_batch_size: int = 16
-    algorithm: str = "evolution"
+    samples: int = 64
     seed: int = 0
-    num_trials: int = 5000  # random search
-    evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
-    constraints: Constraints = field(default_factory=Constraints)
+    batch_size: int = field(default=16, metadata=VOLATILE)  # scores are exact sums: batching changes nothing
+
+
+@dataclass(frozen=True)
+class RandomConfig:
+    num_trials: int = 5000
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
     max_concurrent_trials: int = 2
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
-    storage_path: str = "runs/search"
+
+
+@dataclass(frozen=True)
+class SearchRunConfig:
+    storage_path: str = "runs/tune"
     name: str = "search"  # the output folder is storage_path/name; a rerun with the same name resumes
-    verbose: int = 1  # Tune's console output: 0 silent, 1 status updates, 2 every trial
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    supernet: str  # a supernet folder written by `tangle-ray export` (or save_supernet)
+    data: SearchData
+    space: str | None = None  # when given, the checkpoint's space must equal this one
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    algorithm: str = "evolution"
+    seed: int = 0
+    random: RandomConfig = field(default_factory=RandomConfig)
+    evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
+    constraints: Constraints = field(default_factory=Constraints)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig, metadata=VOLATILE)
+    run: SearchRunConfig = field(default_factory=SearchRunConfig, metadata=VOLATILE)
+    verbose: int = field(default=0, metadata=VOLATILE)  # Tune's own console output (0: one line per trial)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ConfigError(
                 f"search config: algorithm = {self.algorithm!r} is not known; allowed: {list(ALGORITHMS)}"
             )
-        for name in ("eval_windows", "eval_batch_size", "num_trials", "max_concurrent_trials"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"search config: {name} = {getattr(self, name)} must be at least 1")
-        if (
-            self.cpus_per_trial < 0
-            or self.gpus_per_trial < 0
-            or self.cpus_per_trial + self.gpus_per_trial == 0
-        ):
+        for name, value in (("eval.samples", self.eval.samples), ("eval.batch_size", self.eval.batch_size),
+                            ("random.num_trials", self.random.num_trials),
+                            ("resources.max_concurrent_trials", self.resources.max_concurrent_trials)):
+            if value < 1:
+                raise ConfigError(f"search config: {name} = {value} must be at least 1")
+        r = self.resources
+        if r.cpus_per_trial < 0 or r.gpus_per_trial < 0 or r.cpus_per_trial + r.gpus_per_trial == 0:
             raise ConfigError(
-                f"search config: cpus_per_trial = {self.cpus_per_trial}, "
-                f"gpus_per_trial = {self.gpus_per_trial}: must be >= 0 and not both 0"
+                f"search config: resources.cpus_per_trial = {r.cpus_per_trial}, "
+                f"resources.gpus_per_trial = {r.gpus_per_trial}: must be >= 0 and not both 0"
             )
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"search config: name = {self.name!r} must be a non-empty folder name")
+        if not self.run.name or "/" in self.run.name:
+            raise ConfigError(f"search config: run.name = {self.run.name!r} must be a non-empty folder name")
         lag = self.evolution_lag
         if self.algorithm == "evolution" and lag >= self.evolution.population:
             raise ConfigError(
-                f"search config: evolution lag {lag} (max_concurrent_trials - 1 unless evolution.lag is set) "
-                f"must be below evolution.population = {self.evolution.population}"
+                f"search config: evolution lag {lag} (resources.max_concurrent_trials - 1 unless evolution.lag "
+                f"is set) must be below evolution.population = {self.evolution.population}"
             )
 
     @property
     def evolution_lag(self) -> int:
         lag = self.evolution.lag
-        return self.max_concurrent_trials - 1 if lag is None else lag
+        return self.resources.max_concurrent_trials - 1 if lag is None else lag
 
     @property
     def total_trials(self) -> int:
         e = self.evolution
-        return self.num_trials if self.algorithm == "random" else e.population * e.generations
+        return self.random.num_trials if self.algorithm == "random" else e.population * e.generations
 
     def run_dir(self) -> Path:
-        return Path(self.storage_path).resolve() / self.name
+        return Path(self.run.storage_path).resolve() / self.run.name
 
     def identity(self) -> dict[str, Any]:
-        """What a resumed run must share with the run it resumes (not where results go, nor resources)."""
-        d = to_dict(self)
-        for volatile in (
-            "storage_path",
-            "name",
-            "cpus_per_trial",
-            "gpus_per_trial",
-            "max_concurrent_trials",
-            "verbose",
-        ):
-            d.pop(volatile)
+        """What a resumed search must share with the search it resumes (not where results go, nor resources)."""
+        d = identity(self)
         if self.algorithm == "random":
             d.pop("evolution")
         else:
-            d.pop("num_trials")
+            d.pop("random")
             d["evolution"]["lag"] = self.evolution_lag  # decides the parents; concurrency itself does not
         return d
 

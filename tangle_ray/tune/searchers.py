@@ -238,7 +238,9 @@ def saved_searcher_state(run_dir: str | Path) -> dict | None:
         return pickle.load(f)
 
 
-def make_searcher(config: SearchConfig, space: SearchSpace) -> ArchSearcher:
+def make_searcher(config: SearchConfig, space: SearchSpace, metric: str, mode: str) -> ArchSearcher:
+    """The searcher of ``config``, optimising the trials' ``metric`` in ``mode`` ("min" or "max")."""
     if config.algorithm == "random":
-        return RandomSearcher(space, config.num_trials, config.constraints, config.seed)
-    return EvolutionSearcher(space, config.evolution, config.constraints, config.seed, config.evolution_lag)
+        return RandomSearcher(space, config.random.num_trials, config.constraints, config.seed, metric, mode)
+    return EvolutionSearcher(space, config.evolution, config.constraints, config.seed, config.evolution_lag,
+                             metric, mode)

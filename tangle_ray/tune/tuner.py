@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import time
 import uuid
 import warnings
@@ -21,20 +19,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 from ray import tune
 from torch import nn
 
-from tangle_ray.supernet import load_supernet, load_weights, unique_tensors
+from tangle_ray.cluster import connect
 from tangle_ray.configs import to_dict
 from tangle_ray.errors import ConfigError
+from tangle_ray.evaluate import evaluate_arch
+from tangle_ray.models import load_space, space_from_dict
 from tangle_ray.report.leaderboard import TrialRecord, ranked, write_report
-from tangle_ray.tune.config import SearchConfig
-from tangle_ray.evaluate import eval_data, evaluate_arch
-from tangle_ray.tune.searchers import check_constraints, make_searcher, saved_searcher_state
-from tangle_ray.space import Arch, SearchSpace, load_space, space_from_dict, space_to_dict
+from tangle_ray.space import Arch, SearchSpace, space_to_dict
+from tangle_ray.folders import load_supernet, load_weights, unique_tensors
 from tangle_ray.supernet import Supernet
+from tangle_ray.tasks import Task, get_task
+from tangle_ray.tune.config import SearchConfig
+from tangle_ray.tune.searchers import check_constraints, make_searcher, saved_searcher_state
 
 CONFIG_FILE = "search.json"
 log = logging.getLogger(__name__)
@@ -48,18 +48,15 @@ class SearchInterrupted(RuntimeError):
 class SearchResult:
     out_dir: Path
     trials: list[TrialRecord]  # in proposal order
+    task: Task
 
     @property
     def best(self) -> TrialRecord:
-        return ranked(self.trials)[0]
+        return ranked(self.trials, self.task.objective)[0]
 
     @property
     def best_arch(self) -> Arch:
         return self.best.arch
-
-    @property
-    def best_loss(self) -> float:
-        return self.best.loss
 
 
 @dataclass
@@ -91,19 +88,19 @@ def cached_model(shared: SharedSupernet) -> nn.Module:
 
 
 def evaluate_trial(
-    config: dict, shared: SharedSupernet, x: np.ndarray, y: np.ndarray, batch_size: int
+    config: dict, shared: SharedSupernet, task: Task, x: np.ndarray, y: np.ndarray, batch_size: int
 ) -> None:
-    """The Tune trial: score ``config["arch"]`` and report loss, perplexity, params, FLOPs and the arch."""
+    """The Tune trial: score ``config["arch"]`` and report the task's metrics, params, FLOPs and the arch."""
     start = time.perf_counter()
     net = cached_model(shared)
     ready = time.perf_counter()
     arch = config["arch"]
-    loss = evaluate_arch(net, arch, _tensor(x), _tensor(y), batch_size)
+    scores = evaluate_arch(net, arch, task, _tensor(x), _tensor(y), batch_size)
     space: SearchSpace = net.space
     tune.report(
         {
-            "loss": loss,
-            "perplexity": math.exp(loss),
+            **scores,
+            "units": len(x) * task.units_per_sample(space.fixed),
             "params": space.param_count(arch),
             "flops": space.flops(arch),
             "index": config["index"],
@@ -119,12 +116,13 @@ def load_checked_supernet(config: SearchConfig) -> Supernet:
     return load_supernet(config.supernet, load_space(config.space) if config.space is not None else None)
 
 
-def make_trainable(config: SearchConfig, supernet: Supernet, x: np.ndarray, y: np.ndarray):
-    """``evaluate_trial`` bound to the shared supernet and windows (object store), with trial resources."""
+def make_trainable(config: SearchConfig, supernet: Supernet, task: Task, x: np.ndarray, y: np.ndarray):
+    """``evaluate_trial`` bound to the shared supernet and samples (object store), with trial resources."""
     trainable = tune.with_parameters(
-        evaluate_trial, shared=SharedSupernet.of(supernet), x=x, y=y, batch_size=config.eval_batch_size
+        evaluate_trial, shared=SharedSupernet.of(supernet), task=task, x=x, y=y, batch_size=config.eval.batch_size
     )
-    return tune.with_resources(trainable, {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial})
+    r = config.resources
+    return tune.with_resources(trainable, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
 
 
 def check_resumable(config: SearchConfig) -> None:
@@ -142,7 +140,7 @@ def check_resumable(config: SearchConfig) -> None:
 
 
 def make_tuner(
-    config: SearchConfig, trainable, searcher, callbacks: Sequence[tune.Callback] = ()
+    config: SearchConfig, trainable, searcher, task: Task, callbacks: Sequence[tune.Callback] = ()
 ) -> tune.Tuner:
     """A new Tuner, or the restored one when ``config.run_dir()`` holds a run of this search."""
     check_resumable(config)
@@ -156,15 +154,15 @@ def make_tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher,
-            metric="loss",
-            mode="min",
+            metric=task.objective.key,
+            mode=task.objective.mode,
             num_samples=-1,
-            max_concurrent_trials=config.max_concurrent_trials,
+            max_concurrent_trials=config.resources.max_concurrent_trials,
             reuse_actors=True,
             trial_dirname_creator=_dirname,
         ),
         run_config=tune.RunConfig(
-            name=config.name,
+            name=config.run.name,
             storage_path=str(run_dir.parent),
             callbacks=list(callbacks),
             verbose=config.verbose,
@@ -183,17 +181,15 @@ def run_search(
     """
     supernet = load_checked_supernet(config)
     space = supernet.space
+    task = get_task(space.family.task)
     check_constraints(space, config.constraints, config.seed)
     check_resumable(config)
-    f = space.fixed
-    x, y = eval_data(
-        config.data_dir, config.split, f["block_size"], f["vocab_size"], config.eval_windows, config.eval_seed
-    )
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address=address)
-    trainable = make_trainable(config, supernet, x.numpy(), y.numpy())
-    tuner = make_tuner(config, trainable, make_searcher(config, space), callbacks)
+    e = config.eval
+    x, y = task.eval_set(task.data_config(dir=config.data.dir), space.fixed, e.split, e.samples, e.seed)
+    connect(address)
+    trainable = make_trainable(config, supernet, task, x.numpy(), y.numpy())
+    searcher = make_searcher(config, space, task.objective.key, task.objective.mode)
+    tuner = make_tuner(config, trainable, searcher, task, callbacks)
     del supernet  # the trials hold their own copies
     grid = tuner.fit()
     if grid.errors:
@@ -201,7 +197,7 @@ def run_search(
             f"search {config.run_dir()}: {len(grid.errors)} of {len(grid)} trials failed; first error: "
             f"{grid.errors[0]!r}. Run the same search again to retry them."
         )
-    done = [r for r in grid if "loss" in (r.metrics or {})]
+    done = [r for r in grid if task.objective.key in (r.metrics or {})]
     state = saved_searcher_state(config.run_dir())
     if len(done) < len(grid) or not (state and state["finished"]):
         raise SearchInterrupted(
@@ -216,19 +212,19 @@ def run_search(
             len(done),
             config.total_trials,
         )
-    trials = sorted((_record(r.config, r.metrics) for r in done), key=lambda t: t.index)
-    write_report(trials, config.run_dir())
-    return SearchResult(config.run_dir(), trials)
+    trials = sorted((_record(r.config, r.metrics, task) for r in done), key=lambda t: t.index)
+    write_report(trials, config.run_dir(), task, space, config.eval.split)
+    return SearchResult(config.run_dir(), trials, task)
 
 
-def _record(config: dict, metrics: dict) -> TrialRecord:
+def _record(config: dict, metrics: dict, task: Task) -> TrialRecord:
     return TrialRecord(
         index=config["index"],
         arch=config["arch"],
-        loss=metrics["loss"],
-        perplexity=metrics["perplexity"],
+        metrics={m.key: metrics[m.key] for m in task.metrics},
         params=metrics["params"],
         flops=metrics["flops"],
+        units=metrics["units"],
     )
 
 

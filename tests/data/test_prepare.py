@@ -9,7 +9,7 @@ from tangle_ray.data import prepare as prepare_mod
 from tangle_ray.data.prepare import load_split, prepare_text, read_meta, token_dtype
 from tangle_ray.data.sources import TextSource
 from tangle_ray.data.synth import generate_stories
-from tangle_ray.data.tokenizer import get_tokenizer
+from tangle_ray.data.tokenizer import BPE_ENV, get_tokenizer
 from tangle_ray.errors import ConfigError
 
 SPLITS = ("train", "valid", "test")
@@ -25,11 +25,10 @@ def _mtimes(out) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"}
 
 
-def test_tokens_splits_and_meta(corpus, tmp_path, bpe_file):
-    out = prepare_text(
-        TextSource(kind="jsonl", path=str(corpus)), tmp_path / "out", bpe_file=bpe_file, seed=1
-    )
-    tok = get_tokenizer(bpe_file=bpe_file)
+def test_tokens_splits_and_meta(corpus, tmp_path, monkeypatch):
+    monkeypatch.delenv(BPE_ENV, raising=False)  # the packaged GPT-2 file, offline
+    out = prepare_text(TextSource(kind="jsonl", path=str(corpus)), tmp_path / "out", seed=1)
+    tok = get_tokenizer()
     meta = read_meta(out)
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 50257 and meta["eot"] == 50256
     assert meta["tokenizer"]["fingerprint"] == tok.fingerprint and meta["seed"] == 1
@@ -43,10 +42,18 @@ def test_tokens_splits_and_meta(corpus, tmp_path, bpe_file):
     train, valid = _docs(arrays["train"], tok.eot), _docs(arrays["valid"], tok.eot)
     assert sorted(train + valid) == sorted(encoded[:300])  # a partition of the documents ...
     assert not set(train) & set(valid)  # ... with no document in both
-    again = prepare_text(
-        TextSource(kind="jsonl", path=str(corpus)), tmp_path / "again", bpe_file=bpe_file, seed=2
-    )
+    again = prepare_text(TextSource(kind="jsonl", path=str(corpus)), tmp_path / "again", seed=2)
     assert _docs(load_split(again, "valid"), tok.eot) != valid  # the split follows the seed
+
+
+def test_single_file_source(corpus, tmp_path):
+    src = TextSource(kind="jsonl", path=str(corpus / "train.jsonl"))  # 300 stories
+    one, two = prepare_text(src, tmp_path / "one", seed=1), prepare_text(src, tmp_path / "two", seed=2)
+    counts = {s: read_meta(one)["splits"][s]["documents"] for s in SPLITS}
+    assert counts == {"train": 216, "valid": 54, "test": 30}  # test: 10% held out; valid: 20% of the rest
+    assert (one / "test.bin").read_bytes() == (two / "test.bin").read_bytes()  # the same for every seed
+    assert (one / "valid.bin").read_bytes() != (two / "valid.bin").read_bytes()
+    assert read_meta(one)["source"]["path"] == src.path
 
 
 def test_rerun_reuses_and_changes_rebuild(corpus, tmp_path, bpe_file, other_bpe_file):

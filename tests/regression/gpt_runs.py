@@ -12,7 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE = Path(__file__).with_name("gpt_reference.json")
-RUN_OVERRIDES = ["steps=12", "checkpoint_every=6", "eval_every=6", "log_every=3", "eval_windows=8"]
+RUN_OVERRIDES = ["steps=12", "checkpoint_every=6", "eval_every=6", "log_every=3", "eval_samples=8"]
 TIMING = {"tokens_per_s", "elapsed_s", "optimizer_state_bytes"}
 
 
@@ -24,24 +24,29 @@ def _history(run_dir: Path, history: dict) -> dict:
 
 def run_all(root: Path) -> dict:
     """Run the three reference jobs under ``root`` (a local Ray cluster must be running)."""
-    from tangle_ray.api import load_run_config, load_tune_config, prepare_text, run_training, run_tune, synth_corpus
+    from tangle_ray.data import TextSource, prepare_text, write_demo_corpus
+    from tangle_ray.train.config import load_config
+    from tangle_ray.train.runner import run_training
+    from tangle_ray.tune.config import load_search_config
+    from tangle_ray.tune.tuner import run_search
 
-    corpus = synth_corpus(root / "raw", n_train=300, n_valid=40, seed=0)
-    tokens = prepare_text(corpus, root / "tokens")
+    corpus = write_demo_corpus(root / "raw", n_train=300, n_valid=40, seed=0)
+    tokens = prepare_text(TextSource(kind="jsonl", path=str(corpus)), root / "tokens")
     out = {}
     common = [f"data.dir={tokens}", f"run.storage_path={root / 'runs'}", *RUN_OVERRIDES]
     for name, recipe in (("tanglenas", "tiny-cpu-tanglenas"), ("spos", "tiny-cpu-spos")):
-        cfg = load_run_config(REPO / "recipes" / "runs" / f"{recipe}.yaml", [*common, f"run.name={name}"])
+        cfg = load_config(REPO / "recipes" / "runs" / f"{recipe}.yaml", [*common, f"run.name={name}"])
         result = run_training(cfg)
         out[name] = _history(result.run_dir, result.history)
-    search = load_tune_config(
+    search = load_search_config(
         REPO / "recipes" / "tune" / "tiny-cpu-evolution.yaml",
-        [f"supernet={root / 'runs' / 'spos' / 'export' / 'supernet'}", f"data_dir={tokens}",
-         f"storage_path={root / 'search'}", "evolution.population=4", "evolution.generations=2",
-         "evolution.parents=2", "evolution.mutations=2", "evolution.crossovers=2", "eval_windows=8"],
+        [f"supernet={root / 'runs' / 'spos' / 'export' / 'supernet'}", f"data.dir={tokens}",
+         f"run.storage_path={root / 'search'}", "evolution.population=4", "evolution.generations=2",
+         "evolution.parents=2", "evolution.mutations=2", "evolution.crossovers=2", "eval.samples=8"],
     )
-    trials = run_tune(search).trials
-    out["evolution"] = [{"index": t.index, "arch": t.arch, "loss": t.loss, "params": t.params} for t in trials]
+    trials = run_search(search).trials
+    out["evolution"] = [{"index": t.index, "arch": t.arch, "loss": t.metrics["loss"], "params": t.params}
+                        for t in trials]
     return out
 
 

@@ -29,7 +29,7 @@ def tiny_config(data_dir, tmp_path_factory):
     def make(**overrides):
         base = {
             "space": "gpt-nano", "data.dir": str(data_dir), "steps": 4, "global_batch_size": 8,
-            "micro_batch_size": 2, "log_every": 1, "eval_every": 2, "checkpoint_every": 2, "eval_windows": 4,
+            "micro_batch_size": 2, "log_every": 1, "eval_every": 2, "checkpoint_every": 2, "eval_samples": 4,
             "optimizer.warmup_steps": 1, "optimizer.lr": 3e-3, "arch_optimizer.lr": 3e-2, "dropout": 0.0,
             "run.storage_path": str(storage), "run.name": f"run{next(_names)}", "debug_checks": True,
         }

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tangle_ray import load_space
-from tangle_ray.supernet import save_supernet
+from tangle_ray.folders import save_supernet
 from tangle_ray.cli import main
 from tangle_ray.models.gpt import GPT
 from tangle_ray.evaluate import evaluate_on_split
@@ -26,10 +26,10 @@ def test_retrain_with_inherited_weights_starts_from_the_supernet(local_ray, tmp_
                  str(tmp_path / "supernet"), "space=gpt-nano", f"data.dir={data_dir}", "steps=2",
                  "global_batch_size=4", "micro_batch_size=4", "zero_stage=0", "optimizer.lr=1e-12",
                  "optimizer.min_lr=1e-12", "optimizer.warmup_steps=1", f"run.storage_path={tmp_path / 'runs'}",
-                 "run.name=retrain", "checkpoint_every=2", "eval_every=2", "eval_windows=2"])
+                 "run.name=retrain", "checkpoint_every=2", "eval_every=2", "eval_samples=2"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "test loss" in out
+    assert "test:       loss " in out
     run = tmp_path / "runs" / "retrain"
     retrained = GPT.from_pretrained(run / "export" / "model")
     inherited = supernet.extract(arch)

@@ -7,7 +7,7 @@ import pytest
 
 from tangle_ray import load_space
 from tangle_ray.errors import ConfigError
-from tangle_ray.train.config import TrainConfig, load_config
+from tangle_ray.train.config import from_dict, load_config
 from tangle_ray.train.deepspeed import deepspeed_config, lr_factor
 from tangle_ray.train.runner import preflight
 
@@ -21,7 +21,7 @@ def test_every_run_recipe_loads(path):
 
 
 def test_defaults_are_the_tanglenas_lm_settings():
-    cfg = TrainConfig()
+    cfg = from_dict({})
     assert (cfg.optimizer.lr, cfg.optimizer.min_lr, cfg.optimizer.betas) == (5e-4, 5e-5, (0.9, 0.99))
     assert (cfg.optimizer.weight_decay, cfg.optimizer.grad_clip, cfg.arch_optimizer.grad_clip) == (0.1, 1.0, 5.0)
     assert (cfg.arch_optimizer.lr, cfg.arch_optimizer.betas, cfg.arch_optimizer.weight_decay) == (3e-4, (0.5, 0.999), 1e-3)
@@ -108,8 +108,6 @@ def _fake_checkpoint(run_dir, world_size, space_choices):
     """The files the driver reads before resuming (DeepSpeed's shards are not needed for these checks)."""
     import json
 
-    import torch
-
     from tangle_ray.space import space_to_dict
 
     space = space_to_dict(load_space("gpt-nano"))
@@ -119,7 +117,7 @@ def _fake_checkpoint(run_dir, world_size, space_choices):
     folder.mkdir(parents=True)
     (folder / "trainer_state.json").write_text(json.dumps({"step": 2, "world_size": world_size, "zero_stage": 2,
                                                            "method": "tanglenas", "arch": None}))
-    torch.save({"space": space}, folder / "search_state.pt")
+    (folder / "run_state.json").write_text(json.dumps({"space": space}))
     return folder
 
 
@@ -141,8 +139,8 @@ def test_export_of_a_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="no checkpoint found"):
         export_run(tmp_path / "no-run")
     folder = _fake_checkpoint(tmp_path / "run", world_size=1, space_choices={})
-    (folder / "search_state.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="cannot load search_state.pt"):
+    (folder / "run_state.json").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="cannot read run_state.json"):
         export_run(tmp_path / "run")
 
 

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from tangle_ray.supernet import load_supernet
+from tangle_ray.folders import load_supernet
 from tangle_ray.models.gpt import GPT
 from tangle_ray.train.runner import run_training
-from tangle_ray.train.checkpoint import consolidated_weights, latest_checkpoint, load_search_state
+from tangle_ray.train.checkpoint import consolidated_weights, latest_checkpoint, read_run_state, read_run_tensors
 
 pytestmark = pytest.mark.ray
 _runs = {}
@@ -23,7 +23,8 @@ def _run(tiny_config, key, **overrides):
 
 def _final_state(result):
     checkpoint = latest_checkpoint(result.run_dir)
-    return consolidated_weights(checkpoint), load_search_state(checkpoint)["alphas"]
+    alphas = {k: v for k, v in read_run_tensors(checkpoint).items() if k.startswith("alphas.")}
+    return consolidated_weights(checkpoint), alphas
 
 
 def _assert_same_state(a, b, atol):
@@ -91,7 +92,7 @@ def test_killed_run_resumes_to_the_same_state(local_ray, tiny_config):
     cfg = tiny_config(mixer="drnas", scaling__num_workers=2, zero_stage=2, inject_failure_at_step=3, max_failures=0)
     with pytest.raises(Exception, match="injected failure"):
         run_training(cfg)
-    assert load_search_state(latest_checkpoint(cfg.run_dir()))["step"] == 2
+    assert read_run_state(latest_checkpoint(cfg.run_dir()))["step"] == 2
     resumed = run_training(cfg)
     assert [m["step"] for m in resumed.history["metrics"]] == [1, 2, 3, 4]
     _assert_same_state(uninterrupted, resumed, atol=0)

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from tangle_ray.supernet import load_supernet, save_supernet
+from tangle_ray.folders import load_supernet, save_supernet
 from tangle_ray.data.prepare import FORMAT_VERSION, SPLITS, load_split
 from tangle_ray.data.sampler import eval_windows
 from tangle_ray.tune.config import SearchConfig, search_config_from_dict
-from tangle_ray.space import load_space
+from tangle_ray.models import load_space
 
 VOCAB = 97  # gpt-micro
 _names = itertools.count()
@@ -92,7 +92,7 @@ def supernet(supernet_dir):
 
 @pytest.fixture(scope="session")
 def eval_xy(data_dir) -> tuple[torch.Tensor, torch.Tensor]:
-    """The windows a search with ``eval_windows=32, eval_seed=0`` scores architectures on."""
+    """The windows a search with ``eval.samples=32, eval.seed=0`` scores architectures on."""
     return eval_windows(load_split(data_dir, "valid"), 16, 32, 0)
 
 
@@ -103,12 +103,10 @@ def make_config(supernet_dir, data_dir, tmp_path):
     def make(**overrides) -> SearchConfig:
         raw = {
             "supernet": str(supernet_dir),
-            "data_dir": str(data_dir),
-            "eval_windows": 32,
-            "eval_batch_size": 8,
-            "max_concurrent_trials": 2,
-            "storage_path": str(tmp_path / "runs"),
-            "name": f"s{next(_names)}",
+            "data": {"dir": str(data_dir)},
+            "eval": {"samples": 32, "batch_size": 8},
+            "resources": {"max_concurrent_trials": 2},
+            "run": {"storage_path": str(tmp_path / "runs"), "name": f"s{next(_names)}"},
         }
         return search_config_from_dict({**raw, **overrides})
 

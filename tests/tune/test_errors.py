@@ -15,7 +15,7 @@ def test_input_errors_before_tune_starts(make_config, tmp_path):
         ({"supernet": str(tmp_path / "nope")}, "missing"),
         ({"space": "gpt-nano"}, "differs from space = 'gpt-nano'"),
         ({"constraints": {"max_params": 10}}, "admit no architecture"),
-        ({"split": "nope"}, "nope"),
+        ({"eval": {"split": "nope"}}, "nope"),
         ({"algorithm": "bayes"}, r"allowed: \['random', 'evolution'\]"),
     ]
     for overrides, words in cases:

@@ -8,8 +8,10 @@ import pytest
 from tangle_ray.errors import ConfigError
 from tangle_ray.tune.config import Constraints, EvolutionConfig
 from tangle_ray.evaluate import evaluate_arch
+from tangle_ray.tasks import get_task
 from tangle_ray.tune.searchers import EvolutionSearcher, RandomSearcher, check_constraints
-from tangle_ray.space import load_space, space_from_dict, space_to_dict
+from tangle_ray.models import load_space, space_from_dict
+from tangle_ray.space import space_to_dict
 
 FINISHED = "FINISHED"
 
@@ -82,7 +84,7 @@ def test_evolution_improves_on_the_real_supernet(supernet, eval_xy):
         EvolutionConfig(population=10, generations=5, parents=3, mutations=5, crossovers=3),
         seed=0,
     )
-    results = drive(es, lambda a: evaluate_arch(supernet, a, x, y))
+    results = drive(es, lambda a: evaluate_arch(supernet, a, get_task("lm"), x, y)["loss"])
     gen = [[results[i] for i in range(g * 10, g * 10 + 10)] for g in range(5)]
     assert min(results.values()) < min(gen[0])
     assert sum(gen[-1]) < sum(gen[0])

@@ -1,0 +1,191 @@
+"""Keyed image micro-batches and fixed evaluation sets, read from a prepared folder (:class:`ImageStore`).
+
+``ImageBatches.get(step, micro_index)`` is a pure function of ``(seed, split, step, micro_index)``: every random
+choice (which images, crops, flips, RandAugment ops, erasing, the mixup/cutmix draw) comes from Generators seeded
+by ``SeedSequence([seed, split_key, step, micro_index])`` and its children, so 1 and N ranks (numbering the
+micro-batches of a global batch 0..G-1), worker processes and resumed runs get identical batches. Images are
+drawn uniformly with replacement, like the text windows. :class:`PrefetchedBatches` decodes ahead in DataLoader
+worker processes whose item ``key`` is the micro-batch of that key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from itertools import count
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from tangle_ray.data.augment import Augment, eval_image, mix, normalise, random_erase, train_image
+from tangle_ray.data.image_prepare import ImageStore
+from tangle_ray.data.sampler import _split_key
+from tangle_ray.errors import ConfigError
+
+Key = tuple[int, int]  # (step, micro_index)
+
+
+def _mode(in_chans: int) -> str:
+    if in_chans not in (1, 3):
+        raise ConfigError(f"in_chans = {in_chans!r} is not supported; allowed: [1, 3]")
+    return "L" if in_chans == 1 else "RGB"
+
+
+class ImageBatches:
+    """Augmented training micro-batches: ``x`` float32 [micro_batch, in_chans, img_size, img_size] and ``y``
+    int64 [micro_batch] class indices, or float32 [micro_batch, num_classes] soft targets when mixup, cutmix or
+    label smoothing is on (they sum to 1 per row)."""
+
+    def __init__(
+        self,
+        store: ImageStore,
+        split: str,
+        micro_batch: int,
+        seed: int,
+        img_size: int,
+        in_chans: int,
+        num_classes: int,
+        augment: Augment,
+        valid_fraction: float = 0.2,
+    ):
+        if micro_batch < 1 or seed < 0 or img_size < 1:
+            raise ConfigError(f"micro_batch={micro_batch} and img_size={img_size} must be >= 1, seed={seed} >= 0")
+        if store.num_classes > num_classes:
+            raise ConfigError(
+                f"prepared images {str(store.dir)!r} have {store.num_classes} classes; the model has {num_classes}"
+            )
+        self.store, self.split, self.micro_batch, self.seed = store, split, micro_batch, seed
+        self.size, self.mode, self.num_classes, self.augment = img_size, _mode(in_chans), num_classes, augment
+        self.records = store.split(split, valid_fraction, seed)
+        self._key = _split_key(split)
+
+    def _seeds(self, step: int, micro_index: int) -> list[np.random.SeedSequence]:
+        """Children of the key's SeedSequence: [0] picks the images, [1] mixes the batch, [2 + b] image b."""
+        if step < 0 or micro_index < 0:
+            raise ValueError(f"step={step} and micro_index={micro_index} must be >= 0")
+        return np.random.SeedSequence([self.seed, self._key, step, micro_index]).spawn(self.micro_batch + 2)
+
+    def records_of(self, step: int, micro_index: int) -> np.ndarray:
+        """Record indices of the images of micro-batch ``micro_index`` at ``step``."""
+        rng = np.random.default_rng(self._seeds(step, micro_index)[0])
+        return self.records[rng.integers(0, len(self.records), self.micro_batch)]
+
+    def get(self, step: int, micro_index: int) -> tuple[Tensor, Tensor]:
+        seeds, aug, store = self._seeds(step, micro_index), self.augment, self.store
+        picks = self.records_of(step, micro_index)
+        rngs = [np.random.default_rng(s) for s in seeds[2:]]
+        pixels = [train_image(store.encoded(r), store.where(r), self.size, self.mode, aug, g) for r, g in zip(picks, rngs)]
+        x = normalise(torch.from_numpy(np.stack(pixels)))
+        for image, g in zip(x, rngs):
+            if g.random() < aug.random_erase:
+                random_erase(image, g)
+        y = torch.from_numpy(store.labels[picks])
+        if aug.soft_targets:
+            return mix(x, y, self.num_classes, aug, np.random.default_rng(seeds[1]))
+        return x, y
+
+
+class _Keyed(Dataset):
+    """Map-style dataset whose item ``key`` is the micro-batch of that key."""
+
+    def __init__(self, batches: ImageBatches):
+        self.batches = batches
+
+    def __getitem__(self, key: Key) -> tuple[Tensor, Tensor]:
+        return self.batches.get(*key)
+
+
+class _Keys(Sampler):
+    """The keys to decode next (set before each ``iter(loader)``)."""
+
+    def __init__(self) -> None:
+        self.keys: Iterable[Key] = ()
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self.keys)
+
+
+class PrefetchedBatches:
+    """``get`` of :class:`ImageBatches` decoded ahead by ``num_workers`` persistent worker processes.
+
+    The key order is learnt from the calls: once a step's micro indices J have been asked for, the first call
+    of the next step starts decoding (s, j) for s = step, step + 1, ... and j in J, ``prefetch`` micro-batches
+    per worker ahead. A call off that sequence (a resumed run, another pattern) is answered directly and the
+    order is learnt again. Results equal ``ImageBatches.get``'s bit for bit.
+    """
+
+    def __init__(self, batches: ImageBatches, num_workers: int, prefetch: int = 2):
+        if num_workers < 1 or prefetch < 1:
+            raise ConfigError(f"num_workers={num_workers} and prefetch={prefetch} must be >= 1 here")
+        self.batches = batches
+        self._keys = _Keys()
+        self._loader = DataLoader(
+            _Keyed(batches), batch_size=None, sampler=self._keys, num_workers=num_workers,
+            prefetch_factor=prefetch, persistent_workers=True,
+        )
+        self._stream: Iterator | None = None
+        self._start, self._pos = 0, 0  # the stream's first step, and how many keys it has given
+        self._pattern: list[int] = []  # micro indices of one step, in the order asked for
+        self._learning: int | None = None  # the step whose micro indices are being learnt
+
+    def iterate(self, keys: Iterable[Key]) -> Iterator[tuple[Tensor, Tensor]]:
+        """The micro-batches of ``keys`` in order, decoded ahead (ends the prefetching of ``get``)."""
+        self._stream, self._learning = None, None
+        self._keys.keys = keys
+        return iter(self._loader)
+
+    def get(self, step: int, micro_index: int) -> tuple[Tensor, Tensor]:
+        p = self._pattern
+        if self._stream is not None:
+            expected = (self._start + self._pos // len(p), p[self._pos % len(p)])
+            if (step, micro_index) == expected:
+                self._pos += 1
+                return next(self._stream)
+            self._stream = None
+        if step == self._learning:
+            if micro_index not in p:
+                p.append(micro_index)
+        elif self._learning is not None and step == self._learning + 1 and micro_index == p[0]:
+            self._keys.keys = ((s, j) for s in count(step) for j in tuple(p))
+            self._stream, self._start, self._pos, self._learning = iter(self._loader), step, 1, None
+            return next(self._stream)
+        else:
+            self._learning, self._pattern = step, [micro_index]
+        return self.batches.get(step, micro_index)
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        self._stream = None
+        self._loader = None
+
+
+def eval_records(records: np.ndarray, num: int, seed: int) -> np.ndarray:
+    """A fixed sorted choice of ``num`` of ``records`` (all of them if fewer), the same for every caller."""
+    if num < 1:
+        raise ConfigError(f"the number of evaluation images must be at least 1, got {num}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _split_key("eval")]))
+    return np.sort(rng.choice(records, size=min(num, len(records)), replace=False))
+
+
+class _EvalChunks(Dataset):
+    def __init__(self, store: ImageStore, chunks: list[np.ndarray], size: int, mode: str, crop: float):
+        self.store, self.chunks, self.size, self.mode, self.crop = store, chunks, size, mode, crop
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> Tensor:
+        s = self.store
+        return torch.from_numpy(np.stack([eval_image(s.encoded(r), s.where(r), self.size, self.mode, self.crop) for r in self.chunks[i]]))
+
+
+def eval_images(
+    store: ImageStore, records: np.ndarray, img_size: int, in_chans: int, crop: float = 0.875, num_workers: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Images ``records`` with the evaluation transform: x float32 [n, C, H, W], y int64 [n] (in order)."""
+    chunks = [records[i : i + 64] for i in range(0, len(records), 64)]
+    dataset = _EvalChunks(store, chunks, img_size, _mode(in_chans), crop)
+    workers = min(num_workers, len(chunks))
+    parts = list(DataLoader(dataset, batch_size=None, num_workers=workers)) if workers else [dataset[i] for i in range(len(chunks))]
+    return normalise(torch.cat(parts)), torch.from_numpy(store.labels[records])

@@ -1,0 +1,97 @@
+"""Folders tangle_ray writes for other commands to read: the supernet folder.
+
+A supernet folder (written by ``tangle-ray export``) holds ``space.yaml`` (the space as it was trained),
+``supernet.safetensors`` (the entangled weights), ``alphas.safetensors`` (architecture parameters) and
+``meta.json`` (method, step, anything else given). Model folders are written by each family's
+``save_pretrained`` and read by ``tangle_ray.models.load_model``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from tangle_ray.errors import ConfigError
+from tangle_ray.models import space_from_dict
+from tangle_ray.space import SearchSpace, space_to_dict
+from tangle_ray.supernet import Supernet
+
+SUPERNET_FILES = ("space.yaml", "supernet.safetensors", "alphas.safetensors", "meta.json")
+
+
+def save_supernet(supernet: Supernet, out_dir: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(unique_tensors(supernet.net.state_dict()), str(out / "supernet.safetensors"))
+    save_file(unique_tensors(dict(supernet.alphas)), str(out / "alphas.safetensors"))
+    (out / "space.yaml").write_text(yaml.safe_dump(space_to_dict(supernet.space), sort_keys=False))
+    (out / "meta.json").write_text(json.dumps(meta or {}, indent=2) + "\n")
+    return out
+
+
+def load_supernet(path: str | Path, space: SearchSpace | None = None, **overrides) -> Supernet:
+    """Load a folder written by ``save_supernet`` (or ``tangle-ray export``).
+
+    With ``space`` given, the checkpoint must have been trained on a space of the same shape.
+    """
+    folder = Path(path)
+    missing = [name for name in SUPERNET_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ConfigError(
+            f"supernet checkpoint {folder}: missing {missing}; expected a folder written by "
+            f"`tangle-ray export RUN` (files {list(SUPERNET_FILES)})"
+        )
+    stored = space_from_dict(yaml.safe_load((folder / "space.yaml").read_text()), source=str(folder / "space.yaml"))
+    if space is not None and space_shape(space) != space_shape(stored):
+        want, have = space_shape(space), space_shape(stored)
+        diff = sorted(k for k in want if want[k] != have[k])
+        raise ConfigError(
+            f"supernet checkpoint {folder} was trained on space {stored.name!r}, which differs from space = "
+            f"{space.name!r} in {diff}: {[have[k] for k in diff]} vs {[want[k] for k in diff]}"
+        )
+    supernet = stored.build_supernet(**overrides)
+    try:
+        load_weights(supernet.net, load_file(str(folder / "supernet.safetensors")), f"supernet checkpoint {folder}")
+        supernet.alphas.load_state_dict(load_file(str(folder / "alphas.safetensors")))
+    except ConfigError:
+        raise
+    except Exception as e:  # corrupt file or shapes of another space
+        raise ConfigError(f"supernet checkpoint {folder}: cannot load weights ({type(e).__name__}: {e})") from None
+    return supernet
+
+
+def load_weights(module: nn.Module, state: dict[str, Tensor], where: str) -> None:
+    """Load a full state dict; tied weights (an output head that is the token embedding) may be absent."""
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes of another space
+        raise ConfigError(f"{where}: weights do not fit the model ({e})") from None
+    own = module.state_dict()
+    missing = set(result.missing_keys) - (set(own) - set(unique_tensors(own)))
+    if missing or result.unexpected_keys:
+        raise ConfigError(
+            f"{where}: weights do not fit the model (missing {sorted(missing)}, unexpected {sorted(result.unexpected_keys)})"
+        )
+
+
+def space_shape(space: SearchSpace) -> dict[str, Any]:
+    """What the weights depend on: the model, the choices and the fixed settings except dropout."""
+    d = space_to_dict(space)
+    return {"model": d["model"], "choices": d["choices"], "per_layer": d["per_layer"],
+            "fixed": {k: v for k, v in d["fixed"].items() if k != "dropout"}}
+
+
+def unique_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each tensor once (the tied output head is the token embedding), detached, contiguous, on the CPU."""
+    seen, out = set(), {}
+    for name, t in state.items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        out[name] = t.detach().contiguous().cpu()
+    return out

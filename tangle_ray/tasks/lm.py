@@ -1,0 +1,106 @@
+"""Language modelling: next-token prediction on windows of prepared token files, scored by cross-entropy."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tangle_ray.data.prepare import load_split, prepare_text, read_meta
+from tangle_ray.data.sampler import WindowSampler, eval_windows
+from tangle_ray.data.sources import TextSource
+from tangle_ray.errors import ConfigError
+from tangle_ray.space import SearchSpace
+from tangle_ray.tasks import register_task
+from tangle_ray.tasks.base import Metric, Task
+
+
+def lm_loss(logits: Tensor, targets: Tensor | None) -> Tensor | None:
+    """Mean next-token cross-entropy, in float32 at least (no bf16 softmax over the vocabulary)."""
+    if targets is None:
+        return None
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+
+@dataclass(frozen=True)
+class TextData:
+    """The ``data:`` section of a language-model run: prepared token files, or a source to prepare."""
+
+    dir: str = "data/tinystories"  # prepared token files (train.bin, valid.bin, test.bin, meta.json)
+    source: dict[str, Any] | None = None  # a TextSource to prepare into ``dir`` when it is not there yet
+    tokenizer: str = "gpt2"
+    bpe_file: str | None = None
+    valid_fraction: float = 0.2  # the architecture split's share of the training documents
+    num_proc: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.valid_fraction < 1.0:
+            raise ConfigError(f"run config: data.valid_fraction = {self.valid_fraction} must be in (0, 1)")
+
+
+@register_task
+class LanguageModelling(Task):
+    name = "lm"
+    data_config = TextData
+    unit = "tokens"
+    metrics = (Metric("loss", "loss", "min"), Metric("perplexity", "perplexity", "min", ".2f"))
+
+    def prepare(self, data: TextData, space: SearchSpace, seed: int) -> TextData:
+        folder = Path(data.dir)
+        if not (folder / "meta.json").is_file():
+            if data.source is None:
+                raise ConfigError(
+                    f"data.dir = {str(folder)!r} holds no prepared data (meta.json); prepare it with "
+                    "`tangle-ray data prepare` or give data.source to prepare it now"
+                )
+            try:
+                source = TextSource(**data.source)
+            except TypeError as e:
+                raise ConfigError(f"data.source = {data.source!r}: {e}; see `tangle-ray data prepare --help`") from None
+            prepare_text(source, folder, tokenizer=data.tokenizer, bpe_file=data.bpe_file,
+                         valid_fraction=data.valid_fraction, seed=seed, num_proc=data.num_proc)
+        vocab = read_meta(folder)["vocab_size"]
+        if vocab > space.fixed["vocab_size"]:
+            raise ConfigError(
+                f"data.dir {folder}: tokenizer vocabulary {vocab} does not fit space {space.name!r} "
+                f"(vocab_size {space.fixed['vocab_size']})"
+            )
+        return replace(data, dir=str(folder.resolve()))
+
+    def batches(self, data: TextData, fixed: dict[str, Any], split: str, micro_batch: int,
+                seed: int) -> WindowSampler:
+        return WindowSampler(load_split(data.dir, split), fixed["block_size"], micro_batch, seed, split)
+
+    def eval_set(self, data: TextData, fixed: dict[str, Any], split: str, num: int,
+                 seed: int) -> tuple[Tensor, Tensor]:
+        """``num`` fixed windows of ``split`` (fewer if the split is short), checked against the vocabulary."""
+        x, y = eval_windows(load_split(data.dir, split), fixed["block_size"], num, seed)
+        top = int(max(x.max(), y.max()))
+        if top >= fixed["vocab_size"]:
+            raise ConfigError(
+                f"data {data.dir}: split {split!r} holds token id {top}, outside the model's vocabulary "
+                f"of {fixed['vocab_size']}: was it prepared with another tokenizer?"
+            )
+        return x, y
+
+    def units_per_sample(self, fixed: dict[str, Any]) -> int:
+        return fixed["block_size"]
+
+    def evaluate(self, output_of: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, batch_size: int) -> dict[str, Any]:
+        """Mean cross-entropy as the exactly rounded sum (``math.fsum``) of per-token losses over their count,
+        so it depends on the logits only, not on the batch size."""
+        losses: list[float] = []
+        for start in range(0, len(x), batch_size):
+            logits = output_of(x[start:start + batch_size])
+            yb = y[start:start + batch_size].to(logits.device)
+            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), yb.reshape(-1), reduction="none")
+            losses.extend(nll.double().cpu().tolist())
+        loss = math.fsum(losses) / len(losses)
+        return {"loss": loss, "perplexity": math.exp(loss), "samples": len(x), "tokens": len(losses)}

@@ -1,0 +1,171 @@
+"""The Ray Train worker loop: DeepSpeed trains the weights, a method (``methods.py``) runs each step.
+
+The loop reads top to bottom: build the method's module and the DeepSpeed engine, restore the latest
+checkpoint if there is one, then step, log, evaluate and checkpoint until the last step.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tangle_ray.errors import ConfigError
+from tangle_ray.evaluate import score
+from tangle_ray.space import space_to_dict
+from tangle_ray.train import checkpoint as ckpt
+from tangle_ray.train.config import RunPlan
+from tangle_ray.train.deepspeed import deepspeed_config, lr_factor, weight_optimizer
+from tangle_ray.train.methods import METHODS, Context
+from tangle_ray.train.progress import Progress
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    plan: RunPlan = loop_config["plan"]
+    if not plan.config.scaling.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    Worker(plan).run()
+
+
+class Worker:
+    def __init__(self, plan: RunPlan):
+        import deepspeed
+        import ray.train
+        import ray.train.torch
+
+        cfg, task, fixed = plan.config, plan.task, plan.space.fixed
+        info = ray.train.get_context()
+        rank, world = info.get_world_rank(), info.get_world_size()
+        self.ctx = ctx = Context(
+            plan, rank, world, ray.train.torch.get_device(),
+            train=task.batches(cfg.data, fixed, "train", cfg.micro_batch_size, cfg.seed),
+            valid=task.batches(cfg.data, fixed, "valid", cfg.micro_batch_size, cfg.seed),
+        )
+        self.eval_x, self.eval_y = task.eval_set(cfg.data, fixed, "valid", cfg.eval_samples, cfg.seed)
+        self.method = METHODS[cfg.method](ctx)
+        torch.manual_seed(cfg.seed)  # the same initial weights and architecture parameters on every rank
+        module = self.method.build().to(ctx.device)
+        if cfg.compile:
+            module.compile() if cfg.method == "fixed" else module.compile_superposition()
+        optimizer = weight_optimizer(module, cfg, lambda n, p, m: p.ndim < 2)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg))
+        self.method.attach(self.engine)
+        self.nodes = self._gather_node_ids()
+        self.progress = Progress(plan.run_dir, rank, plan.space, task.unit, cfg.steps,
+                                 local="://" not in cfg.run.storage_path)
+        self.history: dict[str, list] = {"alphas": [], "metrics": [], "anytime": []}
+        self.step = 0
+        self._restore()
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> None:
+        cfg = self.ctx.cfg
+        units_per_step = cfg.global_batch_size * self.ctx.task.units_per_sample(self.ctx.space.fixed)
+        start, t0 = self.step, time.time()
+        last_log = (self.step, t0)
+        window: list[dict[str, float]] = []
+        while self.step < cfg.steps:
+            if cfg.inject_failure_at_step == self.step and start == 0 and self.ctx.rank == 0:
+                raise RuntimeError(f"injected failure at step {self.step} (inject_failure_at_step)")
+            window.append(self.method.step(self.step))
+            self.step += 1
+            log = self.step % cfg.log_every == 0 or self.step == cfg.steps
+            if log:
+                now = time.time()
+                speed = units_per_step * (self.step - last_log[0]) / max(now - last_log[1], 1e-9)
+                eta = (now - t0) / (self.step - start) * (cfg.steps - self.step)
+                self._record(window, speed, eta, now - t0)
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                self._evaluate()
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self._checkpoint()
+            if log:  # throughput counts training steps, not evaluations and checkpoints
+                window, last_log = [], (self.step, time.time())
+
+    def _record(self, window: list[dict[str, float]], units_per_s: float, eta_s: float, elapsed_s: float) -> None:
+        means = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
+        arch = self.method.reported_arch()
+        extra = self.method.progress()
+        row = {"step": self.step, **means, f"{self.ctx.task.unit}_per_s": units_per_s, "lr": self.engine.get_lr()[0],
+               "arch_params": self.ctx.space.param_count(arch), "elapsed_s": elapsed_s,
+               "optimizer_state_bytes": self._optimizer_state_bytes()}
+        if "arch_entropy" in extra:
+            row["arch_entropy"] = extra["arch_entropy"]
+        if "alphas" in extra:
+            self.history["alphas"].append({"step": self.step, **extra["alphas"]})
+        self.history["metrics"].append(row)
+        self.progress.record(row, arch, eta_s)
+
+    def _evaluate(self) -> None:
+        """The any-time curve: the reported architecture with the current weights, on fixed validation samples."""
+        module = self.engine.module
+        scores = score(module, self.method.output_of(module), self.ctx.task, self.eval_x, self.eval_y,
+                       self.ctx.cfg.micro_batch_size)
+        row = {"step": self.step, **{f"valid_{m.key}": scores[m.key] for m in self.ctx.task.metrics},
+               "arch": self.method.reported_arch()}
+        self.history["anytime"].append(row)
+        self.progress.scalar("anytime_valid_loss", scores["loss"], self.step)
+
+    def _optimizer_state_bytes(self) -> int:
+        """Bytes of the weight optimizer's state (Adam moments) held by this rank: what ZeRO partitions."""
+        optimizer = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # ZeRO wraps torch's
+        return sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                   for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _checkpoint(self) -> None:
+        import ray.train
+
+        ctx = self.ctx
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            self.engine.save_checkpoint(tmp, tag=ckpt.DS_TAG)
+            ckpt.write_rank_files(folder, ctx.rank)
+            if ctx.rank == 0:
+                method_state, tensors = self.method.state()
+                state = {"step": self.step, "world_size": ctx.world, "space": space_to_dict(ctx.space),
+                         "history": self.history, "method": method_state}
+                summary = {"step": self.step, "world_size": ctx.world, "zero_stage": ctx.cfg.zero_stage,
+                           "method": ctx.cfg.method, "arch": self.method.reported_arch(), "nodes": self.nodes}
+                ckpt.write_run_state(folder, state, tensors, summary)
+            if ctx.world > 1:
+                dist.barrier()
+            last = self.history["metrics"][-1] if self.history["metrics"] else {}
+            ray.train.report({**last, "step": self.step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def _restore(self) -> None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as folder:
+            state = ckpt.read_run_state(folder)
+            if state["world_size"] != self.ctx.world:
+                raise ConfigError(
+                    f"checkpoint {folder} was written by {state['world_size']} workers, this run has "
+                    f"{self.ctx.world}; resume with the same scaling.num_workers (ZeRO shards are per rank)"
+                )
+            self.engine.load_checkpoint(folder, tag=ckpt.DS_TAG)
+            self.method.load_state(state["method"], ckpt.read_run_tensors(folder))
+            self.history, self.step = state["history"], state["step"]
+            ckpt.restore_rng(Path(folder), self.ctx.rank)
+        self.progress.log(f"resumed at step {self.step}")
+
+    def _gather_node_ids(self) -> list[str]:
+        """The Ray node of every rank, in rank order (shown in trainer_state.json)."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        if self.ctx.world == 1:
+            return [node]
+        nodes: list[str] = [""] * self.ctx.world
+        dist.all_gather_object(nodes, node)
+        return nodes

