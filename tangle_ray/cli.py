@@ -14,7 +14,7 @@ from tangle_ray.errors import ConfigError
 DEMO_OVERRIDES = [
     "space=gpt-nano", "method=tanglenas", "mixer=drnas", "steps=60", "global_batch_size=16", "micro_batch_size=8",
     "scaling.num_workers=2", "zero_stage=2", "log_every=10", "eval_every=20", "checkpoint_every=30",
-    "eval_windows=16", "optimizer.lr=3e-3", "optimizer.min_lr=3e-4", "optimizer.warmup_steps=10",
+    "eval_samples=16", "optimizer.lr=3e-3", "optimizer.min_lr=3e-4", "optimizer.warmup_steps=10",
     "arch_optimizer.lr=3e-2", "dropout=0.0",
 ]
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
+import torch
 from torch import Tensor
 
 from tangle_ray.space import SearchSpace
@@ -56,6 +57,10 @@ class Task:
 
     def eval_set(self, data: Any, fixed: dict[str, Any], split: str, num: int, seed: int) -> tuple[Tensor, Tensor]:
         """A fixed evaluation set of ``num`` samples of ``split`` (the same for every caller)."""
+        raise NotImplementedError
+
+    def random_batch(self, fixed: dict[str, Any], n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``n`` random inputs and targets of the right shapes and ranges (for tests and benchmarks)."""
         raise NotImplementedError
 
     def units_per_sample(self, fixed: dict[str, Any]) -> int:

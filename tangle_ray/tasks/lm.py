@@ -66,7 +66,15 @@ class LanguageModelling(Task):
                 raise ConfigError(f"data.source = {data.source!r}: {e}; see `tangle-ray data prepare --help`") from None
             prepare_text(source, folder, tokenizer=data.tokenizer, bpe_file=data.bpe_file,
                          valid_fraction=data.valid_fraction, seed=seed, num_proc=data.num_proc)
-        vocab = read_meta(folder)["vocab_size"]
+        meta = read_meta(folder)
+        stored = meta["fractions"]["valid"]
+        if abs(stored - data.valid_fraction) > 1e-9:
+            raise ConfigError(
+                f"data.dir {folder} was prepared with valid_fraction {stored}, the run asks for "
+                f"data.valid_fraction = {data.valid_fraction}: prepare another folder (tangle-ray data prepare "
+                f"--valid-fraction {data.valid_fraction}) or set data.valid_fraction: {stored}"
+            )
+        vocab = meta["vocab_size"]
         if vocab > space.fixed["vocab_size"]:
             raise ConfigError(
                 f"data.dir {folder}: tokenizer vocabulary {vocab} does not fit space {space.name!r} "
@@ -89,6 +97,10 @@ class LanguageModelling(Task):
                 f"of {fixed['vocab_size']}: was it prepared with another tokenizer?"
             )
         return x, y
+
+    def random_batch(self, fixed: dict[str, Any], n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        tokens = torch.randint(0, fixed["vocab_size"], (n, fixed["block_size"] + 1), generator=gen)
+        return tokens[:, :-1], tokens[:, 1:]
 
     def units_per_sample(self, fixed: dict[str, Any]) -> int:
         return fixed["block_size"]

@@ -192,18 +192,36 @@ class TangleNAS(Method):
         self.arch_opt.load_state_dict({"state": opt_state, "param_groups": state["arch_opt_groups"]})
 
 
+def spos_path(space: SearchSpace, seed: int, step: int, key: int) -> Arch:
+    """The uniformly sampled path of micro-batch ``key`` at ``step`` (a pure function of its arguments)."""
+    return space.sample(random.Random(keyed_generator(seed, step, key).initial_seed()))
+
+
 class SPOS(Method):
-    """Single-path one-shot: one uniformly sampled path per step, the same on every rank."""
+    """Single-path one-shot, as the reference trains it: a fresh uniformly sampled path for every micro-batch.
+
+    The path is keyed by the global micro-batch index, so 1 and N workers train the same paths. ZeRO-3 needs
+    every rank on the same path at the same time: there the key is the accumulation slot (the micro-batch's
+    place among this rank's ``gas``), so a step trains ``gas`` paths instead of ``G`` and runs with different
+    numbers of workers differ.
+    """
 
     name = "spos"
 
     def build(self) -> nn.Module:
         return self.ctx.space.build_supernet(**self.ctx.model_overrides()).net
 
+    def path_key(self, j: int) -> int:
+        return j % self.ctx.cfg.grad_accum_steps if self.ctx.cfg.zero_stage == 3 else j
+
     def step(self, step: int) -> dict[str, float]:
-        ctx = self.ctx
-        arch = ctx.space.sample(random.Random(keyed_generator(ctx.cfg.seed, step).initial_seed()))
-        return {"train_loss": self.weight_step(step, lambda m, x, y, j: m(x, y, arch=arch, keep_all_params=True)[1])}
+        seed, space = self.ctx.cfg.seed, self.ctx.space
+
+        def forward(m: nn.Module, x: Tensor, y: Tensor, j: int) -> Tensor:
+            arch = spos_path(space, seed, step, self.path_key(j))
+            return m(x, y, arch=arch, keep_all_params=True)[1]
+
+        return {"train_loss": self.weight_step(step, forward)}
 
     def reported_arch(self) -> Arch:
         return self.ctx.space.largest()

@@ -52,7 +52,7 @@ class Worker:
         module = self.method.build().to(ctx.device)
         if cfg.compile:
             module.compile() if cfg.method == "fixed" else module.compile_superposition()
-        optimizer = weight_optimizer(module, cfg, lambda n, p, m: p.ndim < 2)
+        optimizer = weight_optimizer(module, cfg, plan.space.family.no_weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
         self.engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg))

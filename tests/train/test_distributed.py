@@ -75,15 +75,25 @@ def test_spos_with_changing_depth_runs_under_zero(local_ray, tiny_config, stage)
     assert supernet.space.param_count(run.arch) == GPT.from_pretrained(run.export_dir / "model").num_parameters()
 
 
-def test_spos_paths_change_depth_across_steps():
-    import random
+def test_spos_two_workers_equal_one_worker_under_zero2(local_ray, tiny_config):
+    """Paths are keyed by the global micro-batch index, so the 2 x 2 micro-batches of a step on two workers
+    train the same four paths as one worker's four accumulation steps."""
+    one = _run(tiny_config, "spos-w1-z2", method="spos", scaling__num_workers=1, zero_stage=2, steps=6)
+    two = _run(tiny_config, "spos-z2", method="spos", scaling__num_workers=2, zero_stage=2, steps=6)
+    _assert_same_state(one, two, atol=2e-5)
 
+
+def test_spos_samples_a_path_per_micro_batch():
+    """The reference (model_spos.py) samples a fresh path at every forward: G paths per step, not one."""
     from tangle_ray import load_space
-    from tangle_ray.mixers import keyed_generator
+    from tangle_ray.train.methods import spos_path
 
     space = load_space("gpt-nano")
-    depths = {space.sample(random.Random(keyed_generator(0, step).initial_seed()))["n_layer"] for step in range(6)}
-    assert len(depths) > 1  # the SPOS run above (seed 0, 6 steps) does see different depths
+    for step in range(5):
+        paths = [spos_path(space, 0, step, j) for j in range(4)]  # tiny_config: G = 8 / 2 = 4 micro-batches
+        assert len({space.key(p) for p in paths}) == 4
+    depths = {spos_path(space, 0, step, 0)["n_layer"] for step in range(6)}
+    assert len(depths) > 1  # the SPOS runs above (seed 0, 6 steps) do see different depths
 
 
 def test_killed_run_resumes_to_the_same_state(local_ray, tiny_config):
