@@ -223,8 +223,8 @@ class EntangledPatchEmbed(nn.Module):
 
 
 class EntangledBlock(nn.Module):
-    def __init__(self, widths: list[int], heads: list[int], ratios: list[float], fixed: dict, rel_pos: tuple | None,
-                 drop_path_rate: float):
+    def __init__(self, widths: list[int], heads: list[int], ratios: list[float], fixed: dict,
+                 rel_pos: tuple[int, int] | None, drop_path_rate: float):
         super().__init__()
         D, R = max(widths), max(ratios)
         combos = [(e, hidden_width(e, r)) for e in widths for r in ratios]  # the order of outer(w_embd, w_ratio)
@@ -391,9 +391,10 @@ class ViTFamily(ModelFamily):
             if f[key] < 1:
                 raise ConfigError(f"{src}: fixed.{key} = {f[key]} must be a positive integer")
         if f["img_size"] % f["patch_size"]:
+            divisors = [p for p in range(1, f["img_size"] + 1) if f["img_size"] % p == 0]
             raise ConfigError(
                 f"{src}: fixed.img_size = {f['img_size']} is not divisible by fixed.patch_size = "
-                f"{f['patch_size']}; allowed patch sizes: the divisors of {f['img_size']}"
+                f"{f['patch_size']}; allowed patch sizes: {divisors}"
             )
         for key in ("dropout", "drop_path"):
             if not 0.0 <= f[key] < 1.0:

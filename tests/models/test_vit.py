@@ -1,5 +1,6 @@
 """The ViT (AutoFormer) family: superposed, single-path and extracted models agree exactly; counts; files."""
 
+import functools
 import json
 import random
 
@@ -16,22 +17,30 @@ from tangle_ray.ops.attention import fixed_head_attention
 from tangle_ray.space import space_to_dict
 
 
+@functools.cache
+def _net(name: str):
+    """The float64 supernet of a space, with random biases, norms, tokens and tables, so that a slicing mistake
+    cannot hide behind zeros and ones."""
+    space = load_space(name)
+    torch.manual_seed(0)
+    net = space.family.build_net(space).double().eval()
+    with torch.no_grad():
+        for key, p in net.named_parameters():
+            if "norm" in key or key.endswith("bias"):
+                p.add_(0.3 * torch.randn_like(p))
+            elif "table" in key or "token" in key or "pos_embed" in key:
+                p.normal_()
+    return space, net
+
+
 @pytest.fixture(scope="module")
 def space():
     return load_space("vit-micro")
 
 
 @pytest.fixture(scope="module")
-def net(space):
-    torch.manual_seed(0)
-    net = space.family.build_net(space).double().eval()
-    with torch.no_grad():  # random biases and norms, so a slicing mistake cannot hide behind zeros and ones
-        for name, p in net.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.3 * torch.randn_like(p))
-            elif "table" in name or "token" in name or "pos_embed" in name:
-                p.normal_()
-    return net
+def net():
+    return _net("vit-micro")[1]
 
 
 def _images(space, batch: int, seed: int) -> torch.Tensor:
@@ -46,12 +55,14 @@ def _soft(space, seed: int) -> dict[str, torch.Tensor]:
             for k, shape in space.arch_shapes().items()}
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_one_hot_superposition_equals_single_path_equals_extracted(space, net, seed):
+@pytest.mark.parametrize("name, seed", [("vit-micro", s) for s in range(6)] + [("vit-tiny", s) for s in range(2)])
+def test_one_hot_superposition_equals_single_path_equals_extracted(name, seed):
+    """vit-micro reads the class token, vit-tiny pools the patch tokens; both have relative positions."""
+    space, net = _net(name)
     rng = random.Random(seed)
     arch = space.sample(rng)
-    img, targets = _images(space, rng.randint(1, 4), seed), torch.randint(0, space.fixed["num_classes"], (4,))
-    targets = targets[: len(img)]
+    batch = rng.randint(1, 4)
+    img, targets = _images(space, batch, seed), torch.randint(0, space.fixed["num_classes"], (batch,))
     sup, sup_loss = net(img, targets, weights=space.one_hot(arch, torch.float64))
     path, path_loss = net(img, targets, arch=arch)
     ext, ext_loss = net.extract(arch).eval()(img, targets)
@@ -166,5 +177,14 @@ def test_extracted_model_round_trips(space, net, tmp_path):
 def test_space_checks_name_file_key_and_value():
     raw = space_to_dict(load_space("vit-tiny"))
     raw["fixed"]["img_size"] = 30
-    with pytest.raises(ConfigError, match=r"bad\.yaml: fixed\.img_size = 30 is not divisible by fixed\.patch_size = 4"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml: fixed\.img_size = 30 is not divisible by fixed\.patch_size = 4; "
+                                          r"allowed patch sizes: \[1, 2, 3, 5, 6, 10, 15, 30\]"):
         space_from_dict(raw, source="bad.yaml")
+
+
+def test_weight_decay_spares_tokens_tables_norms_and_biases(space, net):
+    params = {f"{m}.{n}".lstrip("."): (p, mod) for m, mod in net.named_modules()
+              for n, p in mod.named_parameters(recurse=False)}
+    decayed = sorted(k for k, (p, mod) in params.items() if not space.family.no_weight_decay(k, p, mod))
+    assert decayed and all(k.endswith("weight") and "norm" not in k for k in decayed)
+    assert not any(k.endswith(("cls_token", "pos_embed", "table_v", "table_h")) for k in decayed)
