@@ -24,12 +24,12 @@ import ray
 import torch
 from ray import tune
 
-from tangle_ray.folders import load_supernet, save_supernet
-from tangle_ray.tune.config import search_config_from_dict
 from tangle_ray.evaluate import evaluate_arch
+from tangle_ray.folders import load_supernet, save_supernet
+from tangle_ray.models import load_space
+from tangle_ray.tune.config import search_config_from_dict
 from tangle_ray.tune.searchers import RandomSearcher
 from tangle_ray.tune.tuner import make_trainable, make_tuner
-from tangle_ray.models import load_space
 
 
 def disk_trial(config: dict, path: str, x: np.ndarray, y: np.ndarray, batch_size: int) -> None:

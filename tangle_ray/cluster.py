@@ -1,25 +1,114 @@
-"""Starting or joining Ray, the same way for every command."""
+"""Starting or joining Ray, the same way for every command; checking that a request fits the cluster."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import socket
+from collections.abc import Mapping
+
+from tangle_ray.errors import ConfigError, clip, shorten
+
+CONNECT_TIMEOUT_S = 15.0
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
 
 
-def connect(address: str | None = None, num_cpus: int | None = None, verbose: bool = False) -> None:
+def connect(address: str | None = None, num_cpus: int | None = None, timeout_s: float = CONNECT_TIMEOUT_S,
+            verbose: bool = False) -> None:
     """Join the Ray cluster at ``address`` (or the one running on this machine), or start a local one.
 
     ``address="local"`` always starts a new local cluster (with ``num_cpus``); nothing happens when Ray is
-    already initialised in this process. Unless ``verbose``, Ray's own messages stay in its log files: workers'
-    output is not forwarded to this terminal and Ray's driver-side loggers only report errors.
+    already initialised in this process. An address that does not answer as a Ray cluster within
+    ``timeout_s`` is a ConfigError (``ray.init`` itself would wait for minutes). Unless ``verbose``, Ray's own
+    messages stay in its log files: workers' output is not forwarded here and Ray's loggers report errors only.
     """
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    target = address or os.environ.get("RAY_ADDRESS") or None
+    if target not in (None, "local"):
+        check_reachable(target, timeout_s)
     kwargs = {"num_cpus": num_cpus, "include_dashboard": False} if address == "local" else {}
     if not verbose:
         logging.getLogger("ray").setLevel(logging.ERROR)
         kwargs["logging_config"] = ray.LoggingConfig(log_level="ERROR")
-    ray.init(address=address, log_to_driver=verbose, **kwargs)
+    try:
+        ray.init(address=address, log_to_driver=verbose, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+        raise ConfigError(f"--address {shorten(target)}: cannot join the Ray cluster ({clip(str(e), 200)})") from None
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """ConfigError unless ``address`` (``host:port``, ``ray://host:port`` or ``auto``) answers like a Ray
+    cluster (a gRPC server) within ``timeout_s`` seconds."""
+    where = f"--address {shorten(address)}"
+    if address == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address_or_die
+
+            address = canonicalize_bootstrap_address_or_die("auto")
+        except (ConnectionError, RuntimeError, ValueError, ImportError) as e:
+            raise ConfigError(f"{where}: no Ray cluster is running on this machine ({clip(str(e), 200)}); "
+                              "start one with `ray start --head`, or leave --address out") from None
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{where}: expected host:port (e.g. 10.0.0.1:6379), ray://host:port or auto")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as s:
+            if os.environ.get("RAY_USE_TLS", "0") in ("0", ""):
+                s.settimeout(timeout_s)
+                s.sendall(_HTTP2_PREFACE)
+                reply = s.recv(9)  # a gRPC server's first frame is SETTINGS (type 4)
+                if len(reply) < 4 or reply[3] != 4:
+                    raise ConfigError(f"{where}: something answers there, but not a Ray cluster (no gRPC reply)")
+    except (TimeoutError, socket.timeout):
+        raise ConfigError(f"{where}: no answer within {timeout_s:g} s; is the Ray cluster running "
+                          "(`ray status` on its head node) and its port open?") from None
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot reach it ({e.strerror or e}); is the Ray cluster running "
+                          "(`ray start --head` on its head node)?") from None
+
+
+def worker_resources(use_gpu: bool, resources_per_worker: Mapping[str, float] | None) -> dict[str, float]:
+    """What one Ray Train worker asks for, as Ray Train works it out (1 CPU, or 1 GPU with ``use_gpu``)."""
+    per = dict(resources_per_worker) if resources_per_worker else ({"GPU": 1.0} if use_gpu else {"CPU": 1.0})
+    if use_gpu:
+        per.setdefault("GPU", 1.0)
+    return {k: float(v) for k, v in per.items() if v != 0}
+
+
+def check_resources(num_workers: int, per_worker: Mapping[str, float], what: str,
+                    placement_strategy: str = "PACK") -> None:
+    """After connecting: ConfigError when ``num_workers`` workers of ``per_worker`` resources can never run on
+    this cluster (Ray would wait for them forever), naming what is asked and what the cluster has.
+
+    ``TANGLE_RAY_AUTOSCALING=1`` (a cluster that grows on demand) skips the check.
+    """
+    import ray
+
+    if os.environ.get("TANGLE_RAY_AUTOSCALING") == "1":
+        return
+    nodes = [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+    total = {k: sum(n.get(k, 0.0) for n in nodes) for n in nodes for k in n}
+    have = ", ".join(f"{total.get(k, 0):g} {k}" for k in ("CPU", "GPU")) + f" on {len(nodes)} node(s)"
+    for key, amount in per_worker.items():
+        if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not math.isfinite(amount) or amount < 0:
+            raise ConfigError(f"{what}: {key} = {shorten(amount)} per worker must be a finite number >= 0")
+        if amount == 0:
+            continue
+        largest = max((n.get(key, 0.0) for n in nodes), default=0.0)
+        if largest < amount:
+            hint = " (set use_gpu = false on a cluster without GPUs)" if key == "GPU" else ""
+            raise ConfigError(f"{what}: each worker needs {amount:g} {key}, the largest node has {largest:g}; "
+                              f"the cluster has {have}{hint}")
+        fits = sum(math.floor(n.get(key, 0.0) / amount + 1e-9) for n in nodes)
+        if placement_strategy == "STRICT_PACK":
+            fits = max(math.floor(n.get(key, 0.0) / amount + 1e-9) for n in nodes)
+        elif placement_strategy == "STRICT_SPREAD":
+            fits = sum(1 for n in nodes if n.get(key, 0.0) >= amount)
+        if fits < num_workers:
+            raise ConfigError(f"{what}: {num_workers} workers x {amount:g} {key} ({placement_strategy}) do not fit: "
+                              f"at most {fits} fit; the cluster has {have}")

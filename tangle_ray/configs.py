@@ -1,22 +1,166 @@
 """Typed configs from YAML files: dataclasses built from mappings, with errors that name the setting.
 
-Shared by run files (``train/config.py``) and search files (``search/config.py``).
+Shared by run files (``train/config.py``), search files (``tune/config.py``) and space files. Every YAML or
+JSON file a user hands to tangle_ray is read by ``read_yaml`` / ``read_json``, which bound what a file may
+hold (size, nesting, aliases, expanded nodes) so that no file can hang or exhaust the driver.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from tangle_ray.errors import ConfigError
-
+from tangle_ray.errors import ConfigError, clip, shorten
 
 VOLATILE = {"identity": False}  # field metadata: a setting that does not make a run another run
+
+MAX_FILE_BYTES = 1 << 20  # a run, search, space or architecture file
+MAX_VALUE_CHARS = 1 << 16  # one key=value override
+MAX_DEPTH = 32  # nesting of mappings and lists
+MAX_NODES = 100_000  # scalars and collections, aliases expanded
+MAX_ALIASES = 1_000
+MAX_STRING = 4096  # characters of a string setting (a path is at most PATH_MAX)
+INT64 = (-(1 << 63), (1 << 63) - 1)
+MAX_PARAMS = 10**11  # parameters of the largest architecture of a space
+MAX_LAYERS = 1024  # the deepest choice of a space
+MAX_VALUES = 256  # values of one choice
+
+
+# ===================================================================== bounded readers
+
+
+def read_text(path: str | Path, what: str, limit: int = MAX_FILE_BYTES) -> str:
+    """The UTF-8 text of a regular file of at most ``limit`` bytes, or a ConfigError naming it."""
+    p = Path(path)
+    if "\x00" in str(path):
+        raise ConfigError(f"{what} {shorten(str(path))}: a path may not contain NUL")
+    if not p.is_file():  # also refuses FIFOs and devices (/dev/zero, /dev/stdin) that would hang a reader
+        raise ConfigError(f"{what} {shorten(str(path))} does not exist or is not a regular file")
+    try:
+        with open(p, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot read it ({e.strerror or e})") from None
+    if len(data) > limit:
+        raise ConfigError(f"{what} {path} is larger than {limit:,} bytes; a config file is far smaller")
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)`` within the bounds above; every problem is a ConfigError naming ``source``."""
+    try:
+        _check_bounds(text, source)
+        return yaml.load(text, Loader=yaml.SafeLoader)
+    except ConfigError:
+        raise
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {clip(str(e), 400)}") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:  # e.g. 2024-13-45, an int of 5000 digits
+        raise ConfigError(f"{source}: a value cannot be read ({type(e).__name__}: {clip(str(e), 200)})") from None
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The data of a YAML file (run, search, space file), bounded; errors name the file."""
+    return parse_yaml(read_text(path, what), str(path))
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """The data of a JSON file (architecture, config.json, meta.json), bounded, without NaN or Infinity."""
+    text = read_text(path, what)
+    try:
+        data = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"{what} {path}: not valid JSON ({clip(str(e), 200)})") from None
+    check_plain(data, f"{what} {path}")
+    return data
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _check_bounds(text: str, source: str) -> None:
+    """Walk the YAML events once: nesting depth, aliases (no alias inside its own anchor), the number of nodes
+    with every alias expanded, and no key twice in a mapping. Billion-laughs files stop here, in linear time."""
+    sizes: dict[str, int] = {}  # anchor -> expanded nodes
+    stack: list[list] = []  # open collections: [anchor, expanded nodes, keys seen (mappings) or None, at a key]
+    expanded = aliases = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            expanded += 1
+            stack.append([event.anchor, 1, set() if isinstance(event, yaml.MappingStartEvent) else None, True])
+            if len(stack) > MAX_DEPTH:
+                raise ConfigError(f"{source}: nested deeper than {MAX_DEPTH} levels")
+            continue
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, n, _, _ = stack.pop()
+            if anchor is not None:
+                sizes[anchor] = n
+        elif isinstance(event, yaml.AliasEvent):
+            aliases += 1
+            if event.anchor not in sizes:
+                raise ConfigError(f"{source}: alias *{shorten(event.anchor)} refers to an anchor that is not "
+                                  "complete (undefined, or the alias is inside it)")
+            n = sizes[event.anchor]
+            expanded += n
+        elif isinstance(event, yaml.ScalarEvent):
+            n = 1
+            expanded += 1
+            if event.anchor is not None:
+                sizes[event.anchor] = 1
+        else:
+            continue
+        if aliases > MAX_ALIASES or expanded > MAX_NODES:
+            raise ConfigError(f"{source}: holds more than {MAX_NODES:,} values once its {aliases} aliases are "
+                              f"expanded (at most {MAX_ALIASES} aliases); a config file is far smaller")
+        if stack:  # the node is complete: count it in its parent; a mapping alternates keys and values
+            parent = stack[-1]
+            parent[1] += n
+            if parent[2] is not None:
+                if parent[3] and isinstance(event, yaml.ScalarEvent) and event.value != "<<":
+                    if event.value in parent[2]:
+                        raise ConfigError(f"{source}: key {shorten(event.value)} appears twice in one mapping "
+                                          f"(line {event.start_mark.line + 1})")
+                    parent[2].add(event.value)
+                parent[3] = not parent[3]
+
+
+def check_plain(value: Any, where: str, depth: int = 0) -> Any:
+    """``value`` if it is plain JSON data: null, booleans, integers, finite numbers, strings, lists and mappings
+    with string keys, nested at most ``MAX_DEPTH`` deep."""
+    if depth > MAX_DEPTH:
+        raise ConfigError(f"{where}: nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} = {shorten(value)}: must be a finite number")
+    if isinstance(value, str) and "\x00" in value:
+        raise ConfigError(f"{where} = {shorten(value)}: must not contain NUL")
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            check_plain(v, f"{where}[{i}]", depth + 1)
+        return value
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{where}: key {shorten(k)} must be a string")
+            check_plain(v, f"{where}.{k}", depth + 1)
+        return value
+    raise ConfigError(f"{where} = {shorten(value)}: a {type(value).__name__} is not plain data "
+                      "(allowed: numbers, strings, booleans, null, lists, mappings)")
+
+
+# ===================================================================== configs
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -38,33 +182,36 @@ def identity(config: Any) -> dict[str, Any]:
 def read_settings(path: str | Path | None, overrides: list[str] | None, kind: str) -> tuple[dict[str, Any], str]:
     """The mapping of a YAML ``kind`` file (or an empty one) with dotted ``key=value`` overrides applied,
     and the source name to put in error messages."""
-    raw: dict[str, Any] = {}
+    raw: Any = {}
     source = f"{kind} config"
     if path is not None:
         source = str(path)
-        if not Path(path).is_file():
-            raise ConfigError(f"{kind} file {path} does not exist")
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raw = read_yaml(path, f"{kind} file")
+        if raw is None:
+            raw = {}
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a {kind} file must be a mapping of settings")
+            raise ConfigError(f"{path}: a {kind} file must be a mapping of settings, got {type(raw).__name__}")
     for item in overrides or []:
+        if not isinstance(item, str) or len(item) > MAX_VALUE_CHARS:
+            raise ConfigError(f"override {shorten(item)}: expected a key=value string of at most "
+                              f"{MAX_VALUE_CHARS:,} characters")
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. optimizer.lr=1e-3")
-        set_dotted(raw, key.strip(), yaml.safe_load(value), item)
+            raise ConfigError(f"override {shorten(item)}: expected key=value, e.g. optimizer.lr=1e-3")
+        set_dotted(raw, key.strip(), parse_yaml(value, f"override {shorten(item)}"), item)
     return raw, source
 
 
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any, what: str = "") -> None:
     *parents, last = dotted.split(".")
+    if not all(p.strip() for p in (*parents, last)):
+        raise ConfigError(f"override {shorten(what or dotted)}: {shorten(dotted)} has an empty part; "
+                          "write group.setting, e.g. optimizer.lr")
     node = raw
     for p in parents:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {what or dotted!r}: {p!r} is not a group of settings")
+            raise ConfigError(f"override {shorten(what or dotted)}: {p!r} is not a group of settings")
     node[last] = value
 
 
@@ -75,11 +222,14 @@ def build(cls: type, raw: Any, source: str, generic: str, prefix: str = ""):
     ``source`` (the file) in the error.
     """
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {shorten(raw)}")
+    bad_keys = [k for k in raw if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"{source}: setting names must be strings, got {shorten(bad_keys)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ConfigError(f"{source}: unknown setting(s) {[prefix + u for u in unknown]}; "
+        raise ConfigError(f"{source}: unknown setting(s) {shorten([prefix + u for u in unknown], 200)}; "
                           f"allowed: {[prefix + f for f in fields]}")
     missing = [n for n, f in fields.items()
                if n not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -98,7 +248,8 @@ def build(cls: type, raw: Any, source: str, generic: str, prefix: str = ""):
 
 
 def coerce(value: Any, typ: Any, where: str) -> Any:
-    """Check a scalar against its annotation: ints where ints, numbers (made float) where floats."""
+    """Check a value against its annotation: ints (64-bit) where ints, finite numbers (made float) where floats,
+    strings without NUL, mappings and lists of plain data."""
     is_union = get_origin(typ) in (Union, UnionType)
     if value is None:
         if is_union and type(None) in get_args(typ):
@@ -107,23 +258,121 @@ def coerce(value: Any, typ: Any, where: str) -> Any:
     base = next(t for t in get_args(typ) if t is not type(None)) if is_union else typ
     if base in (int, float) and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
         try:
-            value = float(value)
+            value = float(value.strip())
         except ValueError:
-            raise ConfigError(f"{where} = {value!r} must be a number") from None
+            raise ConfigError(f"{where} = {shorten(value)} must be a number") from None
     if base is int and isinstance(value, float) and value.is_integer():
         value = int(value)
     if base is bool and not isinstance(value, bool):
-        raise ConfigError(f"{where} = {value!r} must be true or false")
-    if base is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{where} = {value!r} must be an integer")
+        raise ConfigError(f"{where} = {shorten(value)} must be true or false")
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} = {shorten(value)} must be an integer")
+        if not INT64[0] <= value <= INT64[1]:
+            raise ConfigError(f"{where} = {shorten(value)} is outside the 64-bit integer range")
     if base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} = {value!r} must be a number")
-        return float(value)
-    if base is str and not isinstance(value, str):
-        raise ConfigError(f"{where} = {value!r} must be a string")
+        return finite(value, where)
+    if base is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} = {shorten(value)} must be a string")
+        if "\x00" in value or len(value) > MAX_STRING:
+            raise ConfigError(f"{where} = {shorten(value)} must be a string of at most {MAX_STRING} characters "
+                              "without NUL")
     if get_origin(base) is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(get_args(base)):
-            raise ConfigError(f"{where} = {value!r} must be a list of {len(get_args(base))} numbers")
-        return tuple(float(v) for v in value)
+        n = len(get_args(base))
+        if not isinstance(value, (list, tuple)) or len(value) != n:
+            raise ConfigError(f"{where} = {shorten(value)} must be a list of {n} numbers")
+        return tuple(finite(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if base is dict or get_origin(base) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} = {shorten(value)} must be a mapping")
+        item_type = (get_args(base) or (str, Any))[1]
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{where}: key {shorten(k)} must be a string")
+            out[k] = finite(v, f"{where}.{k}") if item_type is float else check_plain(v, f"{where}.{k}")
+        return out
+    if base is list or get_origin(base) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} = {shorten(value)} must be a list")
+        return check_plain(value, where)
     return value
+
+
+def finite(value: Any, where: str) -> float:
+    """``value`` as a float if it is a finite number (not a boolean), else a ConfigError."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where} = {shorten(value)} must be a number")
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out):
+        raise ConfigError(f"{where} = {shorten(value)} must be a finite number (not NaN or infinite)")
+    return out
+
+
+def check_range(value: float, where: str, lo: float | None = None, hi: float | None = None,
+                lo_open: bool = False, hi_open: bool = False) -> None:
+    """ConfigError unless ``lo <= value <= hi`` (``<`` on an open side), naming the interval allowed."""
+    ok = (lo is None or (value > lo if lo_open else value >= lo)) and (
+        hi is None or (value < hi if hi_open else value <= hi))
+    if not ok:
+        left = "(" if lo_open or lo is None else "["
+        right = ")" if hi_open or hi is None else "]"
+        interval = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+        raise ConfigError(f"{where} = {shorten(value)} must be in {interval}")
+
+
+def int_at_least(lo: int):
+    """An argparse ``type``: an integer of at least ``lo`` (``--seed -1``, ``--stories -5`` are usage errors)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{shorten(text)} is not an integer") from None
+        if not lo <= value <= INT64[1]:
+            raise argparse.ArgumentTypeError(f"{value} must be an integer of at least {lo}")
+        return value
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+# ===================================================================== spaces
+
+
+def check_space_bounds(space: Any) -> None:
+    """Before the family checks a space: every choice a finite positive number, at most ``MAX_VALUES`` values
+    a choice and ``MAX_LAYERS`` layers (so that counting parameters cannot take forever)."""
+    for d in space.dims.values():
+        where = f"{space.source}: {'per_layer' if d.per_layer else 'choices'}.{d.name}"
+        if len(d.values) > MAX_VALUES:
+            raise ConfigError(f"{where} has {len(d.values)} values; at most {MAX_VALUES} are allowed")
+        for v in d.values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{where}: value {shorten(v)} must be a finite number")
+    depth = max(space.dims[space.depth_dim].values)
+    if depth > MAX_LAYERS:
+        raise ConfigError(f"{space.source}: choices.{space.depth_dim} = {shorten(depth)} layers; "
+                          f"at most {MAX_LAYERS} are allowed")
+    for key, value in space.fixed.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{space.source}: fixed.{key} = {shorten(value)} must be a finite number")
+        if isinstance(value, int) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]:
+            raise ConfigError(f"{space.source}: fixed.{key} = {shorten(value)} is outside the 64-bit range")
+
+
+def check_space_size(space: Any, max_params: int = MAX_PARAMS) -> None:
+    """After the family checks a space: its largest architecture has at most ``max_params`` parameters."""
+    params = space.param_count(space.largest())
+    if params > max_params:
+        raise ConfigError(f"{space.source}: the largest architecture has {params:.3g} parameters; at most "
+                          f"{max_params:.0e} are allowed (check the choices and fixed settings for a typo)")

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from tangle_ray.errors import ConfigError
+from tangle_ray.folders import load_supernet
 from tangle_ray.models import get_family, load_model
 from tangle_ray.space import Arch, read_arch
-from tangle_ray.folders import load_supernet
 from tangle_ray.tasks import Task, get_task
 
 DEFAULT_BATCH_SIZE = 16

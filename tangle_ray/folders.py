@@ -2,7 +2,8 @@
 
 A supernet folder (written by ``tangle-ray export``) holds ``space.yaml`` (the space as it was trained),
 ``supernet.safetensors`` (the entangled weights), ``alphas.safetensors`` (architecture parameters) and
-``meta.json`` (method, step, anything else given). Model folders are written by each family's
+``meta.json`` (method, step, anything else given), and ``manifest.json`` (sizes and hashes, written last and
+checked before anything is read: ``tangle_ray.manifest``). Model folders are written by each family's
 ``save_pretrained`` and read by ``tangle_ray.models.load_model``.
 """
 
@@ -16,7 +17,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from tangle_ray.errors import ConfigError
+from tangle_ray.configs import parse_yaml
+from tangle_ray.errors import ConfigError, clip
+from tangle_ray.manifest import check_manifest, remove_manifests, write_manifest
 from tangle_ray.models import space_from_dict
 from tangle_ray.space import SearchSpace, space_to_dict
 from tangle_ray.supernet import Supernet
@@ -27,10 +30,12 @@ SUPERNET_FILES = ("space.yaml", "supernet.safetensors", "alphas.safetensors", "m
 def save_supernet(supernet: Supernet, out_dir: str | Path, meta: dict[str, Any] | None = None) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_manifests(out)  # until the new manifest is written, the folder is refused
     save_file(unique_tensors(supernet.net.state_dict()), str(out / "supernet.safetensors"))
     save_file(unique_tensors(dict(supernet.alphas)), str(out / "alphas.safetensors"))
     (out / "space.yaml").write_text(yaml.safe_dump(space_to_dict(supernet.space), sort_keys=False))
-    (out / "meta.json").write_text(json.dumps(meta or {}, indent=2) + "\n")
+    (out / "meta.json").write_text(json.dumps(meta or {}, indent=2, allow_nan=False) + "\n")
+    write_manifest(out, SUPERNET_FILES)
     return out
 
 
@@ -46,7 +51,13 @@ def load_supernet(path: str | Path, space: SearchSpace | None = None, **override
             f"supernet checkpoint {folder}: missing {missing}; expected a folder written by "
             f"`tangle-ray export RUN` (files {list(SUPERNET_FILES)})"
         )
-    stored = space_from_dict(yaml.safe_load((folder / "space.yaml").read_text()), source=str(folder / "space.yaml"))
+    check_manifest(folder, "supernet checkpoint", required=SUPERNET_FILES)
+    try:
+        text = (folder / "space.yaml").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"supernet checkpoint {folder}: cannot read space.yaml ({clip(str(e), 200)})") from None
+    source = str(folder / "space.yaml")
+    stored = space_from_dict(parse_yaml(text, source), source=source)
     if space is not None and space_shape(space) != space_shape(stored):
         want, have = space_shape(space), space_shape(stored)
         diff = sorted(k for k in want if want[k] != have[k])

@@ -1,11 +1,11 @@
 """Keyed image micro-batches and fixed evaluation sets, read from a prepared folder (:class:`ImageStore`).
 
-``ImageBatches.get(step, micro_index)`` is a pure function of ``(seed, split, step, micro_index)``: every random
-choice (which images, crops, flips, RandAugment ops, erasing, the mixup/cutmix draw) comes from Generators seeded
-by ``SeedSequence([seed, split_key, step, micro_index])`` and its children, so 1 and N ranks (numbering the
-micro-batches of a global batch 0..G-1), worker processes and resumed runs get identical batches. Images are
-drawn uniformly with replacement, like the text windows. :class:`PrefetchedBatches` decodes ahead in DataLoader
-worker processes whose item ``key`` is the micro-batch of that key.
+``ImageBatches.get(step, micro_index)`` is a pure function of ``(seed, split, step, micro_index)``: every
+random choice (which images, crops, flips, RandAugment ops, erasing, the mixup/cutmix draw) comes from
+Generators seeded by ``SeedSequence([seed, split_key, step, micro_index])`` and its children, so 1 and N ranks
+(numbering the micro-batches of a global batch 0..G-1), worker processes and resumed runs get identical
+batches. Images are drawn uniformly with replacement, like the text windows. :class:`PrefetchedBatches`
+decodes ahead in DataLoader worker processes whose item ``key`` is the micro-batch of that key.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ def _mode(in_chans: int) -> str:
 
 
 class ImageBatches:
-    """Augmented training micro-batches: ``x`` float32 [micro_batch, in_chans, img_size, img_size] and ``y``
-    int64 [micro_batch] class indices, or float32 [micro_batch, num_classes] soft targets when mixup, cutmix or
-    label smoothing is on (they sum to 1 per row)."""
+    """Augmented training micro-batches: ``x`` float32 [micro_batch, in_chans, img_size, img_size] and
+    ``y`` int64 [micro_batch] class indices, or float32 [micro_batch, num_classes] soft targets when mixup,
+    cutmix or label smoothing is on (they sum to 1 per row)."""
 
     def __init__(
         self,
@@ -47,7 +47,6 @@ class ImageBatches:
         in_chans: int,
         num_classes: int,
         augment: Augment,
-        valid_fraction: float = 0.2,
     ):
         if micro_batch < 1 or seed < 0 or img_size < 1:
             raise ConfigError(f"micro_batch={micro_batch} and img_size={img_size} must be >= 1, seed={seed} >= 0")
@@ -57,7 +56,7 @@ class ImageBatches:
             )
         self.store, self.split, self.micro_batch, self.seed = store, split, micro_batch, seed
         self.size, self.mode, self.num_classes, self.augment = img_size, _mode(in_chans), num_classes, augment
-        self.records = store.split(split, valid_fraction, seed)
+        self.records = store.split(split)
         self._key = _split_key(split)
 
     def _seeds(self, step: int, micro_index: int) -> list[np.random.SeedSequence]:
@@ -68,14 +67,18 @@ class ImageBatches:
 
     def records_of(self, step: int, micro_index: int) -> np.ndarray:
         """Record indices of the images of micro-batch ``micro_index`` at ``step``."""
-        rng = np.random.default_rng(self._seeds(step, micro_index)[0])
-        return self.records[rng.integers(0, len(self.records), self.micro_batch)]
+        return self._pick(self._seeds(step, micro_index)[0])
+
+    def _pick(self, seed: np.random.SeedSequence) -> np.ndarray:
+        return self.records[np.random.default_rng(seed).integers(0, len(self.records), self.micro_batch)]
 
     def get(self, step: int, micro_index: int) -> tuple[Tensor, Tensor]:
         seeds, aug, store = self._seeds(step, micro_index), self.augment, self.store
-        picks = self.records_of(step, micro_index)
+        picks = self._pick(seeds[0])
         rngs = [np.random.default_rng(s) for s in seeds[2:]]
-        pixels = [train_image(store.encoded(r), store.where(r), self.size, self.mode, aug, g) for r, g in zip(picks, rngs)]
+        pixels = [
+            train_image(store.encoded(r), store.where(r), self.size, self.mode, aug, g) for r, g in zip(picks, rngs)
+        ]
         x = normalise(torch.from_numpy(np.stack(pixels)))
         for image, g in zip(x, rngs):
             if g.random() < aug.random_erase:
@@ -121,8 +124,12 @@ class PrefetchedBatches:
         self.batches = batches
         self._keys = _Keys()
         self._loader = DataLoader(
-            _Keyed(batches), batch_size=None, sampler=self._keys, num_workers=num_workers,
-            prefetch_factor=prefetch, persistent_workers=True,
+            _Keyed(batches),
+            batch_size=None,
+            sampler=self._keys,
+            num_workers=num_workers,
+            prefetch_factor=prefetch,
+            persistent_workers=True,
         )
         self._stream: Iterator | None = None
         self._start, self._pos = 0, 0  # the stream's first step, and how many keys it has given
@@ -177,15 +184,26 @@ class _EvalChunks(Dataset):
 
     def __getitem__(self, i: int) -> Tensor:
         s = self.store
-        return torch.from_numpy(np.stack([eval_image(s.encoded(r), s.where(r), self.size, self.mode, self.crop) for r in self.chunks[i]]))
+        return torch.from_numpy(
+            np.stack([eval_image(s.encoded(r), s.where(r), self.size, self.mode, self.crop) for r in self.chunks[i]])
+        )
 
 
 def eval_images(
-    store: ImageStore, records: np.ndarray, img_size: int, in_chans: int, crop: float = 0.875, num_workers: int = 0
+    store: ImageStore,
+    records: np.ndarray,
+    img_size: int,
+    in_chans: int,
+    crop: float = 0.875,
+    num_workers: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Images ``records`` with the evaluation transform: x float32 [n, C, H, W], y int64 [n] (in order)."""
     chunks = [records[i : i + 64] for i in range(0, len(records), 64)]
     dataset = _EvalChunks(store, chunks, img_size, _mode(in_chans), crop)
     workers = min(num_workers, len(chunks))
-    parts = list(DataLoader(dataset, batch_size=None, num_workers=workers)) if workers else [dataset[i] for i in range(len(chunks))]
+    parts = (
+        list(DataLoader(dataset, batch_size=None, num_workers=workers))
+        if workers
+        else [dataset[i] for i in range(len(chunks))]
+    )
     return normalise(torch.cat(parts)), torch.from_numpy(store.labels[records])

@@ -1,11 +1,12 @@
 """Prepare an image source once into a memory-mappable folder, and read it back (:class:`ImageStore`).
 
-The folder holds ``images.bin`` (the encoded images back to back, originals unless ``short_side`` shrinks larger
-ones), ``offsets.npy`` (int64, N + 1 byte offsets), ``labels.npy`` (int64, N) and ``meta.json`` (classes, counts,
-the record ranges of the source's train and test splits, format version). It is built in a temporary folder and
-renamed into place, so an interrupted run leaves nothing that :class:`ImageStore` accepts. Splits: ``train`` and
-``valid`` are a class-balanced split of the source's train part (``valid_fraction``, seed), computed on load;
-``test`` is the source's own held-out split.
+The folder holds ``images.bin`` (the encoded images back to back: the originals, unless ``short_side`` shrinks
+larger ones), ``offsets.npy`` (int64, N + 1 byte offsets), ``labels.npy`` (int64, N), the record indices of
+each split (``train.npy``, ``valid.npy``, ``test.npy``) and ``meta.json`` (classes, counts, format version).
+``train`` and ``valid`` are a class-balanced split of the source's training images (``valid_fraction`` of each
+class, drawn by ``seed``); ``test`` is the source's own held-out split. Everything is written into a temporary
+folder that is then renamed into place, so an interrupted run leaves nothing :class:`ImageStore` accepts. A
+new split of the same images links the image files instead of rewriting them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import json
 import os
 import shutil
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,10 +29,10 @@ from PIL import Image
 from tangle_ray.data.images import ImageSource, OpenedSource, open_source, split_balanced
 from tangle_ray.errors import ConfigError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: an unreleased draft without the split files
 META = "meta.json"
 SPLITS = ("train", "valid", "test")
-_FILES = ("images.bin", "offsets.npy", "labels.npy")
+_IMAGE_FILES = ("images.bin", "offsets.npy", "labels.npy")
 
 
 def read_image_meta(data_dir: str | Path) -> dict[str, Any]:
@@ -42,14 +45,17 @@ def read_image_meta(data_dir: str | Path) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise ConfigError(f"{str(path)!r} is corrupt ({e}): prepare again") from None
     if not isinstance(meta, dict) or meta.get("kind") != "images":
-        raise ConfigError(f"{str(path)!r} does not describe prepared images (kind {meta.get('kind')!r})")
+        kind = meta.get("kind") if isinstance(meta, dict) else None
+        raise ConfigError(f"{str(path)!r} does not describe prepared images (kind {kind!r})")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(f"{str(path)!r} has format {meta.get('format_version')!r}, not {FORMAT_VERSION}: prepare again")
+        raise ConfigError(
+            f"{str(path)!r} has format {meta.get('format_version')!r}, not {FORMAT_VERSION}: prepare again"
+        )
     return meta
 
 
 class ImageStore:
-    """Read-only access to a prepared folder: encoded images by record, labels, and split record indices.
+    """Read-only access to a prepared folder: encoded images by record, labels, split record indices.
 
     ``images.bin`` is memory-mapped on first use in each process (pickling drops the map: safe for workers).
     """
@@ -60,14 +66,24 @@ class ImageStore:
         try:
             self.offsets = np.load(self.dir / "offsets.npy", allow_pickle=False)
             self.labels = np.load(self.dir / "labels.npy", allow_pickle=False)
+            self.splits = {s: np.load(self.dir / f"{s}.npy", allow_pickle=False) for s in SPLITS}
             size = (self.dir / "images.bin").stat().st_size
         except (OSError, ValueError) as e:
             raise ConfigError(f"prepared images {str(self.dir)!r} are incomplete ({e}): prepare again") from None
-        n = self.meta["records"]
-        if self.offsets.shape != (n + 1,) or self.labels.shape != (n,) or int(self.offsets[-1]) != size:
+        try:
+            n, counts = self.meta["records"], [self.meta["splits"][s]["images"] for s in SPLITS]
+            consistent = (
+                self.offsets.shape == (n + 1,)
+                and self.labels.shape == (n,)
+                and int(self.offsets[-1]) == size
+                and [len(self.splits[s]) for s in SPLITS] == counts
+                and all(k in self.meta for k in ("num_classes", "parts", "valid_fraction", "seed"))
+            )
+        except (KeyError, TypeError):
+            consistent = False
+        if not consistent:
             raise ConfigError(f"prepared images {str(self.dir)!r} do not match meta.json: prepare again")
         self._bin: np.memmap | None = None
-        self._splits: dict[tuple, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -79,6 +95,12 @@ class ImageStore:
     def num_classes(self) -> int:
         return self.meta["num_classes"]
 
+    def split(self, name: str) -> np.ndarray:
+        """Sorted record indices of split ``name`` (``train``, ``valid`` or ``test``); never empty."""
+        if name not in SPLITS:
+            raise ConfigError(f"image split {name!r} is unknown; allowed: {list(SPLITS)}")
+        return self.splits[name]
+
     def encoded(self, record: int) -> bytes:
         if self._bin is None:
             self._bin = np.memmap(self.dir / "images.bin", dtype=np.uint8, mode="r")
@@ -87,61 +109,114 @@ class ImageStore:
     def where(self, record: int) -> str:
         return f"{self.dir / 'images.bin'} record {record}"
 
-    def split(self, name: str, valid_fraction: float, seed: int) -> np.ndarray:
-        """Sorted record indices of split ``name`` (``train``, ``valid`` or ``test``); never empty."""
-        if name not in SPLITS:
-            raise ConfigError(f"image split {name!r} is unknown; allowed: {list(SPLITS)}")
-        key = (name, valid_fraction, seed)
-        if key not in self._splits:
-            lo, hi = self.meta["parts"]["test" if name == "test" else "train"]
-            if name == "test":
-                records = np.arange(lo, hi)
-            else:
-                rest, share = split_balanced(self.labels[lo:hi], valid_fraction, seed)
-                records = (rest if name == "train" else share) + lo
-            if len(records) == 0:
-                raise ConfigError(
-                    f"image split {name!r} of {str(self.dir)!r} is empty ({hi - lo} source images, "
-                    f"valid_fraction={valid_fraction}): give more images per class or another valid_fraction"
-                )
-            self._splits[key] = records
-        return self._splits[key]
 
-
-def prepare_images(source: ImageSource, out_dir: str | Path, short_side: int = 0, quality: int = 90) -> Path:
+def prepare_images(
+    source: ImageSource,
+    out_dir: str | Path,
+    valid_fraction: float = 0.2,
+    seed: int = 0,
+    short_side: int = 0,
+    quality: int = 90,
+) -> Path:
     """Prepare ``source`` into ``out_dir`` (see the module docstring); returns ``out_dir``.
 
-    A rerun with the same input files (path, size, modification time), ``short_side`` and ``quality`` returns
-    at once; any change rebuilds. ``short_side`` > 0 re-encodes images whose shorter side is larger as JPEG of
-    ``quality``. Concurrent calls on one folder wait for each other (a file lock). Every image's header is
-    read: an undecodable file is a ConfigError naming it.
+    A rerun with the same input files (path, size, modification time), ``short_side`` and ``quality`` keeps
+    the images; a different ``valid_fraction`` or ``seed`` only writes a new split. ``short_side`` > 0
+    re-encodes images whose shorter side is larger as JPEG of ``quality``. Every image's header is read: an
+    undecodable file is a ConfigError naming it. Concurrent calls on one folder wait for each other.
     """
     if short_side < 0 or not 1 <= quality <= 100:
         raise ConfigError(f"short_side={short_side} must be >= 0 and quality={quality} in 1..100")
     out = Path(out_dir)
+    with _locked(out):
+        opened = open_source(source)
+        key = {
+            "format_version": FORMAT_VERSION,
+            "kind": "images",
+            "input_hash": opened.input_hash,
+            "short_side": short_side,
+            "quality": quality if short_side else None,
+        }
+        meta = _current_meta(out)
+        if meta is not None and {k: meta.get(k) for k in key} == key:
+            _resplit(out, meta, valid_fraction, seed)
+            return out
+        _check_replaceable(out)
+
+        def build(tmp: Path) -> dict[str, Any]:
+            return {**key, "source": asdict(source), **_write(opened, tmp, short_side, quality)}
+
+        _build(out, build, valid_fraction, seed)
+    return out
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """An exclusive file lock beside ``out``; clears the temporary folders of killed runs."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        opened = open_source(source)
-        key = {"format_version": FORMAT_VERSION, "kind": "images", "input_hash": opened.input_hash,
-               "short_side": short_side, "quality": quality if short_side else None}
-        try:
-            meta = ImageStore(out).meta
-            if {k: meta.get(k) for k in key} == key:
-                return out
-        except ConfigError:
-            pass
-        _check_replaceable(out)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        tmp.mkdir()
-        try:
-            meta = {**key, "source": asdict(source), **_write(opened, tmp, short_side, quality)}
-            (tmp / META).write_text(json.dumps(meta, indent=1))
-            _swap(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        yield
+
+
+def _current_meta(out: Path) -> dict[str, Any] | None:
+    try:
+        return ImageStore(out).meta
+    except ConfigError:
+        return None
+
+
+def _resplit(out: Path, meta: dict[str, Any], valid_fraction: float, seed: int) -> None:
+    if (meta["valid_fraction"], meta["seed"]) != (valid_fraction, seed):
+
+        def link(tmp: Path) -> dict[str, Any]:
+            for name in _IMAGE_FILES:
+                try:
+                    os.link(out / name, tmp / name)
+                except OSError:  # no hard links on this file system
+                    shutil.copyfile(out / name, tmp / name)
+            return {k: v for k, v in meta.items() if k not in ("valid_fraction", "seed", "splits")}
+
+        _build(out, link, valid_fraction, seed)
+
+
+def _build(out: Path, fill: Callable[[Path], dict[str, Any]], valid_fraction: float, seed: int) -> None:
+    """Fill a temporary folder (images by ``fill``, then the split and ``meta.json``) and swap it in."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        meta = fill(tmp)
+        splits = _write_splits(tmp, meta, valid_fraction, seed)
+        meta = {**meta, "valid_fraction": valid_fraction, "seed": seed, "splits": splits}
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        if out.exists():
+            old = out.parent / f".{out.name}.tmp-old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_splits(folder: Path, meta: dict[str, Any], valid_fraction: float, seed: int) -> dict[str, Any]:
+    labels = np.load(folder / "labels.npy", allow_pickle=False)
+    (lo, hi), (test_lo, test_hi) = meta["parts"]["train"], meta["parts"]["test"]
+    rest, share = split_balanced(labels[lo:hi], valid_fraction, seed)
+    out = {}
+    for name, records in (("train", rest + lo), ("valid", share + lo), ("test", np.arange(test_lo, test_hi))):
+        if len(records) == 0:
+            raise ConfigError(
+                f"image split {name!r} would be empty ({hi - lo} training images in "
+                f"{meta['num_classes']} classes, valid_fraction={valid_fraction}): give more images per "
+                "class or another valid_fraction"
+            )
+        np.save(folder / f"{name}.npy", records.astype(np.int64))
+        counts = np.bincount(labels[records], minlength=meta["num_classes"]).tolist()
+        out[name] = {"file": f"{name}.npy", "images": len(records), "class_counts": counts}
     return out
 
 
@@ -159,18 +234,8 @@ def _check_replaceable(out: Path) -> None:
             )
 
 
-def _swap(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.tmp-old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def _write(opened: OpenedSource, folder: Path, short_side: int, quality: int) -> dict[str, Any]:
-    """Stream every sample into ``folder``; returns the content part of ``meta.json``."""
+    """Stream every sample into ``folder``; returns the image part of ``meta.json``."""
     from datasets.utils import tqdm  # honours datasets.disable_progress_bars()
 
     classes = opened.classes
@@ -199,13 +264,11 @@ def _write(opened: OpenedSource, folder: Path, short_side: int, quality: int) ->
     np.save(folder / "offsets.npy", np.asarray(offsets, np.int64))
     np.save(folder / "labels.npy", np.asarray(labels, np.int64))
     num_classes = len(classes) if classes is not None else max(labels) + 1
-    lab = np.asarray(labels)
     return {
         "classes": classes if classes is not None else [str(c) for c in range(num_classes)],
         "num_classes": num_classes,
         "records": len(labels),
         "parts": parts,
-        "class_counts": {s: np.bincount(lab[lo:hi], minlength=num_classes).tolist() for s, (lo, hi) in parts.items()},
         "modes": dict(modes),
         "min_side": int(sides[0]),
         "max_side": int(sides[1]),
@@ -227,7 +290,7 @@ def _shrink(data: bytes, short_side: int, quality: int) -> bytes:
     scale = short_side / min(img.size)
     size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
     img.draft("RGB", size)  # JPEG: decode at a reduced scale where it still covers ``size``
-    img = img.convert("L" if img.mode == "L" else "RGB").resize(size, Image.BICUBIC)
+    img = img.convert("L" if img.mode == "L" else "RGB").resize(size, Image.Resampling.BICUBIC)
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=quality)
     return buf.getvalue()

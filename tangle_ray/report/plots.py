@@ -60,10 +60,11 @@ def plot_pareto(
     return save(fig, path)
 
 
-def plot_anytime(steps: Sequence[int], losses: Sequence[float], path: str | Path) -> Path:
-    """Any-time performance: validation loss of the current argmax architecture against the step."""
-    fig, ax = new_axes("Any-time performance", "step", "validation loss of the argmax architecture", (5.5, 3.4))
-    ax.plot(steps, losses, marker="o")
+def plot_anytime(steps: Sequence[int], values: Sequence[float], path: str | Path,
+                 label: str = "validation loss of the argmax architecture") -> Path:
+    """Any-time performance: the score (``label``) of the architecture a run follows, against the step."""
+    fig, ax = new_axes("Any-time performance", "step", label, (5.5, 3.4))
+    ax.plot(steps, values, marker="o")
     return save(fig, path)
 
 

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from tangle_ray.report.plots import plot_anytime, plot_choice_trajectory
-from tangle_ray.space import SearchSpace
+from tangle_ray.space import Arch, SearchSpace
 
 
-def write_run_report(run_dir: Path, plan, history: dict[str, list], arch: dict[str, Any],
-                     export_dir: Path | None, test_scores: dict[str, Any] | None = None) -> Path:
+def write_run_report(run_dir: Path, plan, history: dict[str, list], arch: Arch | None, export_dir: Path | None,
+                     test_scores: dict[str, Any] | None = None,
+                     against_random: dict[str, Any] | None = None) -> Path:
     """Every file of a finished run's report; ``plan`` is the run's ``train.config.RunPlan``."""
-    space = plan.space
+    space, objective = plan.space, plan.task.objective
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "arch.json").write_text(json.dumps(arch, indent=2) + "\n")
+    if arch is not None:
+        (run_dir / "arch.json").write_text(json.dumps(space.active(arch), indent=2) + "\n")
     _write_csv(run_dir / "metrics.csv", history["metrics"])
     _write_csv(run_dir / "anytime.csv", [{k: v for k, v in r.items() if k != "arch"} for r in history["anytime"]])
     plots = []
@@ -24,11 +27,29 @@ def write_run_report(run_dir: Path, plan, history: dict[str, list], arch: dict[s
         _write_csv(run_dir / "alphas.csv", list(_alpha_rows(history["alphas"], space)))
         plots += plot_alpha_trajectories(history["alphas"], space, run_dir)
     if history["anytime"]:
-        steps, losses = zip(*[(r["step"], r["valid_loss"]) for r in history["anytime"]])
-        plots.append(plot_anytime(steps, losses, run_dir / "anytime.png"))
-    summary = _summary(plan, history, arch, export_dir, plots, test_scores)
+        key = f"valid_{objective.key}"
+        steps, values = zip(*[(r["step"], r[key]) for r in history["anytime"]])
+        plots.append(plot_anytime(steps, values, run_dir / "anytime.png", f"validation {objective.label} of "
+                                  f"the {_followed(plan.config.method)}"))
+    summary = _summary(plan, history, arch, export_dir, plots, test_scores, against_random)
     (run_dir / "summary.md").write_text(summary)
     return run_dir / "summary.md"
+
+
+def _followed(method: str) -> str:
+    return {"tanglenas": "argmax architecture", "spos": "largest architecture", "fixed": "model"}[method]
+
+
+def confidence(alphas: dict[str, Any], space: SearchSpace, depth: int) -> list[tuple[str, float, float]]:
+    """For every active choice: its name, the probability of the chosen value and its margin over the
+    runner-up (softmax of the final architecture parameters)."""
+    rows = []
+    for d in space.dims.values():
+        probs = alphas[d.name][:depth] if d.per_layer else [alphas[d.name]]
+        for layer, p in enumerate(probs):
+            top = sorted(p, reverse=True)
+            rows.append((f"{d.name}[{layer}]" if d.per_layer else d.name, top[0], top[0] - top[1]))
+    return rows
 
 
 def _alpha_rows(alphas: list[dict[str, Any]], space: SearchSpace):
@@ -61,32 +82,80 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def _summary(plan, history, arch, export_dir, plots: list[Path], test_scores: dict[str, Any] | None) -> str:
-    cfg, space, unit = plan.config, plan.space, plan.task.unit
-    last = history["metrics"][-1] if history["metrics"] else {}
-    per_sample = plan.task.units_per_sample(space.fixed)
+def _summary(plan, history, arch, export_dir, plots: list[Path], test_scores: dict[str, Any] | None,
+             against_random: dict[str, Any] | None) -> str:
+    cfg, space, task = plan.config, plan.space, plan.task
+    unit, last = task.unit, history["metrics"][-1] if history["metrics"] else {}
+    per_sample = task.units_per_sample(space.fixed)
     lines = [
         f"# Run `{cfg.run.name}`", "",
         f"- space: `{space.name}`, method: `{cfg.method}`" + (f" (mixer `{cfg.mixer}`)" if cfg.method == "tanglenas" else ""),
         f"- steps: {last.get('step', 0)} of {cfg.steps}, global batch {cfg.global_batch_size} x "
         f"{per_sample} {unit}, {cfg.scaling.num_workers} worker(s), ZeRO stage {cfg.zero_stage}",
-        f"- final train loss: {last.get('train_loss', float('nan')):.4f}"
-        + (f", architecture-split loss: {last['valid_loss']:.4f}" if "valid_loss" in last else ""),
+        f"- final training loss (weight split{', superposed' if cfg.method == 'tanglenas' else ''}): "
+        f"{last.get('train_loss', float('nan')):.4f}"
+        + (f"; architecture-split loss (superposed): {last['arch_loss']:.4f}" if "arch_loss" in last else ""),
         f"- throughput: {last.get(f'{unit}_per_s', 0):,.0f} {unit}/s", "",
-        "## Chosen architecture", "", "```json", json.dumps(arch), "```", "",
-        f"{space.param_count(arch) / 1e6:.2f}M parameters, "
-        f"{space.flops(arch) / 1e9:.2f} GFLOPs per sample of {per_sample} {unit} (forward).", "",
     ]
+    if arch is None:
+        lines += ["## Next step", "", "SPOS trains the supernet and chooses no architecture. Search it with "
+                  "inherited weights on Ray Tune: `tangle-ray tune recipes/tune/<search>.yaml "
+                  f"supernet={export_dir / 'supernet' if export_dir else 'RUN/export/supernet'}`.", ""]
+    else:
+        lines += ["## Chosen architecture" if cfg.method == "tanglenas" else "## Architecture", "",
+                  "```json", json.dumps(space.active(arch)), "```", "",
+                  f"{space.param_count(arch) / 1e6:.2f}M parameters, "
+                  f"{space.flops(arch) / 1e9:.3g} GFLOPs per sample of {per_sample} {unit} (forward).", ""]
+    if history["alphas"]:
+        lines += _confidence_lines(history, space, arch)
+    if against_random:
+        lines += _random_lines(against_random, task)
     if test_scores:
-        metrics = ", ".join(f"{m.label} {test_scores[m.key]:{m.fmt}}" for m in plan.task.metrics)
+        metrics = ", ".join(f"{m.label} {test_scores[m.key]:{m.fmt}}" for m in task.metrics)
         lines += ["## Test split", "", f"The trained model on {test_scores['samples']:,} held-out test samples: "
                   f"{metrics} (`test_scores.json`).", ""]
     if history["anytime"]:
-        lines += ["## Any-time performance", "", "| step | valid loss of argmax arch |", "|---:|---:|"]
-        lines += [f"| {r['step']} | {r['valid_loss']:.4f} |" for r in history["anytime"]]
+        key = f"valid_{task.objective.key}"
+        lines += ["## Any-time performance", "",
+                  f"Validation {task.objective.label} of the {_followed(cfg.method)} (single path, current weights, "
+                  f"eval mode) on {cfg.eval_samples} fixed validation samples. Where the argmax changes, the curve "
+                  "jumps with it: the superposition trains the mixture, and a new argmax's single path is "
+                  "scored as it stands.", "",
+                  f"| step | {task.objective.label} | architecture |", "|---:|---:|---|"]
+        lines += [f"| {r['step']} | {r[key]:{task.objective.fmt}} | `{space.describe(r['arch'])}` |"
+                  for r in history["anytime"]]
         lines.append("")
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     if export_dir:
-        lines += ["## Export", "", f"Extracted model and consolidated supernet: `{export_dir}`", ""]
+        lines += ["## Export", "", f"Consolidated supernet and extracted model: `{export_dir}`", ""]
     return "\n".join(lines)
+
+
+def _confidence_lines(history: dict[str, list], space: SearchSpace, arch: Arch) -> list[str]:
+    first, final = history["alphas"][0], history["alphas"][-1]
+    rows = confidence(final, space, int(arch[space.depth_dim]))
+    entropy, start = history["metrics"][-1].get("arch_entropy"), history["metrics"][0].get("arch_entropy")
+    h_max = sum(math.log(len(d.values)) * (space.max_layers if d.per_layer else 1) for d in space.dims.values())
+    h_max /= sum(space.max_layers if d.per_layer else 1 for d in space.dims.values())
+    weakest = min(rows, key=lambda r: r[2])
+    lines = ["## How sure the search is", ""]
+    if entropy is not None and start is not None:
+        lines.append(f"Mean entropy of the architecture weights: {start:.3f} at step {first['step']} -> "
+                     f"{entropy:.3f} now (uniform: {h_max:.3f}). The weakest choice is `{weakest[0]}` with a margin "
+                     f"of {weakest[2]:.3f} over its runner-up.")
+    lines += ["", "| choice | probability | margin over runner-up |", "|---|---:|---:|"]
+    lines += [f"| `{name}` | {p:.3f} | {m:.3f} |" for name, p, m in rows]
+    return lines + [""]
+
+
+def _random_lines(result: dict[str, Any], task) -> list[str]:
+    objective = next(m for m in task.metrics if m.key == result["metric"])
+    randoms = sorted(result["random"], reverse=objective.mode == "max")
+    k = len(randoms)
+    return ["## Against random architectures", "",
+            f"With the supernet's inherited weights, on {result['samples']:,} held-out test samples, the chosen "
+            f"architecture scores {objective.label} {result['chosen']:{objective.fmt}} and beats "
+            f"{result['beaten']} of {k} random architectures of the space (theirs: best "
+            f"{randoms[0]:{objective.fmt}}, median {randoms[k // 2]:{objective.fmt}}, worst "
+            f"{randoms[-1]:{objective.fmt}}; `against_random.json`).", ""]

@@ -12,12 +12,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tangle_ray.configs import VOLATILE
 from tangle_ray.data.augment import Augment
 from tangle_ray.data.image_batches import ImageBatches, PrefetchedBatches, eval_images, eval_records
-from tangle_ray.data.image_prepare import META, SPLITS, ImageStore, prepare_images
+from tangle_ray.data.image_prepare import META, ImageStore, prepare_images
 from tangle_ray.data.images import ImageSource
 from tangle_ray.errors import ConfigError
 from tangle_ray.space import SearchSpace
@@ -29,14 +31,14 @@ FIXED = ("img_size", "in_chans", "num_classes")
 
 @dataclass(frozen=True)
 class ImageData:
-    """The ``data:`` section of an image-classification run: a prepared folder, or a source to prepare into it."""
+    """The ``data:`` section of an image-classification run: a prepared folder, or a source to prepare."""
 
-    dir: str = "data/imagenet"  # prepared images (images.bin, offsets.npy, labels.npy, meta.json)
+    dir: str = "data/imagenet"  # a prepared folder (images.bin, offsets.npy, labels.npy, split .npy files, meta.json)
     source: dict[str, Any] | None = None  # an ImageSource (kind, path, ...): prepared into ``dir``, cached
     valid_fraction: float = 0.2  # the architecture split's class-balanced share of the training images
     short_side: int = 0  # preparation: re-encode images with a larger shorter side to this one (0: originals)
-    num_workers: int = 0  # decoding processes per training process (0: decode in the training process)
-    prefetch: int = 2  # micro-batches decoded ahead per worker
+    num_workers: int = field(default=0, metadata=VOLATILE)  # decoding processes per trainer (0: in the trainer)
+    prefetch: int = field(default=2, metadata=VOLATILE)  # micro-batches decoded ahead per worker
     eval_crop: float = 0.875  # evaluation: shorter side to img_size / eval_crop, then the centre crop
     augment: Augment = field(default_factory=Augment)
 
@@ -53,15 +55,16 @@ class ImageData:
                 raise ConfigError(f"run config: data.{name} = {getattr(self, name)!r}; allowed: {allowed}")
 
 
-def _fixed(space: SearchSpace) -> tuple[int, int, int]:
-    missing = [k for k in FIXED if k not in space.fixed]
+def _fixed(fixed: dict[str, Any]) -> tuple[int, int, int]:
+    """(img_size, in_chans, num_classes) of a space's or a model's fixed settings."""
+    missing = [k for k in FIXED if k not in fixed]
     if missing:
-        raise ConfigError(f"space {space.name!r}: the classify task needs fixed settings {list(FIXED)}; missing: {missing}")
-    img_size, in_chans, num_classes = (space.fixed[k] for k in FIXED)
+        raise ConfigError(f"the classify task needs fixed settings {list(FIXED)}; missing: {missing}")
+    img_size, in_chans, num_classes = (fixed[k] for k in FIXED)
     if in_chans not in (1, 3):
-        raise ConfigError(f"space {space.name!r}: fixed.in_chans = {in_chans!r}; allowed: [1, 3]")
+        raise ConfigError(f"fixed.in_chans = {in_chans!r}: images have 1 or 3 channels; allowed: [1, 3]")
     if img_size < 1 or num_classes < 1:
-        raise ConfigError(f"space {space.name!r}: fixed.img_size = {img_size} and num_classes = {num_classes} must be >= 1")
+        raise ConfigError(f"fixed.img_size = {img_size} and fixed.num_classes = {num_classes} must be >= 1")
     return img_size, in_chans, num_classes
 
 
@@ -77,53 +80,80 @@ class ClassifyTask(Task):
     )
 
     def prepare(self, data: ImageData, space: SearchSpace, seed: int) -> ImageData:
-        """Prepare ``data.source`` into ``data.dir`` (reused when unchanged), then check that the labels fit
-        ``num_classes`` and that no split is empty."""
+        """Prepare ``data.source`` into ``data.dir`` (kept while its files are unchanged; the train/valid split
+        is drawn by ``seed`` when the folder is first made), refuse a folder split with another
+        ``valid_fraction``, and check that the labels fit the space's ``num_classes``."""
         folder = Path(data.dir)
-        _, _, num_classes = _fixed(space)
+        try:
+            _, _, num_classes = _fixed(space.fixed)
+        except ConfigError as e:
+            raise ConfigError(f"space {space.name!r}: {e}") from None
+        try:
+            meta = ImageStore(folder).meta
+        except ConfigError:
+            if data.source is not None:
+                meta = None
+            elif not (folder / META).is_file():
+                raise ConfigError(
+                    f"data.dir = {str(folder)!r} holds no prepared images (meta.json); give data.source "
+                    "(e.g. {kind: imagefolder, path: imagenet}) to prepare them"
+                ) from None
+            else:
+                raise
+        if meta is not None and abs(meta["valid_fraction"] - data.valid_fraction) > 1e-9:
+            raise ConfigError(
+                f"data.dir {str(folder)!r} was split with valid_fraction {meta['valid_fraction']}, the run asks for "
+                f"data.valid_fraction = {data.valid_fraction}: use another data.dir or set "
+                f"data.valid_fraction: {meta['valid_fraction']}"
+            )
         if data.source is not None:
             try:
                 source = ImageSource(**data.source)
             except TypeError as e:
-                raise ConfigError(f"data.source = {data.source!r}: {e}; allowed keys: kind, path, train_split, "
-                                  "test_split, image_field, label_field, files") from None
-            prepare_images(source, folder, short_side=data.short_side)
-        elif not (folder / META).is_file():
-            raise ConfigError(
-                f"data.dir = {str(folder)!r} holds no prepared images (meta.json); give data.source "
-                "(e.g. {kind: imagefolder, path: imagenet}) to prepare them"
-            )
+                raise ConfigError(
+                    f"data.source = {data.source!r}: {e}; allowed keys: kind, path, train_split, "
+                    "test_split, image_field, label_field, files"
+                ) from None
+            split_seed = seed if meta is None else meta["seed"]
+            prepare_images(source, folder, data.valid_fraction, split_seed, short_side=data.short_side)
         store = ImageStore(folder)
         top = int(store.labels.max())
         if top >= num_classes:
             raise ConfigError(
-                f"data.dir {str(folder)!r}: label {top} ({store.num_classes} classes) is out of range for space "
-                f"{space.name!r} (fixed.num_classes = {num_classes}; allowed labels 0..{num_classes - 1})"
+                f"data.dir {str(folder)!r}: label {top} ({store.num_classes} classes) is out of range for "
+                f"space {space.name!r} (fixed.num_classes = {num_classes}; "
+                f"allowed labels 0..{num_classes - 1})"
             )
-        for split in SPLITS:
-            store.split(split, data.valid_fraction, seed)
         return replace(data, dir=str(folder.resolve()))
 
-    def batches(self, data: ImageData, space: SearchSpace, split: str, micro_batch: int, seed: int) -> Batches:
-        """Augmented micro-batches of ``split`` (training augmentation for every split)."""
-        img_size, in_chans, num_classes = _fixed(space)
-        batches = ImageBatches(ImageStore(data.dir), split, micro_batch, seed, img_size, in_chans, num_classes,
-                               data.augment, data.valid_fraction)
+    def batches(self, data: ImageData, fixed: dict[str, Any], split: str, micro_batch: int, seed: int) -> Batches:
+        """Augmented micro-batches of ``split`` (the training augmentation for every split)."""
+        img_size, in_chans, num_classes = _fixed(fixed)
+        batches = ImageBatches(
+            ImageStore(data.dir), split, micro_batch, seed, img_size, in_chans, num_classes, data.augment
+        )
         return PrefetchedBatches(batches, data.num_workers, data.prefetch) if data.num_workers else batches
 
-    def eval_set(self, data: ImageData, space: SearchSpace, split: str, num: int, seed: int) -> tuple[Tensor, Tensor]:
-        """``num`` fixed images of ``split`` (all if fewer) with the evaluation transform; y int64 class indices."""
-        img_size, in_chans, _ = _fixed(space)
+    def eval_set(
+        self, data: ImageData, fixed: dict[str, Any], split: str, num: int, seed: int
+    ) -> tuple[Tensor, Tensor]:
+        """``num`` fixed images of ``split`` (all if fewer), evaluation transform; y: int64 class indices."""
+        img_size, in_chans, _ = _fixed(fixed)
         store = ImageStore(data.dir)
-        records = eval_records(store.split(split, data.valid_fraction, seed), num, seed)
+        records = eval_records(store.split(split), num, seed)
         return eval_images(store, records, img_size, in_chans, data.eval_crop, data.num_workers)
 
-    def units_per_sample(self, space: SearchSpace) -> int:
+    def random_batch(self, fixed: dict[str, Any], n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Normal noise images [n, in_chans, img_size, img_size] and class indices [n]."""
+        size, chans, classes = (fixed[k] for k in FIXED)
+        return torch.randn(n, chans, size, size, generator=gen), torch.randint(0, classes, (n,), generator=gen)
+
+    def units_per_sample(self, fixed: dict[str, Any]) -> int:
         return 1
 
     def evaluate(self, output_of: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, batch_size: int) -> dict[str, Any]:
-        """Mean cross-entropy (``math.fsum`` of per-image losses) and top-1/top-5 accuracy (integer counts): the
-        same for any batch size. ``y`` holds class indices."""
+        """Mean cross-entropy (``math.fsum`` of per-image losses) and top-1/top-5 accuracy (integer counts):
+        the same for any batch size. ``y`` holds class indices."""
         if y.ndim != 1 or len(x) != len(y) or len(y) == 0:
             raise ValueError(f"expected n > 0 images and n class indices, got x {tuple(x.shape)}, y {tuple(y.shape)}")
         losses: list[float] = []

@@ -3,25 +3,45 @@
 A checkpoint folder (one per ``ray.train.report``) holds DeepSpeed's files under ``ds/`` (written by all
 ranks), ``run_state.json`` (rank 0: step, world size, space, the run's history and the method's JSON state),
 ``run_state.safetensors`` (rank 0: the method's tensors, e.g. architecture parameters and their optimizer),
-``rng_rank{r}.safetensors`` (each rank's torch RNG state) and ``trainer_state.json`` (rank 0: a readable
-summary). Everything tangle_ray writes here is JSON or safetensors: reading it runs no code.
+``rng_rank{r}.safetensors`` (each rank's torch RNG state), ``trainer_state.json`` (rank 0: a readable
+summary) and one manifest part per rank (``seal``, written last: sizes and sha256 of that rank's files).
+
+Every reader here checks the manifests first (``check_checkpoint``): a folder with a missing, truncated or
+changed file, or a file no rank wrote, is refused with a ConfigError naming it. Everything tangle_ray writes
+is JSON or safetensors; DeepSpeed's own shards are ``torch.save`` files, read here only with
+``weights_only=True`` (``weights_only_loads``). See docs/reliability.md for the trust boundary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
+import pickle
+import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import ConfigError, clip
+from tangle_ray.manifest import check_manifest, write_manifest
+from tangle_ray.names import check_name
 
 DS_TAG = "ds"
 RUN_STATE = "run_state.json"
 RUN_TENSORS = "run_state.safetensors"
 TRAINER_STATE = "trainer_state.json"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints of a run
+MAX_JSON_BYTES = 1 << 30
+TRUST_ENV = "TANGLE_RAY_TRUST_PICKLES"  # "1": DeepSpeed files may hold any Python object (trusted folders only)
+log = logging.getLogger(__name__)
+
+
+# ===================================================================== writing (workers)
 
 
 def write_rank_files(folder: Path, rank: int) -> None:
@@ -36,43 +56,95 @@ def write_run_state(folder: Path, state: dict[str, Any], tensors: dict[str, torc
     (folder / TRAINER_STATE).write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def restore_rng(folder: Path, rank: int) -> None:
-    path = folder / f"rng_rank{rank}.safetensors"
-    if path.is_file():
-        torch.set_rng_state(load_file(str(path))["rng"])
+def seal(folder: Path, rank: int, world: int) -> None:
+    """Each rank, after its last file and before the barrier: the manifest part of the files this rank wrote."""
+    write_manifest(folder, part=rank, parts=world)
+
+
+# ===================================================================== checking and finding
+
+
+def check_checkpoint(folder: str | Path) -> Path:
+    """``folder`` if its manifests check (every rank's files present and unchanged, nothing else there)."""
+    check_manifest(folder, "checkpoint", strict=True, required=(TRAINER_STATE, RUN_STATE))
+    return Path(folder)
 
 
 def find_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Checkpoint folders of a run, oldest first (by the step they hold)."""
+    """Checkpoint folders of a run, oldest first (by the step they hold; unreadable ones first). Unchecked."""
     folders = [p.parent for p in Path(run_dir).glob(f"checkpoint_*/{TRAINER_STATE}")]
-    return sorted(folders, key=lambda p: read_trainer_state(p)["step"])
+    return sorted(folders, key=lambda p: (_peek_step(p), p.name))
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of a run that checks; newer ones that do not are skipped with a warning naming
+    them. When checkpoints exist and none checks, the newest one's error is raised."""
     found = find_checkpoints(run_dir)
-    return found[-1] if found else None
+    first_error = None
+    for folder in reversed(found):
+        try:
+            read_trainer_state(folder)
+            return folder
+        except ConfigError as e:
+            first_error = first_error or e
+            log.warning("skipping %s", e)
+    if first_error is not None:
+        raise first_error
+    return None
 
 
-def _read_json(checkpoint: str | Path, name: str) -> dict[str, Any]:
+def resume_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint Ray Train will resume ``run_dir`` from (its snapshot's latest), checked; None for a fresh
+    run. A checkpoint that fails its check is a ConfigError naming the file: Ray would hand it to the workers."""
+    snapshot = Path(run_dir) / RAY_SNAPSHOT
+    if not snapshot.is_file():
+        return None
     try:
-        return json.loads((Path(checkpoint) / name).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"checkpoint {checkpoint}: cannot read {name} ({e}); is it complete?") from None
+        latest = _read_json_file(snapshot).get("latest_checkpoint_result") or {}
+        name = latest.get("checkpoint_dir_name") if isinstance(latest, dict) else None
+    except ConfigError as e:
+        raise ConfigError(f"run {run_dir}: Ray's {RAY_SNAPSHOT} is unreadable ({e}); start a new run.name") from None
+    if name is None:
+        return None
+    folder = Path(run_dir) / check_name(name, f"{snapshot}: checkpoint_dir_name")
+    try:
+        read_trainer_state(folder)
+    except ConfigError as e:
+        raise ConfigError(f"{e}. Ray resumes from this checkpoint: restore the file, or give a new run.name "
+                          "to start over") from None
+    return folder
+
+
+# ===================================================================== reading
 
 
 def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
-    return _read_json(checkpoint, TRAINER_STATE)
+    state = _read_json(check_checkpoint(checkpoint), TRAINER_STATE)
+    _require(state, checkpoint, TRAINER_STATE, step=int, world_size=int, zero_stage=int, method=str)
+    if state["step"] < 0 or state["world_size"] < 1 or state["zero_stage"] not in (0, 1, 2, 3):
+        raise ConfigError(f"checkpoint {checkpoint}: {TRAINER_STATE} holds step {state['step']}, world_size "
+                          f"{state['world_size']}, zero_stage {state['zero_stage']}: not a run checkpoint")
+    return state
 
 
 def read_run_state(checkpoint: str | Path) -> dict[str, Any]:
-    return _read_json(checkpoint, RUN_STATE)
+    state = _read_json(check_checkpoint(checkpoint), RUN_STATE)
+    _require(state, checkpoint, RUN_STATE, step=int, world_size=int, space=dict, history=dict)
+    return state
 
 
 def read_run_tensors(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    folder = check_checkpoint(checkpoint)
     try:
-        return load_file(str(Path(checkpoint) / RUN_TENSORS))
+        return load_file(str(folder / RUN_TENSORS))
     except Exception as e:  # missing or corrupt: safetensors raises its own error types
         raise ConfigError(f"checkpoint {checkpoint}: cannot read {RUN_TENSORS} ({type(e).__name__}: {e})") from None
+
+
+def restore_rng(folder: Path, rank: int) -> None:
+    path = check_checkpoint(folder) / f"rng_rank{rank}.safetensors"
+    if path.is_file():
+        torch.set_rng_state(load_file(str(path))["rng"])
 
 
 def consolidated_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
@@ -80,11 +152,96 @@ def consolidated_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     folder = Path(checkpoint)
     stage = read_trainer_state(folder)["zero_stage"]
     try:
-        if stage == 0:
-            states = torch.load(folder / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-            return {k: v.float() for k, v in states["module"].items()}
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        with weights_only_loads():
+            if stage == 0:
+                states = torch.load(folder / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
+                                    weights_only=True)
+                return {k: v.float() for k, v in states["module"].items()}
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DS_TAG)
-    except (OSError, RuntimeError, KeyError, ValueError) as e:
+            return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DS_TAG)
+    except pickle.UnpicklingError as e:
+        raise ConfigError(f"checkpoint {folder}: a DeepSpeed file holds Python objects beyond tensors "
+                          f"({clip(str(e), 200)}); if you trust this folder, set {TRUST_ENV}=1") from None
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, EOFError) as e:
         raise ConfigError(f"checkpoint {folder}: DeepSpeed files missing or corrupt ({type(e).__name__}: {e})") from None
+
+
+def _deepspeed_safe_globals() -> list:
+    """The few DeepSpeed classes its optimizer shards pickle (besides tensors and plain data)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+class _WeightsOnlyTorch(types.ModuleType):
+    """``torch`` as DeepSpeed's loaders see it inside ``weights_only_loads``: ``load`` never unpickles code."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(f, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Within: DeepSpeed's checkpoint loaders (``engine.load_checkpoint``, ``zero_to_fp32``) read their
+    ``torch.save`` files with ``weights_only=True``; an unexpected Python object is an UnpicklingError.
+    ``TANGLE_RAY_TRUST_PICKLES=1`` turns this off (for folders you trust)."""
+    if os.environ.get(TRUST_ENV) == "1":
+        yield
+        return
+    import deepspeed.utils.zero_to_fp32 as zero_to_fp32
+    from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine
+
+    modules = (zero_to_fp32, torch_checkpoint_engine)
+    saved = [m.torch for m in modules]
+    for m in modules:
+        m.torch = _WeightsOnlyTorch("torch")
+    try:
+        yield
+    finally:
+        for m, original in zip(modules, saved):
+            m.torch = original
+
+
+def _peek_step(folder: Path) -> int:
+    try:
+        step = json.loads((folder / TRAINER_STATE).read_text())["step"]
+        return step if isinstance(step, int) else -1
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return -1
+
+
+def _read_json(checkpoint: Path, name: str) -> dict[str, Any]:
+    try:
+        return _read_json_file(checkpoint / name)
+    except ConfigError as e:
+        raise ConfigError(f"checkpoint {checkpoint}: cannot read {name} ({e}); is it complete?") from None
+
+
+def _read_json_file(path: Path) -> dict[str, Any]:
+    """A JSON object tangle_ray or Ray wrote (NaN allowed: a diverged loss is recorded as it was)."""
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ValueError(f"larger than {MAX_JSON_BYTES} bytes")
+        data = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except (OSError, ValueError, RecursionError) as e:
+        raise ConfigError(clip(str(e), 200)) from None
+
+
+def _require(state: dict[str, Any], checkpoint: str | Path, name: str, **types_: type) -> None:
+    for key, typ in types_.items():
+        value = state.get(key)
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise ConfigError(f"checkpoint {checkpoint}: {name} has no {key} of type {typ.__name__} "
+                              f"(got {clip(repr(value), 60)}); not a run checkpoint of this tangle_ray")

@@ -14,15 +14,24 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tangle_ray.configs import VOLATILE, build, identity, read_settings, set_dotted
-from tangle_ray.errors import ConfigError
+from tangle_ray.configs import INT64, VOLATILE, build, check_range, identity, read_settings, set_dotted
+from tangle_ray.errors import ConfigError, shorten
+from tangle_ray.mixers import GDAS_SCHEDULES
 from tangle_ray.models import load_space
+from tangle_ray.names import check_name
 from tangle_ray.space import Arch, SearchSpace, read_arch
 from tangle_ray.tasks import Task, get_task
 
 METHODS = ("tanglenas", "spos", "fixed")
 TANGLENAS_MIXERS = ("drnas", "darts", "gdas")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+# DeepSpeed settings the run sets itself: a ``deepspeed:`` block may not contradict them
+DS_OWNED = {
+    "train_batch_size": "global_batch_size", "train_micro_batch_size_per_gpu": "micro_batch_size",
+    "gradient_accumulation_steps": "global_batch_size / (scaling.num_workers x micro_batch_size)",
+    "gradient_clipping": "optimizer.grad_clip", "optimizer": "optimizer.*", "scheduler": "optimizer.*",
+}
 
 
 @dataclass(frozen=True)
@@ -94,26 +103,26 @@ class TrainConfig:
     # ---------------------------------------------------------------- checks a user can trip
     def validate(self, source: str = "run config") -> None:
         if self.method not in METHODS:
-            raise ConfigError(f"{source}: method = {self.method!r} is not known; allowed: {list(METHODS)}")
+            raise ConfigError(f"{source}: method = {shorten(self.method)} is not known; allowed: {list(METHODS)}")
         if self.method == "tanglenas" and self.mixer not in TANGLENAS_MIXERS:
             raise ConfigError(
-                f"{source}: mixer = {self.mixer!r} is not known for tanglenas; allowed: {list(TANGLENAS_MIXERS)}"
+                f"{source}: mixer = {shorten(self.mixer)} is not known for tanglenas; allowed: {list(TANGLENAS_MIXERS)}"
             )
         if self.method == "fixed" and self.arch is None:
             raise ConfigError(f"{source}: method 'fixed' needs arch (an architecture dict or arch.json)")
         if self.init not in ("scratch", "inherit"):
-            raise ConfigError(f"{source}: init = {self.init!r}; allowed: ['scratch', 'inherit']")
+            raise ConfigError(f"{source}: init = {shorten(self.init)}; allowed: ['scratch', 'inherit']")
         if self.init == "inherit" and not self.init_from:
             raise ConfigError(f"{source}: init 'inherit' needs init_from (a supernet folder from `tangle-ray export`)")
         if self.compile and (self.method == "spos" or self.zero_stage == 3):
             raise ConfigError(
                 f"{source}: compile = true works with methods 'tanglenas' and 'fixed' under ZeRO stages 0-2 "
-                f"(got method {self.method!r}, zero_stage {self.zero_stage}); SPOS changes its graph every step"
+                f"(got method {shorten(self.method)}, zero_stage {self.zero_stage}); SPOS changes its graph every step"
             )
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"{source}: precision = {self.precision!r}; allowed: {list(PRECISIONS)}")
+            raise ConfigError(f"{source}: precision = {shorten(self.precision)}; allowed: {list(PRECISIONS)}")
         if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"{source}: zero_stage = {self.zero_stage!r} does not exist; allowed: [0, 1, 2, 3]")
+            raise ConfigError(f"{source}: zero_stage = {shorten(self.zero_stage)} does not exist; allowed: [0, 1, 2, 3]")
         for name in ("steps", "global_batch_size", "micro_batch_size", "log_every", "checkpoint_every",
                      "eval_every", "eval_samples"):
             if getattr(self, name) < 1:
@@ -128,6 +137,66 @@ class TrainConfig:
                 f"scaling.num_workers x micro_batch_size = {workers} x {self.micro_batch_size} = {per_step}; "
                 f"use a multiple of {per_step}"
             )
+        self._validate_numbers(source)
+        self._validate_names(source)
+        self._validate_deepspeed(source)
+
+    def _validate_numbers(self, source: str) -> None:
+        """Ranges of every number (NaN and infinities are refused when the file is read)."""
+        o, a = self.optimizer, self.arch_optimizer
+        check_range(o.lr, f"{source}: optimizer.lr", 0, None, lo_open=True)
+        check_range(o.min_lr, f"{source}: optimizer.min_lr", 0, o.lr)
+        check_range(a.lr, f"{source}: arch_optimizer.lr", 0, None, lo_open=True)
+        for group, opt in (("optimizer", o), ("arch_optimizer", a)):
+            for i, beta in enumerate(opt.betas):
+                check_range(beta, f"{source}: {group}.betas[{i}]", 0, 1, hi_open=True)
+            check_range(opt.weight_decay, f"{source}: {group}.weight_decay", 0)
+        check_range(o.grad_clip, f"{source}: optimizer.grad_clip (0: no clipping)", 0)
+        check_range(a.grad_clip, f"{source}: arch_optimizer.grad_clip", 0, None, lo_open=True)
+        check_range(o.warmup_steps, f"{source}: optimizer.warmup_steps", 0)
+        check_range(self.seed, f"{source}: seed", 0, INT64[1])
+        check_range(self.max_failures, f"{source}: max_failures (-1: retry without end)", -1)
+        if self.inject_failure_at_step is not None:
+            check_range(self.inject_failure_at_step, f"{source}: inject_failure_at_step", 0)
+        if self.dropout is not None:
+            check_range(self.dropout, f"{source}: dropout", 0, 1, hi_open=True)
+        if self.gdas_schedule not in GDAS_SCHEDULES:
+            raise ConfigError(f"{source}: gdas_schedule = {shorten(self.gdas_schedule)}; allowed: {list(GDAS_SCHEDULES)}")
+        s = self.scaling
+        if s.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ConfigError(f"{source}: scaling.placement_strategy = {shorten(s.placement_strategy)}; "
+                              f"allowed: {list(PLACEMENT_STRATEGIES)}")
+        for key, amount in (s.resources_per_worker or {}).items():
+            if not key:
+                raise ConfigError(f"{source}: scaling.resources_per_worker has an empty resource name")
+            check_range(amount, f"{source}: scaling.resources_per_worker.{key}", 0)
+
+    def _validate_names(self, source: str) -> None:
+        for name, value in (("space", self.space), ("run.storage_path", self.run.storage_path)):
+            if not value.strip():
+                raise ConfigError(f"{source}: {name} must not be empty")
+        if self.run.name is not None:
+            check_name(self.run.name, f"{source}: run.name")
+        else:
+            check_name(self.run_name(), f"{source}: the run name derived from space = {shorten(self.space)}")
+
+    def _validate_deepspeed(self, source: str) -> None:
+        """The ``deepspeed:`` block may add settings, not contradict the run's own."""
+        ds = self.deepspeed
+        for key, setting in DS_OWNED.items():
+            if key in ds:
+                raise ConfigError(f"{source}: deepspeed.{key} = {shorten(ds[key])} is set by the run; "
+                                  f"set {setting} instead")
+        zero = ds.get("zero_optimization", {})
+        if not isinstance(zero, dict):
+            raise ConfigError(f"{source}: deepspeed.zero_optimization = {shorten(zero)} must be a mapping")
+        if "stage" in zero and zero["stage"] != self.zero_stage:
+            raise ConfigError(f"{source}: deepspeed.zero_optimization.stage = {shorten(zero['stage'])} contradicts "
+                              f"zero_stage = {self.zero_stage}; set zero_stage instead")
+        for key in ("bf16", "fp16", "amp", "torch_autocast"):
+            if key in ds:
+                raise ConfigError(f"{source}: deepspeed.{key} = {shorten(ds[key])}: set precision instead "
+                                  f"(allowed: {list(PRECISIONS)})")
 
     @property
     def grad_accum_steps(self) -> int:
@@ -166,6 +235,12 @@ class RunPlan:
     task: Task
     arch: Arch | None  # method "fixed": the validated architecture
     identity: dict[str, Any]
+    verbose: bool = False  # workers print to the terminal instead of RUN/logs/
+
+    @property
+    def local(self) -> bool:
+        """The run folder is on a file system this machine sees (not a URI such as s3://)."""
+        return "://" not in self.config.run.storage_path
 
     @property
     def run_dir(self) -> Path:

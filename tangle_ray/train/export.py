@@ -7,17 +7,25 @@ from pathlib import Path
 from typing import Any
 
 from tangle_ray.errors import ConfigError
+from tangle_ray.folders import load_weights, save_supernet
 from tangle_ray.models import space_from_dict
 from tangle_ray.space import Arch
-from tangle_ray.folders import load_weights, save_supernet
 from tangle_ray.train.checkpoint import (
-    RUN_STATE, consolidated_weights, latest_checkpoint, read_run_state, read_run_tensors, read_trainer_state,
+    RUN_STATE,
+    consolidated_weights,
+    latest_checkpoint,
+    read_run_state,
+    read_run_tensors,
+    read_trainer_state,
 )
+from tangle_ray.train.progress import silenced
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None, arch: Arch | None = None) -> Path:
     """Write ``supernet/`` (full weights gathered from ZeRO shards, alphas, space), ``model/`` (the chosen
-    architecture extracted: safetensors + config) and ``arch.json`` into ``out_dir`` (default RUN/export)."""
+    architecture extracted: safetensors + config) and ``arch.json`` into ``out_dir`` (default RUN/export).
+
+    A SPOS run chooses no architecture: only ``supernet/`` is written, unless ``arch`` names one."""
     run = Path(run_dir)
     checkpoint = latest_checkpoint(run)
     if checkpoint is None:
@@ -25,7 +33,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, arch: Arc
     out = Path(out_dir) if out_dir else run / "export"
     trainer = read_trainer_state(checkpoint)
     space = space_from_dict(read_run_state(checkpoint)["space"], source=f"{checkpoint}/{RUN_STATE}")
-    weights = consolidated_weights(checkpoint)
+    with silenced():
+        weights = consolidated_weights(checkpoint)
     meta: dict[str, Any] = {"run": str(run), "checkpoint": checkpoint.name, "step": trainer["step"],
                             "method": trainer["method"]}
     if trainer["method"] == "fixed":
@@ -40,9 +49,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, arch: Arc
             for name, alpha in supernet.alphas.items():
                 alpha.data.copy_(tensors[f"alphas.{name}"])
         chosen = space.validate(arch) if arch is not None else (
-            supernet.argmax_arch() if trainer["method"] == "tanglenas" else trainer["arch"])
+            supernet.argmax_arch() if trainer["method"] == "tanglenas" else None)
         save_supernet(supernet, out / "supernet", meta)
+        if chosen is None:  # SPOS chooses nothing: its supernet goes on to `tangle-ray tune`
+            return out
         model = supernet.extract(chosen)
     model.save_pretrained(out / "model", arch=chosen)
-    (out / "arch.json").write_text(json.dumps(chosen, indent=2) + "\n")
+    (out / "arch.json").write_text(json.dumps(space.active(chosen), indent=2) + "\n")
     return out

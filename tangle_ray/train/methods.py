@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from tangle_ray.folders import load_supernet
 from tangle_ray.mixers import entropy, get_mixer, keyed_generator
 from tangle_ray.space import Arch, SearchSpace
-from tangle_ray.folders import load_supernet
 from tangle_ray.tasks import Batches, Task
 from tangle_ray.train.config import RunPlan, TrainConfig
 
@@ -65,8 +65,9 @@ class Context:
 
 
 class Method:
-    """The hooks the worker calls: ``build``, ``attach``, then ``step`` per step; ``reported_arch`` for
-    progress, evaluation and the run's result; ``state``/``load_state`` for checkpoints."""
+    """The hooks the worker calls: ``build``, ``attach``, then ``step`` per step; ``reported_arch`` (what the
+    run chooses, None if nothing) for progress and the run's result; ``eval_arch`` for the any-time curve;
+    ``state``/``load_state`` for checkpoints."""
 
     name: ClassVar[str]
 
@@ -83,12 +84,16 @@ class Method:
     def step(self, step: int) -> dict[str, float]:
         raise NotImplementedError
 
-    def reported_arch(self) -> Arch:
+    def reported_arch(self) -> Arch | None:
         raise NotImplementedError
 
+    def eval_arch(self) -> Arch:
+        """The architecture the any-time curve follows."""
+        return self.reported_arch()
+
     def output_of(self, module: nn.Module) -> Callable[[Tensor], Tensor]:
-        """The module's output for a batch, as the reported architecture computes it (single path)."""
-        arch = self.reported_arch()
+        """The module's output for a batch, as the evaluated architecture computes it (single path)."""
+        arch = self.eval_arch()
         return lambda x: module(x, None, arch=arch)[0]
 
     def progress(self) -> dict[str, Any]:
@@ -132,7 +137,7 @@ class TangleNAS(Method):
         return supernet.net
 
     def step(self, step: int) -> dict[str, float]:
-        metrics = {"valid_loss": self._arch_step(step)}
+        metrics = {"arch_loss": self._arch_step(step)}
         detached = {k: a.detach() for k, a in self.alphas.items()}
         metrics["train_loss"] = self.weight_step(
             step, lambda m, x, y, j: m(x, y, weights=self._weights(detached, step, j, WEIGHT_PHASE))[1])
@@ -223,7 +228,11 @@ class SPOS(Method):
 
         return {"train_loss": self.weight_step(step, forward)}
 
-    def reported_arch(self) -> Arch:
+    def reported_arch(self) -> None:
+        """SPOS chooses nothing: the two-stage search (``tangle-ray tune``) does."""
+        return None
+
+    def eval_arch(self) -> Arch:
         return self.ctx.space.largest()
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import random
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,13 +16,14 @@ import yaml
 from tangle_ray.cluster import connect
 from tangle_ray.configs import to_dict
 from tangle_ray.errors import ConfigError
+from tangle_ray.folders import load_supernet, space_shape
 from tangle_ray.models import load_space, space_from_dict
 from tangle_ray.space import SearchSpace
-from tangle_ray.folders import load_supernet, space_shape
 from tangle_ray.tasks import get_task
 from tangle_ray.train.checkpoint import latest_checkpoint, read_run_state, read_trainer_state
 from tangle_ray.train.config import RunPlan, TrainConfig
 from tangle_ray.train.export import export_run
+from tangle_ray.train.progress import PROGRESS_FILE, follow
 from tangle_ray.train.worker import train_loop_per_worker
 
 
@@ -84,17 +88,25 @@ def _check_resume(cfg: TrainConfig, run_dir: Path, space: SearchSpace) -> None:
         raise ConfigError(f"checkpoint {checkpoint} belongs to another space than {cfg.space!r}")
 
 
-def run_training(cfg: TrainConfig, address: str | None = None, export: bool = True) -> TrainResult:
-    """Train a supernet (TangleNAS search or SPOS) or one architecture on Ray Train, then write reports."""
+class RunStopped(RuntimeError):
+    """A run ended before its last step; rerunning the same command resumes it from its last checkpoint."""
+
+
+def run_training(cfg: TrainConfig, address: str | None = None, export: bool = True,
+                 verbose: bool = False) -> TrainResult:
+    """Train a supernet (TangleNAS search or SPOS) or one architecture on Ray Train, then write reports.
+
+    Rank 0's progress lines are printed as they come; unless ``verbose``, the workers' own output goes to
+    ``RUN/logs/``."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    plan = preflight(cfg)
+    plan = replace(preflight(cfg), verbose=verbose)
     run_dir = plan.run_dir
     (run_dir / "run_config.yaml").write_text(
         yaml.safe_dump({"identity": plan.identity, "config": to_dict(plan.config)}, sort_keys=False)
     )
-    connect(address)
+    connect(address, verbose=verbose)
     s = plan.config.scaling
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -110,7 +122,11 @@ def run_training(cfg: TrainConfig, address: str | None = None, export: bool = Tr
         ),
     )
     start = time.time()
-    result = trainer.fit()
+    try:
+        with follow(run_dir / PROGRESS_FILE) if plan.local else contextlib.nullcontext():
+            result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise RunStopped(_stopped_message(run_dir, e)) from e
     checkpoint = Path(result.checkpoint.path)
     history = read_run_state(checkpoint)["history"]
     arch = read_trainer_state(checkpoint)["arch"]
@@ -118,8 +134,41 @@ def run_training(cfg: TrainConfig, address: str | None = None, export: bool = Tr
 
     export_dir = export_run(run_dir) if export or cfg.method == "fixed" else None
     test_scores = score_test_split(plan, export_dir) if cfg.method == "fixed" else None
-    write_run_report(run_dir, plan, history, arch, export_dir, test_scores)
+    against_random = (compare_with_random(plan, export_dir / "supernet", arch)
+                      if export_dir is not None and cfg.method == "tanglenas" else None)
+    write_run_report(run_dir, plan, history, arch, export_dir, test_scores, against_random)
     return TrainResult(run_dir, checkpoint, arch, history, export_dir, time.time() - start, test_scores)
+
+
+def _stopped_message(run_dir: Path, error: Exception) -> str:
+    """One line: what stopped the run, where it can resume from, where the workers' logs are."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b.*:", line)]
+    cause = (causes or lines or [type(error).__name__])[-1][:300]
+    checkpoint = latest_checkpoint(run_dir)
+    resume = (f"rerun the same command to resume from step {read_trainer_state(checkpoint)['step']}"
+              if checkpoint else "no checkpoint was written: rerunning starts it again")
+    return f"run {run_dir.name} stopped: {cause}; {resume} (worker logs: {run_dir / 'logs'})"
+
+
+def compare_with_random(plan: RunPlan, supernet_dir: Path, arch: dict[str, Any], k: int = 8) -> dict[str, Any]:
+    """The chosen architecture and ``k`` random ones of the space, each with the supernet's inherited weights,
+    on the held-out test split: is the choice better than chance? (``against_random.json``)"""
+    from tangle_ray.evaluate import evaluate_arch
+
+    cfg, task = plan.config, plan.task
+    supernet = load_supernet(supernet_dir)
+    x, y = task.eval_set(cfg.data, plan.space.fixed, "test", cfg.eval_samples, cfg.seed)
+    rng = random.Random(cfg.seed)
+    archs = [arch] + [plan.space.sample(rng) for _ in range(k)]
+    scores = [evaluate_arch(supernet, a, task, x, y, cfg.micro_batch_size) for a in archs]
+    key = task.objective.key
+    sign = 1 if task.objective.mode == "min" else -1
+    result = {"metric": key, "samples": scores[0]["samples"], "chosen": scores[0][key],
+              "random": [s[key] for s in scores[1:]], "random_archs": archs[1:],
+              "beaten": sum(sign * scores[0][key] < sign * s[key] for s in scores[1:])}
+    (plan.run_dir / "against_random.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def score_test_split(plan: RunPlan, export_dir: Path) -> dict[str, Any]:

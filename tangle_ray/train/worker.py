@@ -22,13 +22,17 @@ from tangle_ray.train import checkpoint as ckpt
 from tangle_ray.train.config import RunPlan
 from tangle_ray.train.deepspeed import deepspeed_config, lr_factor, weight_optimizer
 from tangle_ray.train.methods import METHODS, Context
-from tangle_ray.train.progress import Progress
+from tangle_ray.train.progress import Progress, quiet_worker
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+
     plan: RunPlan = loop_config["plan"]
     if not plan.config.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if plan.local and not plan.verbose:
+        quiet_worker(plan.run_dir, ray.train.get_context().get_world_rank())
     Worker(plan).run()
 
 
@@ -58,8 +62,7 @@ class Worker:
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg))
         self.method.attach(self.engine)
         self.nodes = self._gather_node_ids()
-        self.progress = Progress(plan.run_dir, rank, plan.space, task.unit, cfg.steps,
-                                 local="://" not in cfg.run.storage_path)
+        self.progress = Progress(plan.run_dir, rank, plan.space, task.unit, cfg.steps, plan.local)
         self.history: dict[str, list] = {"alphas": [], "metrics": [], "anytime": []}
         self.step = 0
         self._restore()
@@ -94,8 +97,9 @@ class Worker:
         arch = self.method.reported_arch()
         extra = self.method.progress()
         row = {"step": self.step, **means, f"{self.ctx.task.unit}_per_s": units_per_s, "lr": self.engine.get_lr()[0],
-               "arch_params": self.ctx.space.param_count(arch), "elapsed_s": elapsed_s,
-               "optimizer_state_bytes": self._optimizer_state_bytes()}
+               "elapsed_s": elapsed_s, "optimizer_state_bytes": self._optimizer_state_bytes()}
+        if arch is not None:
+            row["arch_params"] = self.ctx.space.param_count(arch)
         if "arch_entropy" in extra:
             row["arch_entropy"] = extra["arch_entropy"]
         if "alphas" in extra:
@@ -104,12 +108,13 @@ class Worker:
         self.progress.record(row, arch, eta_s)
 
     def _evaluate(self) -> None:
-        """The any-time curve: the reported architecture with the current weights, on fixed validation samples."""
+        """The any-time curve: the evaluated architecture's single path (or the fixed model) with the current
+        weights, on fixed validation samples, in eval mode."""
         module = self.engine.module
         scores = score(module, self.method.output_of(module), self.ctx.task, self.eval_x, self.eval_y,
                        self.ctx.cfg.micro_batch_size)
         row = {"step": self.step, **{f"valid_{m.key}": scores[m.key] for m in self.ctx.task.metrics},
-               "arch": self.method.reported_arch()}
+               "arch": self.method.eval_arch()}
         self.history["anytime"].append(row)
         self.progress.scalar("anytime_valid_loss", scores["loss"], self.step)
 
@@ -135,6 +140,7 @@ class Worker:
                 summary = {"step": self.step, "world_size": ctx.world, "zero_stage": ctx.cfg.zero_stage,
                            "method": ctx.cfg.method, "arch": self.method.reported_arch(), "nodes": self.nodes}
                 ckpt.write_run_state(folder, state, tensors, summary)
+            ckpt.seal(folder, ctx.rank, ctx.world)
             if ctx.world > 1:
                 dist.barrier()
             last = self.history["metrics"][-1] if self.history["metrics"] else {}

@@ -5,8 +5,8 @@ Ray is imported only when a searcher or ``run_search`` is used, so evaluating st
 
 from importlib import import_module
 
-from tangle_ray.tune.config import Constraints, EvolutionConfig, SearchConfig, load_search_config
 from tangle_ray.evaluate import evaluate_arch, evaluate_model, evaluate_on_split
+from tangle_ray.tune.config import Constraints, EvolutionConfig, SearchConfig, load_search_config
 
 _LAZY = {
     "run_search": "tuner",

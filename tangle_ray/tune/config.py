@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tangle_ray.configs import VOLATILE, build, identity, read_settings
-from tangle_ray.errors import ConfigError
+from tangle_ray.configs import INT64, VOLATILE, build, check_range, identity, read_settings
+from tangle_ray.errors import ConfigError, shorten
+from tangle_ray.names import check_name
 from tangle_ray.space import Arch, SearchSpace
 
 ALGORITHMS = ("random", "evolution")
@@ -34,6 +35,9 @@ class Constraints:
     def __post_init__(self) -> None:
         for what in ("params", "flops"):
             lo, hi = getattr(self, f"min_{what}"), getattr(self, f"max_{what}")
+            for bound, value in (("min", lo), ("max", hi)):
+                if value is not None:
+                    check_range(value, f"search config: constraints.{bound}_{what}", 0)
             if lo is not None and hi is not None and lo > hi:
                 raise ConfigError(f"search config: constraints.min_{what} = {lo} exceeds max_{what} = {hi}")
 
@@ -125,7 +129,7 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ConfigError(
-                f"search config: algorithm = {self.algorithm!r} is not known; allowed: {list(ALGORITHMS)}"
+                f"search config: algorithm = {shorten(self.algorithm)} is not known; allowed: {list(ALGORITHMS)}"
             )
         for name, value in (("eval.samples", self.eval.samples), ("eval.batch_size", self.eval.batch_size),
                             ("random.num_trials", self.random.num_trials),
@@ -138,8 +142,14 @@ class SearchConfig:
                 f"search config: resources.cpus_per_trial = {r.cpus_per_trial}, "
                 f"resources.gpus_per_trial = {r.gpus_per_trial}: must be >= 0 and not both 0"
             )
-        if not self.run.name or "/" in self.run.name:
-            raise ConfigError(f"search config: run.name = {self.run.name!r} must be a non-empty folder name")
+        check_name(self.run.name, "search config: run.name")
+        for name, value in (("supernet", self.supernet), ("data.dir", self.data.dir),
+                            ("run.storage_path", self.run.storage_path), ("eval.split", self.eval.split)):
+            if not value.strip():
+                raise ConfigError(f"search config: {name} must not be empty")
+        check_range(self.seed, "search config: seed", 0, INT64[1])
+        check_range(self.eval.seed, "search config: eval.seed", 0, INT64[1])
+        check_range(self.verbose, "search config: verbose (Tune's levels)", 0, 3)
         lag = self.evolution_lag
         if self.algorithm == "evolution" and lag >= self.evolution.population:
             raise ConfigError(

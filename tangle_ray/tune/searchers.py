@@ -20,21 +20,24 @@ time) this is the classic generational evolution of SPOS and AutoFormer.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import pickle
 import random
 from pathlib import Path
+from typing import Any
 
 from ray.tune.search import Searcher
 
-from tangle_ray.errors import ConfigError
-from tangle_ray.tune.config import Constraints, EvolutionConfig, SearchConfig
+from tangle_ray.errors import ConfigError, clip
 from tangle_ray.space import Arch, SearchSpace
+from tangle_ray.tune.config import Constraints, EvolutionConfig, SearchConfig
 
 log = logging.getLogger(__name__)
 
 MAX_TRIES = 10_000  # rejection-sampling cap for one new architecture inside the constraints
+STATE_FORMAT = "tangle_ray.searcher/1"
+MAX_STATE_BYTES = 1 << 30
 
 
 def sample_within(
@@ -112,7 +115,11 @@ class ArchSearcher(Searcher):
             return
         value = None if error or not result else result.get(self.metric)
         worst = math.inf if self.mode == "min" else -math.inf
-        self.results[i] = worst if value is None else float(value)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            value = worst
+        self.results[i] = worst if math.isnan(value) else value  # a diverged architecture ranks last
 
     def ranked(self, indices) -> list[int]:
         """``indices`` best first (ties: lower index first)."""
@@ -120,12 +127,41 @@ class ArchSearcher(Searcher):
         return sorted(indices, key=lambda i: (sign * self.results[i], i))
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
+        """The whole search state as JSON (Tune calls this; the name it gives ends in .pkl regardless)."""
+        state = {
+            "format": STATE_FORMAT, "kind": type(self).__name__, "metric": self._metric, "mode": self._mode,
+            "archs": self.archs, "results": [[i, _encode(v)] for i, v in sorted(self.results.items())],
+            "suggested": self.suggested, "finished": self.finished, "trials": self._trials, **self._state(),
+        }
+        Path(checkpoint_path).write_text(json.dumps(state, allow_nan=False) + "\n")
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
+        state = read_searcher_state(checkpoint_path)
+        if state["kind"] != type(self).__name__:
+            raise ConfigError(f"searcher state {checkpoint_path} belongs to a {state['kind']}, not a "
+                              f"{type(self).__name__}; the search's algorithm differs")
+        try:
+            archs = [self.space.validate(a, f"searcher state {checkpoint_path}: arch") for a in state["archs"]]
+            results = {int(i): _decode(v) for i, v in state["results"]}
+            trials = {str(t): int(i) for t, i in state["trials"].items()}
+            if not 0 <= state["suggested"] <= len(archs) or any(not 0 <= i < len(archs) for i in (*results, *trials.values())):
+                raise ValueError("indices outside the proposals")
+            self._load_state(state)
+        except ConfigError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"searcher state {checkpoint_path} is malformed ({clip(str(e), 200)})") from None
+        self._metric, self._mode = state["metric"], state["mode"]
+        self.archs, self.results, self._trials = archs, results, trials
+        self.suggested, self.finished = state["suggested"], bool(state["finished"])
+        self._seen = {self.space.key(a) for a in archs}
+
+    def _state(self) -> dict[str, Any]:
+        """What a subclass adds to the saved state (plain JSON data)."""
+        return {}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        """Take back what ``_state`` saved (ValueError/KeyError/TypeError when malformed)."""
 
     def _add(self, arch: Arch | None) -> bool:
         """Append ``arch`` as a proposal if it is new and inside the constraints."""
@@ -160,6 +196,16 @@ class RandomSearcher(ArchSearcher):
         self.num_trials = num_trials
         self._rng = random.Random(seed)
 
+    def _state(self) -> dict[str, Any]:
+        version, internal, gauss = self._rng.getstate()
+        return {"rng": [version, list(internal), gauss]}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        version, internal, gauss = state["rng"]
+        if not (isinstance(internal, list) and all(isinstance(x, int) and 0 <= x < 2**32 for x in internal)):
+            raise ValueError("rng state must be a list of 32-bit integers")
+        self._rng.setstate((version, tuple(internal), gauss))
+
     def _propose(self) -> bool:
         if len(self.archs) >= self.num_trials:
             return False
@@ -192,6 +238,15 @@ class EvolutionSearcher(ArchSearcher):
             raise ConfigError(f"evolution: lag = {lag} must be in [0, population = {self.params.population})")
         self.lag = lag
         self.generation_starts: list[int] = []
+
+    def _state(self) -> dict[str, Any]:
+        return {"generation_starts": self.generation_starts}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        starts = state["generation_starts"]
+        if not (isinstance(starts, list) and all(isinstance(x, int) and x >= 0 for x in starts)):
+            raise ValueError("generation_starts must be a list of indices")
+        self.generation_starts = list(starts)
 
     def parents_for(self, start: int) -> list[int] | None:
         """Indices of the parents of the generation starting at ``start``; None while some are unevaluated."""
@@ -229,13 +284,43 @@ class EvolutionSearcher(ArchSearcher):
         return True
 
 
+def read_searcher_state(path: str | Path) -> dict[str, Any]:
+    """A searcher state file written by ``ArchSearcher.save`` (JSON; nothing in it runs code)."""
+    try:
+        if Path(path).stat().st_size > MAX_STATE_BYTES:
+            raise ValueError(f"larger than {MAX_STATE_BYTES} bytes")
+        state = json.loads(Path(path).read_bytes().decode("utf-8"), parse_constant=_no_constant)
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a {STATE_FORMAT} file")
+        for key, typ in (("kind", str), ("archs", list), ("results", list), ("suggested", int), ("trials", dict)):
+            if not isinstance(state.get(key), typ):
+                raise ValueError(f"{key} must be a {typ.__name__}")
+    except (OSError, ValueError, RecursionError) as e:
+        raise ConfigError(f"searcher state {path} cannot be read ({clip(str(e), 200)}); it was not written by "
+                          "this tangle_ray (older searches saved pickles): start the search under a new name") from None
+    return state
+
+
 def saved_searcher_state(run_dir: str | Path) -> dict | None:
     """The state Tune last saved of the searcher of the run in ``run_dir`` (None if it saved none)."""
     files = sorted(Path(run_dir).glob(Searcher.CKPT_FILE_TMPL.format("*")))
-    if not files:
-        return None
-    with open(files[-1], "rb") as f:
-        return pickle.load(f)
+    return read_searcher_state(files[-1]) if files else None
+
+
+def _encode(value: float) -> float | str:
+    return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+
+
+def _decode(value: Any) -> float:
+    if value in ("inf", "-inf"):
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"result {value!r} is not a number")
+    return float(value)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 def make_searcher(config: SearchConfig, space: SearchSpace, metric: str, mode: str) -> ArchSearcher:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 import uuid
 import warnings
@@ -27,10 +28,10 @@ from tangle_ray.cluster import connect
 from tangle_ray.configs import to_dict
 from tangle_ray.errors import ConfigError
 from tangle_ray.evaluate import evaluate_arch
+from tangle_ray.folders import load_supernet, load_weights, unique_tensors
 from tangle_ray.models import load_space, space_from_dict
 from tangle_ray.report.leaderboard import TrialRecord, ranked, write_report
 from tangle_ray.space import Arch, SearchSpace, space_to_dict
-from tangle_ray.folders import load_supernet, load_weights, unique_tensors
 from tangle_ray.supernet import Supernet
 from tangle_ray.tasks import Task, get_task
 from tangle_ray.tune.config import SearchConfig
@@ -170,8 +171,29 @@ def make_tuner(
     )
 
 
+class TrialLines(tune.Callback):
+    """One line per finished trial, with the incumbent: what a person follows instead of Tune's tables."""
+
+    def __init__(self, task: Task, total: int, space: SearchSpace):
+        self.objective, self.total, self.space = task.objective, total, space
+        self.done, self.best = 0, None
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        o, value = self.objective, result.get(self.objective.key)
+        if value is None:
+            return
+        self.done += 1
+        better = self.best is None or (value < self.best[0] if o.mode == "min" else value > self.best[0])
+        if better:
+            self.best = (value, result["index"])
+        print(f"[tangle-ray] trial {self.done}/{self.total}  #{result['index']}  {o.label} {value:{o.fmt}}  "
+              f"{result['params'] / 1e6:.2f}M  best {self.best[0]:{o.fmt}} (#{self.best[1]})",
+              file=sys.stderr, flush=True)
+
+
 def run_search(
-    config: SearchConfig, callbacks: Sequence[tune.Callback] = (), address: str | None = None
+    config: SearchConfig, callbacks: Sequence[tune.Callback] = (), address: str | None = None,
+    verbose: bool = False,
 ) -> SearchResult:
     """Search, or resume the search in ``config.run_dir()``; writes the report there and returns the trials.
 
@@ -186,10 +208,11 @@ def run_search(
     check_resumable(config)
     e = config.eval
     x, y = task.eval_set(task.data_config(dir=config.data.dir), space.fixed, e.split, e.samples, e.seed)
-    connect(address)
+    connect(address, verbose=verbose)
     trainable = make_trainable(config, supernet, task, x.numpy(), y.numpy())
     searcher = make_searcher(config, space, task.objective.key, task.objective.mode)
-    tuner = make_tuner(config, trainable, searcher, task, callbacks)
+    lines = [] if config.verbose else [TrialLines(task, config.total_trials, space)]
+    tuner = make_tuner(config, trainable, searcher, task, [*lines, *callbacks])
     del supernet  # the trials hold their own copies
     grid = tuner.fit()
     if grid.errors:

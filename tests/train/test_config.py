@@ -108,6 +108,7 @@ def _fake_checkpoint(run_dir, world_size, space_choices):
     """The files the driver reads before resuming (DeepSpeed's shards are not needed for these checks)."""
     import json
 
+    from tangle_ray.manifest import write_manifest
     from tangle_ray.space import space_to_dict
 
     space = space_to_dict(load_space("gpt-nano"))
@@ -117,7 +118,9 @@ def _fake_checkpoint(run_dir, world_size, space_choices):
     folder.mkdir(parents=True)
     (folder / "trainer_state.json").write_text(json.dumps({"step": 2, "world_size": world_size, "zero_stage": 2,
                                                            "method": "tanglenas", "arch": None}))
-    (folder / "run_state.json").write_text(json.dumps({"space": space}))
+    (folder / "run_state.json").write_text(json.dumps({"step": 2, "world_size": world_size, "space": space,
+                                                       "history": {}, "method": {}}))
+    write_manifest(folder)
     return folder
 
 
@@ -140,7 +143,7 @@ def test_export_of_a_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
         export_run(tmp_path / "no-run")
     folder = _fake_checkpoint(tmp_path / "run", world_size=1, space_choices={})
     (folder / "run_state.json").write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="cannot read run_state.json"):
+    with pytest.raises(ConfigError, match="run_state.json is 16 bytes, its manifest says .*: truncated or modified"):
         export_run(tmp_path / "run")
 
 

@@ -7,8 +7,8 @@ import torch
 
 from tangle_ray.folders import load_supernet
 from tangle_ray.models.gpt import GPT
-from tangle_ray.train.runner import run_training
 from tangle_ray.train.checkpoint import consolidated_weights, latest_checkpoint, read_run_state, read_run_tensors
+from tangle_ray.train.runner import run_training
 
 pytestmark = pytest.mark.ray
 _runs = {}

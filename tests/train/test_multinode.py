@@ -2,8 +2,8 @@
 
 import pytest
 
-from tangle_ray.train.runner import run_training
 from tangle_ray.train.checkpoint import read_trainer_state
+from tangle_ray.train.runner import run_training
 
 pytestmark = pytest.mark.ray
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from tangle_ray.errors import ConfigError
-from tangle_ray.tune.config import load_search_config, search_config_from_dict
 from tangle_ray.models import load_space
+from tangle_ray.tune.config import load_search_config, search_config_from_dict
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "tune"
 BASE = {"supernet": "sn", "data": {"dir": "data"}}

