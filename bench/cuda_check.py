@@ -43,7 +43,8 @@ def main() -> None:
         idx = torch.randint(0, 50257, (2, 64), device="cuda")
         with torch.no_grad():
             diff = (model(idx)[0] - supernet(idx, arch=arch)[0]).abs().max().item()
-        print(f"{method:9s} ZeRO-{stage} bf16 NCCL{' compiled' if compiled else ''}: steps {last['step']}, train loss {last['train_loss']:.3f}, "
+        print(f"{method:9s} ZeRO-{stage} bf16 NCCL{' compiled' if compiled else ''}: steps {last['step']}, "
+              f"train loss {last['train_loss']:.3f}, "
               f"{last['tokens_per_s']:,.0f} tok/s, export vs single path max |diff| {diff:.2e}")
         assert diff == 0.0
     ray.shutdown()

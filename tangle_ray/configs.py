@@ -38,22 +38,29 @@ MAX_VALUES = 256  # values of one choice
 
 def read_text(path: str | Path, what: str, limit: int = MAX_FILE_BYTES) -> str:
     """The UTF-8 text of a regular file of at most ``limit`` bytes, or a ConfigError naming it."""
-    p = Path(path)
+    p, name = Path(path), _path_text(path)
     if "\x00" in str(path):
-        raise ConfigError(f"{what} {shorten(str(path))}: a path may not contain NUL")
+        raise ConfigError(f"{what} {name}: cannot read it (a path may not contain NUL)")
     if not p.is_file():  # also refuses FIFOs and devices (/dev/zero, /dev/stdin) that would hang a reader
-        raise ConfigError(f"{what} {shorten(str(path))} does not exist or is not a regular file")
+        problem = "not a regular file" if p.exists() else "no such file"
+        raise ConfigError(f"{what} {name}: cannot read it ({problem})")
     try:
         with open(p, "rb") as f:
             data = f.read(limit + 1)
     except OSError as e:
-        raise ConfigError(f"{what} {path}: cannot read it ({e.strerror or e})") from None
+        raise ConfigError(f"{what} {name}: cannot read it ({e.strerror or e})") from None
     if len(data) > limit:
-        raise ConfigError(f"{what} {path} is larger than {limit:,} bytes; a config file is far smaller")
+        raise ConfigError(f"{what} {name} is larger than {limit:,} bytes; a config file is far smaller")
     try:
         return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{what} {path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+        raise ConfigError(f"{what} {name}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def _path_text(path: str | Path) -> str:
+    """A path as messages show it: as it is, unless it is long or holds control characters."""
+    text = str(path)
+    return text if len(text) <= 300 and text.isprintable() else shorten(text, 300)
 
 
 def parse_yaml(text: str, source: str) -> Any:
@@ -80,8 +87,8 @@ def read_json(path: str | Path, what: str) -> Any:
     try:
         data = json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:
-        raise ConfigError(f"{what} {path}: not valid JSON ({clip(str(e), 200)})") from None
-    check_plain(data, f"{what} {path}")
+        raise ConfigError(f"{what} {_path_text(path)}: not valid JSON ({clip(str(e), 200)})") from None
+    check_plain(data, f"{what} {_path_text(path)}")
     return data
 
 

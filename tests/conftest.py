@@ -1,16 +1,10 @@
-"""Shared test setup: offline tokenizer file, quiet Ray, small thread counts."""
+"""Shared test setup: quiet Ray, offline datasets, small thread counts (the GPT-2 BPE ships in the package)."""
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-GPT2_BPE = REPO.parent / "shared" / "data" / "gpt2.tiktoken"
-
-if GPT2_BPE.is_file():
-    os.environ.setdefault("TANGLE_RAY_GPT2_BPE", str(GPT2_BPE))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

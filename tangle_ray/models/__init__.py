@@ -89,7 +89,7 @@ def load_model(folder: str | Path) -> nn.Module:
         raise ConfigError(f"model folder {path}: config.json is not readable JSON ({e})") from None
     if not isinstance(config, dict):
         raise ConfigError(f"model folder {path}: config.json must hold a JSON object")
-    return get_family(config.get("model"), f"model folder {path}: config.json").load_model(path, config)
+    return get_family(config.get("model"), f"model folder {path}: config.json").load_model(path)
 
 
 def _check_fixed(family: ModelFamily, fixed: Any, source: str) -> dict[str, Any]:

@@ -8,20 +8,16 @@ superposition (``weights=W``), single path (``arch=A``) and extraction (``extrac
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
 from tangle_ray.errors import ConfigError
-from tangle_ray.models.registry import ModelFamily, Setting, register
+from tangle_ray.models.registry import ModelFamily, Pretrained, Setting, register
 from tangle_ray.ops import EntangledAttention, EntangledEmbedding, EntangledLayerNorm, EntangledLinear
 from tangle_ray.ops.depth import path_depth, superpose_depth
 from tangle_ray.ops.linear import prefix_indicators
@@ -100,8 +96,11 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
-class GPT(nn.Module):
+class GPT(Pretrained):
     """A nanoGPT-style GPT with tied input/output embeddings."""
+
+    family = "gpt"
+    config_class = GPTConfig
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -125,34 +124,6 @@ class GPT(nn.Module):
             x = block(x)
         logits = self.lm_head(t.ln_f(x))
         return logits, lm_loss(logits, targets)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def save_pretrained(self, out_dir: str | Path, arch: Arch | None = None) -> Path:
-        """Write ``model.safetensors`` and ``config.json`` (plus the architecture, if given)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_model(self, str(out / "model.safetensors"))
-        meta = {"model": "gpt", "config": asdict(self.config), "arch": arch}
-        (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-        return out
-
-    @classmethod
-    def from_pretrained(cls, model_dir: str | Path) -> GPT:
-        path = Path(model_dir)
-        for name in ("config.json", "model.safetensors"):
-            if not (path / name).is_file():
-                raise ConfigError(f"model folder {path}: missing {name} (write one with save_pretrained or export)")
-        try:
-            meta = json.loads((path / "config.json").read_text())
-            model = cls(GPTConfig(**meta["config"]))
-            with safe_open(str(path / "model.safetensors"), "pt") as f:  # keep the stored precision
-                model.to(f.get_tensor(f.keys()[0]).dtype)
-            load_model(model, str(path / "model.safetensors"))
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise ConfigError(f"model folder {path}: cannot load ({e})") from None
-        return model
 
 
 # ===================================================================== supernet
@@ -309,6 +280,7 @@ def gpt_config(space: SearchSpace, arch: Arch, **overrides) -> GPTConfig:
 @register
 class GPTFamily(ModelFamily):
     name = "gpt"
+    model_class = GPT
     task = "lm"
     depth_dim = "n_layer"
     dims = {"n_layer": False, "n_embd": False, "n_head": True, "mlp_ratio": True}
@@ -348,9 +320,6 @@ class GPTFamily(ModelFamily):
 
     def build_model(self, space: SearchSpace, arch: Arch, **overrides) -> GPT:
         return GPT(gpt_config(space, space.validate(arch), **overrides))
-
-    def load_model(self, folder: Path, config: dict) -> GPT:
-        return GPT.from_pretrained(folder)
 
     def model_settings(self, model: GPT) -> dict:
         return {"vocab_size": model.config.vocab_size, "block_size": model.config.block_size}

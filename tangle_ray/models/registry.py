@@ -7,10 +7,13 @@ parameters and FLOPs. Everything outside ``models/`` reaches a family through ``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 from tangle_ray.errors import ConfigError
@@ -26,6 +29,43 @@ class Setting:
 
     type: type
     default: Any = REQUIRED
+
+
+class Pretrained(nn.Module):
+    """A standalone model whose settings are a dataclass ``config``: its folder is ``model.safetensors`` plus a
+    ``config.json`` a person reads ({"model": family, "config": ..., "arch": ...})."""
+
+    family: ClassVar[str]
+    config_class: ClassVar[type]
+    config: Any
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, out_dir: str | Path, arch: Arch | None = None) -> Path:
+        """Write ``model.safetensors`` and ``config.json`` (plus the architecture, if given)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_model(self, str(out / "model.safetensors"))
+        meta = {"model": self.family, "config": asdict(self.config), "arch": arch}
+        (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return out
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path):
+        path = Path(model_dir)
+        for name in ("config.json", "model.safetensors"):
+            if not (path / name).is_file():
+                raise ConfigError(f"model folder {path}: missing {name} (write one with save_pretrained or export)")
+        try:
+            meta = json.loads((path / "config.json").read_text())
+            model = cls(cls.config_class(**meta["config"]))
+            with safe_open(str(path / "model.safetensors"), "pt") as f:  # keep the stored precision
+                model.to(f.get_tensor(f.keys()[0]).dtype)
+            load_model(model, str(path / "model.safetensors"))
+        except (ValueError, KeyError, TypeError, RuntimeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"model folder {path}: cannot load ({e})") from None
+        return model
 
 
 class ModelFamily:
@@ -58,9 +98,11 @@ class ModelFamily:
         """A freshly initialised standalone model of ``arch`` (``overrides`` replace fixed settings)."""
         raise NotImplementedError
 
-    def load_model(self, folder: Path, config: dict[str, Any]) -> nn.Module:
-        """The standalone model saved in ``folder`` (``config`` is its parsed ``config.json``)."""
-        raise NotImplementedError
+    model_class: ClassVar[type[Pretrained]]  # the standalone model
+
+    def load_model(self, folder: Path) -> Pretrained:
+        """The standalone model saved in ``folder``."""
+        return self.model_class.from_pretrained(folder)
 
     def model_settings(self, model: nn.Module) -> dict[str, Any]:
         """The fixed settings a task reads (input size, vocabulary or classes...) of a standalone model."""

@@ -13,19 +13,15 @@ own slice, outputs padded and mixed).
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
 from tangle_ray.errors import ConfigError
-from tangle_ray.models.registry import ModelFamily, Setting, register
+from tangle_ray.models.registry import ModelFamily, Pretrained, Setting, register
 from tangle_ray.ops import EntangledAttention, EntangledLayerNorm, EntangledLinear
 from tangle_ray.ops.attention import RelativePosition2D, fixed_head_attention
 from tangle_ray.ops.depth import path_depth, superpose_depth
@@ -151,8 +147,11 @@ class Block(nn.Module):
         return x + drop_path(self.drop(self.mlp.fc2(h)), self.drop_path, self.training)
 
 
-class ViT(nn.Module):
+class ViT(Pretrained):
     """An AutoFormer-style vision transformer of one architecture."""
+
+    family = "vit"
+    config_class = ViTConfig
 
     def __init__(self, config: ViTConfig):
         super().__init__()
@@ -171,34 +170,6 @@ class ViT(nn.Module):
         x = self.norm(x)
         logits = self.head(x[:, 1:].mean(1) if self.config.global_pool else x[:, 0])
         return logits, classify_loss(logits, targets)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def save_pretrained(self, out_dir: str | Path, arch: Arch | None = None) -> Path:
-        """Write ``model.safetensors`` and ``config.json`` (plus the architecture, if given)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_model(self, str(out / "model.safetensors"))
-        meta = {"model": "vit", "config": asdict(self.config), "arch": arch}
-        (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-        return out
-
-    @classmethod
-    def from_pretrained(cls, model_dir: str | Path) -> ViT:
-        path = Path(model_dir)
-        for name in ("config.json", "model.safetensors"):
-            if not (path / name).is_file():
-                raise ConfigError(f"model folder {path}: missing {name} (write one with save_pretrained or export)")
-        try:
-            meta = json.loads((path / "config.json").read_text())
-            model = cls(ViTConfig(**meta["config"]))
-            with safe_open(str(path / "model.safetensors"), "pt") as f:  # keep the stored precision
-                model.to(f.get_tensor(f.keys()[0]).dtype)
-            load_model(model, str(path / "model.safetensors"))
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise ConfigError(f"model folder {path}: cannot load ({e})") from None
-        return model
 
 
 # ===================================================================== supernet
@@ -404,6 +375,7 @@ class ViTFamily(ModelFamily):
     """AutoFormer's space: embedding dim and depth for the whole net, MLP ratio and head count per layer."""
 
     name = "vit"
+    model_class = ViT
     task = "classify"
     depth_dim = "depth"
     dims = {"depth": False, "embed_dim": False, "mlp_ratio": True, "num_heads": True}
@@ -442,8 +414,8 @@ class ViTFamily(ModelFamily):
     def build_model(self, space: SearchSpace, arch: Arch, **overrides) -> ViT:
         return ViT(vit_config(space, space.validate(arch), **overrides))
 
-    def load_model(self, folder: Path, config: dict) -> ViT:
-        return ViT.from_pretrained(folder)
+    def model_settings(self, model: ViT) -> dict:
+        return {k: getattr(model.config, k) for k in ("img_size", "in_chans", "num_classes")}
 
     def param_count(self, space: SearchSpace, arch: Arch) -> int:
         """Every parameter of the extracted model, as AutoFormer counts them: patch projection, class token,

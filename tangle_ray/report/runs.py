@@ -89,7 +89,8 @@ def _summary(plan, history, arch, export_dir, plots: list[Path], test_scores: di
     per_sample = task.units_per_sample(space.fixed)
     lines = [
         f"# Run `{cfg.run.name}`", "",
-        f"- space: `{space.name}`, method: `{cfg.method}`" + (f" (mixer `{cfg.mixer}`)" if cfg.method == "tanglenas" else ""),
+        f"- space: `{space.name}`, method: `{cfg.method}`"
+        + (f" (mixer `{cfg.mixer}`)" if cfg.method == "tanglenas" else ""),
         f"- steps: {last.get('step', 0)} of {cfg.steps}, global batch {cfg.global_batch_size} x "
         f"{per_sample} {unit}, {cfg.scaling.num_workers} worker(s), ZeRO stage {cfg.zero_stage}",
         f"- final training loss (weight split{', superposed' if cfg.method == 'tanglenas' else ''}): "

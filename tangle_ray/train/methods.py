@@ -187,7 +187,8 @@ class TangleNAS(Method):
         opt = self.arch_opt.state_dict()
         tensors = {f"alphas.{k}": a for k, a in self.alphas.items()}
         tensors |= {f"arch_opt.{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()}
-        return {"arch_opt_groups": opt["param_groups"], "arch_opt_keys": {i: list(s) for i, s in opt["state"].items()}}, tensors
+        keys = {i: list(s) for i, s in opt["state"].items()}
+        return {"arch_opt_groups": opt["param_groups"], "arch_opt_keys": keys}, tensors
 
     def load_state(self, state: dict[str, Any], tensors: dict[str, Tensor]) -> None:
         for name, alpha in self.alphas.items():

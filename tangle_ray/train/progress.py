@@ -67,8 +67,8 @@ class Progress:
                 if key != "step":
                     self.writer.add_scalar(key, value, row["step"])
             self.writer.flush()
-        losses = "  ".join(f"{label} {row[k]:.4f}" for k, label in (("train_loss", "train"), ("arch_loss", "arch-split"))
-                           if k in row)
+        labels = (("train_loss", "train"), ("arch_loss", "arch-split"))
+        losses = "  ".join(f"{label} {row[k]:.4f}" for k, label in labels if k in row)
         chosen = f"  argmax {self.space.describe(arch)} ({row['arch_params'] / 1e6:.2f}M)" if arch else ""
         ent = f"  H(alpha) {row['arch_entropy']:.3f}" if "arch_entropy" in row else ""
         self.log(f"step {row['step']}/{self.steps}  loss {losses}  {row[f'{self.unit}_per_s']:,.0f} {self.unit}/s"

@@ -74,6 +74,8 @@ class Worker:
         start, t0 = self.step, time.time()
         last_log = (self.step, t0)
         window: list[dict[str, float]] = []
+        if self.step == 0 and "alphas" in (extra := self.method.progress()):  # where the trajectories start
+            self.history["alphas"].append({"step": 0, **extra["alphas"]})
         while self.step < cfg.steps:
             if cfg.inject_failure_at_step == self.step and start == 0 and self.ctx.rank == 0:
                 raise RuntimeError(f"injected failure at step {self.step} (inject_failure_at_step)")

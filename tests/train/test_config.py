@@ -24,7 +24,8 @@ def test_defaults_are_the_tanglenas_lm_settings():
     cfg = from_dict({})
     assert (cfg.optimizer.lr, cfg.optimizer.min_lr, cfg.optimizer.betas) == (5e-4, 5e-5, (0.9, 0.99))
     assert (cfg.optimizer.weight_decay, cfg.optimizer.grad_clip, cfg.arch_optimizer.grad_clip) == (0.1, 1.0, 5.0)
-    assert (cfg.arch_optimizer.lr, cfg.arch_optimizer.betas, cfg.arch_optimizer.weight_decay) == (3e-4, (0.5, 0.999), 1e-3)
+    a = cfg.arch_optimizer
+    assert (a.lr, a.betas, a.weight_decay) == (3e-4, (0.5, 0.999), 1e-3)
     assert cfg.global_batch_size * 224 == 53_760 and cfg.steps == 6000 and cfg.data.valid_fraction == 0.2
     assert cfg.mixer == "drnas"
 

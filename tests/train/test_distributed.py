@@ -78,9 +78,14 @@ def test_spos_with_changing_depth_runs_under_zero(local_ray, tiny_config, stage)
 def test_spos_two_workers_equal_one_worker_under_zero2(local_ray, tiny_config):
     """Paths are keyed by the global micro-batch index, so the 2 x 2 micro-batches of a step on two workers
     train the same four paths as one worker's four accumulation steps."""
-    one = _run(tiny_config, "spos-w1-z2", method="spos", scaling__num_workers=1, zero_stage=2, steps=6)
+    one = _run(tiny_config, "spos-w1-z2", method="spos", scaling__num_workers=1, zero_stage=2, steps=6,
+               run__name="null")  # named by its identity
     two = _run(tiny_config, "spos-z2", method="spos", scaling__num_workers=2, zero_stage=2, steps=6)
     _assert_same_state(one, two, atol=2e-5)
+    assert one.run_dir.name.startswith("gpt-nano-spos-s0-")
+    assert list((one.run_dir / "tensorboard").glob("events.out.tfevents.*")), "events in the run's own folder"
+    assert [line.split()[1] for line in (one.run_dir / "progress.log").read_text().splitlines()] == [
+        "step"] * 6 and list((one.run_dir / "logs").glob("rank0.log"))
 
 
 def test_spos_samples_a_path_per_micro_batch():
