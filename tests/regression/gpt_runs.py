@@ -16,10 +16,10 @@ RUN_OVERRIDES = ["steps=12", "checkpoint_every=6", "eval_every=6", "log_every=3"
 TIMING = {"tokens_per_s", "elapsed_s", "optimizer_state_bytes"}
 
 
-def _history(run_dir: Path, history: dict) -> dict:
-    metrics = [{k: v for k, v in row.items() if k not in TIMING} for row in history["metrics"]]
-    return {"metrics": metrics, "alphas": history["alphas"], "anytime": history["anytime"],
-            "arch": json.loads((run_dir / "arch.json").read_text())}
+def _history(result) -> dict:
+    metrics = [{k: v for k, v in row.items() if k not in TIMING} for row in result.history["metrics"]]
+    return {"metrics": metrics, "alphas": result.history["alphas"], "anytime": result.history["anytime"],
+            "arch": result.arch}
 
 
 def run_all(root: Path) -> dict:
@@ -37,7 +37,7 @@ def run_all(root: Path) -> dict:
     for name, recipe in (("tanglenas", "tiny-cpu-tanglenas"), ("spos", "tiny-cpu-spos")):
         cfg = load_config(REPO / "recipes" / "runs" / f"{recipe}.yaml", [*common, f"run.name={name}"])
         result = run_training(cfg)
-        out[name] = _history(result.run_dir, result.history)
+        out[name] = _history(result)
     search = load_search_config(
         REPO / "recipes" / "tune" / "tiny-cpu-evolution.yaml",
         [f"supernet={root / 'runs' / 'spos' / 'export' / 'supernet'}", f"data.dir={tokens}",
