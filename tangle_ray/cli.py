@@ -48,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="a short TangleNAS search of a tiny space, on a local Ray cluster")
-    demo.add_argument("kind", nargs="?", choices=sorted(DEMOS), default="text",
-                      help="text: a tiny GPT on synthetic stories (default); vision: a tiny ViT on MNIST digits")
     demo.add_argument("--out", default="runs/demo", help="folder for the corpus, tokens and the run")
-    demo.add_argument("overrides", nargs="*", help="run settings as key=value")
+    demo.add_argument("overrides", nargs="*", metavar="[text|vision] key=value",
+                      help="text: a tiny GPT on synthetic stories (default), vision: a tiny ViT on MNIST digits; "
+                      "then run settings as key=value")
     _verbose(demo)
 
     _train_parser(sub, "search", "single-stage TangleNAS search (weights and architecture together)")
@@ -186,13 +186,18 @@ def cmd_demo(args) -> int:
     from tangle_ray.train.runner import run_training
 
     out = Path(args.out)
-    if args.kind == "text":
+    kind, overrides = "text", list(args.overrides)
+    if overrides and "=" not in overrides[0]:
+        kind = overrides.pop(0)
+        if kind not in DEMOS:
+            raise ConfigError(f"demo {kind!r} is not known; allowed: {sorted(DEMOS)}")
+    if kind == "text":
         corpus = write_demo_corpus(out / "corpus", n_train=2000, n_valid=200, seed=0)
         data = prepare_text(TextSource(kind="jsonl", path=str(corpus)), out / "tokens")
     else:
         data = out / "images"  # prepared from data.source by the run's preflight
-    cfg = load_config(None, [*DEMO_COMMON, *DEMOS[args.kind], f"data.dir={data}", f"run.storage_path={out / 'runs'}",
-                             f"run.name=demo-{args.kind}-{time.strftime('%Y%m%d-%H%M%S')}", *args.overrides])
+    cfg = load_config(None, [*DEMO_COMMON, *DEMOS[kind], f"data.dir={data}", f"run.storage_path={out / 'runs'}",
+                             f"run.name=demo-{kind}-{time.strftime('%Y%m%d-%H%M%S')}", *overrides])
     connect("local", num_cpus=max(2, cfg.scaling.num_workers), verbose=args.verbose)
     try:
         result = run_training(cfg, verbose=args.verbose)

@@ -1,6 +1,7 @@
 """Distributed supernet training on a local Ray cluster (CPU, gloo): equal to one process, resumable."""
 
 import json
+import random
 
 import pytest
 import torch
@@ -71,8 +72,11 @@ def test_spos_with_changing_depth_runs_under_zero(local_ray, tiny_config, stage)
     run = _run(tiny_config, f"spos-z{stage}", method="spos", scaling__num_workers=2, zero_stage=stage, steps=6)
     assert [m["step"] for m in run.history["metrics"]] == list(range(1, 7))
     assert all(m["train_loss"] < 11.5 for m in run.history["metrics"])
+    assert run.arch is None and not (run.export_dir / "model").exists()  # SPOS chooses nothing
     supernet = load_supernet(run.export_dir / "supernet")
-    assert supernet.space.param_count(run.arch) == GPT.from_pretrained(run.export_dir / "model").num_parameters()
+    arch = supernet.space.sample(random.Random(stage))
+    assert supernet.space.param_count(arch) == supernet.extract(arch).num_parameters()
+    assert "Next step" in (run.run_dir / "summary.md").read_text()
 
 
 def test_spos_two_workers_equal_one_worker_under_zero2(local_ray, tiny_config):
