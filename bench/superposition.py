@@ -14,7 +14,8 @@ rounds and the ratios are medians of the per-round ratios, so that a neighbour's
 Memory: each variant in its own process (clean peak), two steps; the peak over what the built model occupies,
 so gradients, optimizer state and activations (CPU: the peak resident set after a reset of the kernel's
 high-water mark, so that building and freeing the supernet before the fixed model does not hide the fixed
-model's peak; CUDA: peak allocated).
+model's peak, with glibc's MALLOC_MMAP_THRESHOLD_ at 64 KiB so that freed tensors leave the resident set;
+CUDA: peak allocated).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -216,24 +218,22 @@ def main() -> None:
         return
 
     memory = {}
+    # glibc keeps freed heap memory in the resident set, so the CPU peak would depend on the order of
+    # allocations; with every allocation of 64 KiB or more mapped on its own, the resident set follows the
+    # live tensors
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if args.device == "cpu" else None
     if not args.no_memory:
         for variant in variants:
             out = subprocess.run([sys.executable, __file__, "--variant", variant, "--device", args.device,
                                   "--batch", str(batch)] + (["--space", args.space] if args.space else []),
-                                 check=True, capture_output=True, text=True).stdout
+                                 check=True, capture_output=True, text=True, env=env).stdout
             memory[variant] = json.loads(out.strip().splitlines()[-1])["peak_bytes"]
     bench = Bench(space, args.device, batch, variants)
     times = measure_time(bench, variants, args.steps, args.repeats)
     per_sample = get_task(space.family.task).units_per_sample(space.fixed)
     shape = f"{batch} x {per_sample} tokens" if bench.unit == "tokens" else \
         f"{batch} images of {space.fixed['img_size']} x {space.fixed['img_size']}"
-    load = ""
-    try:
-        import os
-
-        load = ", load average %.2f %.2f %.2f" % os.getloadavg()
-    except OSError:
-        pass
+    load = ", load average %.2f %.2f %.2f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
     print(f"space {space.name}, device {args.device} ({torch.get_num_threads()} threads{load}), {shape}, "
           f"{args.repeats} rounds x {args.steps} steps; largest arch "
           f"{space.param_count(space.largest()) / 1e6:.1f}M parameters")
@@ -243,15 +243,15 @@ def main() -> None:
         mem = f"{memory[v] / 2**20:9.1f}" if v in memory else f"{'-':>9s}"
         print(f"{v:12s} {med * 1e3:9.1f} {min(times[v]) * 1e3:9.1f} {bench.units / med:10.1f} {mem}")
 
-    def line(what: str, a: str, b: str, note: str = "") -> None:
+    def line(a: str, b: str, note: str) -> None:
         if a in variants and b in variants:
             t = _ratio(times, a, b)
             m = f"{memory[a] / max(memory[b], 1):.2f}x" if a in memory and b in memory else "-"
             print(f"{a + ' / ' + b:26s} time {t:5.2f}x   memory {m:>6s}   {note}")
 
-    line("time", "tanglenas", "largest", "(target: time <= 1.3x)")
-    line("time", "arch_step", "largest", "(a search step is one of each)")
-    line("time", "output_mix", "tanglenas", "(the weight-sharing baseline)")
+    line("tanglenas", "largest", "(target: time <= 1.3x)")
+    line("arch_step", "largest", "(a search step is one of each)")
+    line("output_mix", "tanglenas", "(the weight-sharing baseline)")
 
 
 if __name__ == "__main__":

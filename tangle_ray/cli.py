@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
         datasets.disable_progress_bars()
     try:
+        _check_options(args)
         return COMMANDS[args.command](args) or 0
     except ConfigError as e:
         print(f"tangle-ray: error: {e}", file=sys.stderr)
@@ -132,6 +133,19 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as e:
         print(f"tangle-ray: {e}", file=sys.stderr)
         return 1
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """What argparse cannot check: output folders, seeds and counts, before any work starts."""
+    from tangle_ray.names import check_output_dir
+
+    if getattr(args, "out", None) is not None:
+        check_output_dir(args.out, "--out")
+    for option in ("seed", "stories", "samples", "num_proc"):
+        value = getattr(args, option, None)
+        least = 0 if option == "seed" else 1
+        if value is not None and value < least:
+            raise ConfigError(f"--{option.replace('_', '-')} = {value} must be >= {least}")
 
 
 # ===================================================================== commands
@@ -142,7 +156,7 @@ def _train(args, method: str, extra: list[str] | None = None) -> int:
     from tangle_ray.train.runner import run_training
 
     run_file, overrides = args.run_file, list(args.overrides)
-    if run_file and "=" in run_file and not Path(run_file).is_file():  # no run file, only settings
+    if run_file and "=" in run_file and not _is_file(run_file):  # no run file, only settings
         run_file, overrides = None, [run_file, *overrides]
     cfg = load_config(run_file, [f"method={method}", *(extra or []), *overrides])
     result = run_training(cfg, address=args.address, export=not args.no_export, verbose=args.verbose)
@@ -152,6 +166,13 @@ def _train(args, method: str, extra: list[str] | None = None) -> int:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float))
         print(f"test:       {metrics} on {scores['samples']:,} samples ({result.run_dir / 'test_scores.json'})")
     return 0
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except OSError:  # e.g. a name too long for the file system: not a file
+        return False
 
 
 def _print_result(result) -> None:

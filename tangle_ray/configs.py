@@ -41,8 +41,8 @@ def read_text(path: str | Path, what: str, limit: int = MAX_FILE_BYTES) -> str:
     p, name = Path(path), _path_text(path)
     if "\x00" in str(path):
         raise ConfigError(f"{what} {name}: cannot read it (a path may not contain NUL)")
-    if not p.is_file():  # also refuses FIFOs and devices (/dev/zero, /dev/stdin) that would hang a reader
-        problem = "not a regular file" if p.exists() else "no such file"
+    if not is_file(p):  # also refuses FIFOs and devices (/dev/zero, /dev/stdin) that would hang a reader
+        problem = "not a regular file" if _exists(p) else "no such file, or its name is too long"
         raise ConfigError(f"{what} {name}: cannot read it ({problem})")
     try:
         with open(p, "rb") as f:
@@ -55,6 +55,21 @@ def read_text(path: str | Path, what: str, limit: int = MAX_FILE_BYTES) -> str:
         return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{what} {name}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def is_file(path: str | Path) -> bool:
+    """``Path(path).is_file()``, False instead of an error for names too long or with NUL."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def _path_text(path: str | Path) -> str:
@@ -143,14 +158,16 @@ def _check_bounds(text: str, source: str) -> None:
 
 
 def check_plain(value: Any, where: str, depth: int = 0) -> Any:
-    """``value`` if it is plain JSON data: null, booleans, integers, finite numbers, strings, lists and mappings
-    with string keys, nested at most ``MAX_DEPTH`` deep."""
+    """``value`` if it is plain JSON data: null, booleans, 64-bit integers, finite numbers, strings without NUL,
+    lists and mappings with string keys, nested at most ``MAX_DEPTH`` deep."""
     if depth > MAX_DEPTH:
         raise ConfigError(f"{where}: nested deeper than {MAX_DEPTH} levels")
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where} = {shorten(value)}: must be a finite number")
     if isinstance(value, str) and "\x00" in value:
         raise ConfigError(f"{where} = {shorten(value)}: must not contain NUL")
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]:
+        raise ConfigError(f"{where} = {shorten(value)}: outside the 64-bit integer range")
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, list):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from tangle_ray.configs import parse_yaml
-from tangle_ray.errors import ConfigError, clip
+from tangle_ray.errors import ConfigError, clip, shorten
 from tangle_ray.manifest import check_manifest, remove_manifests, write_manifest
 from tangle_ray.models import space_from_dict
 from tangle_ray.space import SearchSpace, space_to_dict
@@ -86,7 +86,8 @@ def load_weights(module: nn.Module, state: dict[str, Tensor], where: str) -> Non
     missing = set(result.missing_keys) - (set(own) - set(unique_tensors(own)))
     if missing or result.unexpected_keys:
         raise ConfigError(
-            f"{where}: weights do not fit the model (missing {sorted(missing)}, unexpected {sorted(result.unexpected_keys)})"
+            f"{where}: weights do not fit the model (missing {shorten(sorted(missing), 200)}, "
+            f"unexpected {shorten(sorted(result.unexpected_keys), 200)})"
         )
 
 

@@ -91,14 +91,14 @@ def check_manifest(folder: str | Path, what: str = "folder", strict: bool = Fals
     if missing:
         raise ConfigError(f"{where}: the manifest does not list {missing}; was it written by tangle_ray?")
     present = _all_files(root)
-    key = tuple(sorted(present.items()))
-    if _verified.get(root.resolve()) == key:
-        return files
     if strict:
         extra = sorted(n for n in present if n not in files and not _is_manifest(n))
         if extra:
             raise ConfigError(f"{where}: holds files its manifest does not list: {shorten(extra)}; "
                               "a folder written by tangle_ray holds nothing else")
+    key = tuple(sorted(present.items()))
+    if _verified.get(root.resolve()) == key:
+        return files
     for name, entry in files.items():
         path = root / name
         if name not in present:

@@ -42,8 +42,8 @@ def check_relative(path: object, what: str) -> PurePosixPath:
 
 
 def check_output_dir(path: str | Path, what: str) -> Path:
-    """``path`` resolved, if it can be an output folder: not under /proc, /sys or /dev, not an existing file,
-    below an existing folder that is writable. Creates nothing."""
+    """``path`` resolved, if it can be an output folder: not ``/``, not under /proc, /sys or /dev, not an
+    existing file, below an existing folder that is writable. Creates nothing."""
     text = str(path)
     if "\x00" in text:
         raise ConfigError(f"{what} = {shorten(text)} contains a NUL character")
@@ -51,11 +51,16 @@ def check_output_dir(path: str | Path, what: str) -> Path:
         resolved = Path(text).expanduser().resolve()
     except (OSError, RuntimeError) as e:  # symlink loops
         raise ConfigError(f"{what} = {shorten(text)} cannot be resolved ({e})") from None
+    if resolved == Path(resolved.anchor):
+        raise ConfigError(f"{what} = {shorten(text)} is the root of the file system; give a folder of your own")
     if any(resolved == Path(r) or Path(r) in resolved.parents for r in SYSTEM_ROOTS):
         raise ConfigError(f"{what} = {shorten(text)} is under {', '.join(SYSTEM_ROOTS)}; give a folder of your own")
-    if resolved.exists() and not resolved.is_dir():
-        raise ConfigError(f"{what} = {shorten(text)} is an existing file, not a folder")
-    parent = next(p for p in (resolved, *resolved.parents) if p.exists())
+    try:
+        if resolved.exists() and not resolved.is_dir():
+            raise ConfigError(f"{what} = {shorten(text)} is an existing file, not a folder")
+        parent = next(p for p in (resolved, *resolved.parents) if p.exists())
+    except OSError as e:  # a name too long for the file system
+        raise ConfigError(f"{what} = {shorten(text)}: {e.strerror or e}") from None
     if not parent.is_dir():
         raise ConfigError(f"{what} = {shorten(text)}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):

@@ -13,7 +13,6 @@ Entries of layers beyond the depth are carried along but have no effect.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -22,7 +21,8 @@ from typing import Any, Union
 
 import torch
 
-from tangle_ray.errors import ConfigError
+from tangle_ray.configs import read_json
+from tangle_ray.errors import ConfigError, shorten
 
 Arch = dict[str, Any]
 Choice = Union[int, float]
@@ -98,12 +98,12 @@ class SearchSpace:
         them): the inactive rest is filled with the smallest choice, which computes nothing."""
         if not isinstance(arch, dict):
             raise ConfigError(f"{source}: expected a dict of choices, got {type(arch).__name__}")
-        unknown = sorted(set(arch) - set(self.dims))
+        unknown = sorted(map(str, set(arch) - set(self.dims)))
         missing = sorted(set(self.dims) - set(arch))
         if unknown or missing:
             raise ConfigError(
-                f"{source}: keys {sorted(arch)} do not match space {self.name!r}"
-                + (f"; unknown: {unknown}" if unknown else "")
+                f"{source}: keys {shorten(sorted(map(str, arch)))} do not match space {self.name!r}"
+                + (f"; unknown: {shorten(unknown)}" if unknown else "")
                 + (f"; missing: {missing}" if missing else "")
                 + f"; allowed keys: {list(self.dims)}"
             )
@@ -116,16 +116,16 @@ class SearchSpace:
                 if not isinstance(value, (list, tuple)) or not depth <= len(value) <= self.max_layers:
                     raise ConfigError(
                         f"{source}: {d.name!r} must be a list of one value per layer ({depth} active, at most "
-                        f"{self.max_layers}), got {value!r}"
+                        f"{self.max_layers}), got {shorten(value)}"
                     )
                 full[d.name] = value = list(value) + [min(d.values)] * (self.max_layers - len(value))
                 for i, v in enumerate(value):
                     if not d.allows(v):
                         raise ConfigError(
-                            f"{source}: {d.name}[{i}] = {v!r} is not allowed; choose from {list(d.values)}"
+                            f"{source}: {d.name}[{i}] = {shorten(v)} is not allowed; choose from {list(d.values)}"
                         )
             elif not d.allows(value):
-                raise ConfigError(f"{source}: {d.name} = {value!r} is not allowed; choose from {list(d.values)}")
+                raise ConfigError(f"{source}: {d.name} = {shorten(value)} is not allowed; choose from {list(d.values)}")
         return full
 
     def key(self, arch: Arch) -> tuple:
@@ -230,15 +230,12 @@ class SearchSpace:
 
 
 def read_arch(path: str | Path) -> Arch:
-    """An architecture from a JSON file (arch.json, best_arch.json); validate it against a space after."""
-    try:
-        arch = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise ConfigError(f"architecture file {path}: cannot read it ({e.strerror or e})") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"architecture file {path}: not valid JSON ({e})") from None
+    """An architecture from a JSON file (arch.json, best_arch.json), read within bounds (size, depth, no NaN);
+    validate it against a space after."""
+    arch = read_json(path, "architecture file")
     if not isinstance(arch, dict):
-        raise ConfigError(f"architecture file {path}: expected a JSON object of choices, got {type(arch).__name__}")
+        raise ConfigError(f"architecture file {shorten(str(path))}: expected a JSON object of choices, "
+                          f"got {type(arch).__name__}")
     return arch
 
 

@@ -108,6 +108,10 @@ def read_meta(data_dir: str | Path) -> dict:
     if not 0 < vocab <= np.iinfo(dtype).max + 1 or not 0 <= meta["eot"] < vocab:
         raise ConfigError(f"{str(path)!r}: vocab_size {vocab} and eot {meta['eot']} do not fit dtype "
                           f"{dtype.name}: prepare again")
+    fractions = meta.get("fractions", {"valid": 0.5})
+    valid = fractions.get("valid") if isinstance(fractions, dict) else None
+    if isinstance(valid, bool) or not isinstance(valid, (int, float)) or not 0 < valid < 1:
+        raise ConfigError(f"{str(path)!r}: fractions = {shorten(fractions)} is not a share in (0, 1): prepare again")
     for name, info in splits.items():
         # a split's file is a name inside the folder: never a path elsewhere
         check_name(info.get("file") if isinstance(info, dict) else None, f"{path}: splits.{shorten(name)}.file")

@@ -13,10 +13,10 @@ import pkgutil
 from pathlib import Path
 from typing import Any
 
-import yaml
 from torch import nn
 
-from tangle_ray.errors import ConfigError
+from tangle_ray.configs import check_space_bounds, check_space_size, is_file, read_yaml
+from tangle_ray.errors import ConfigError, shorten
 from tangle_ray.models.registry import FAMILIES, REQUIRED, ModelFamily, Setting, get_family, register
 from tangle_ray.space import SearchSpace, parse_dims
 
@@ -47,13 +47,9 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
     path = Path(name_or_path)
     if not path.suffix:
         path = spaces_dir() / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"space {str(name_or_path)!r}: no such file {path}; known spaces: {available_spaces()}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return space_from_dict(raw, source=str(path))
+    if not is_file(path):
+        raise ConfigError(f"space {shorten(str(name_or_path))}: no such file; known spaces: {available_spaces()}")
+    return space_from_dict(read_yaml(path, "space file"), source=str(path))
 
 
 def space_from_dict(raw: Any, source: str = "<dict>") -> SearchSpace:
@@ -73,7 +69,9 @@ def space_from_dict(raw: Any, source: str = "<dict>") -> SearchSpace:
         name=str(raw["name"]), model=family.name, fixed=_check_fixed(family, raw["fixed"], source), dims=dims,
         depth_dim=family.depth_dim, family=family, description=str(raw.get("description", "")), source=source,
     )
+    check_space_bounds(space)
     family.check(space)
+    check_space_size(space)
     return space
 
 

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import ConfigError, shorten
 from tangle_ray.space import Arch, SearchSpace
 from tangle_ray.supernet import Supernet
 
@@ -131,6 +131,6 @@ def register(cls: type[ModelFamily]) -> type[ModelFamily]:
 
 def get_family(name: str, source: str = "space") -> ModelFamily:
     """The family registered as ``name`` (``tangle_ray.models`` imports every family module)."""
-    if name not in FAMILIES:
-        raise ConfigError(f"{source}: model = {name!r} is not a known family; allowed: {sorted(FAMILIES)}")
+    if not isinstance(name, str) or name not in FAMILIES:
+        raise ConfigError(f"{source}: model = {shorten(name)} is not a known family; allowed: {sorted(FAMILIES)}")
     return FAMILIES[name]

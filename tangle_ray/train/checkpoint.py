@@ -94,11 +94,12 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def resume_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint Ray Train will resume ``run_dir`` from (its snapshot's latest), checked; None for a fresh
-    run. A checkpoint that fails its check is a ConfigError naming the file: Ray would hand it to the workers."""
+    """The checkpoint Ray Train will resume ``run_dir`` from (the latest of its snapshot), checked; None for a
+    fresh run. A checkpoint that fails its check is a ConfigError naming the file: Ray would hand it to the
+    workers. Without Ray's snapshot (a run cut short before Ray recorded a checkpoint), the newest that checks."""
     snapshot = Path(run_dir) / RAY_SNAPSHOT
     if not snapshot.is_file():
-        return None
+        return latest_checkpoint(run_dir)
     try:
         latest = _read_json_file(snapshot).get("latest_checkpoint_result") or {}
         name = latest.get("checkpoint_dir_name") if isinstance(latest, dict) else None
@@ -164,7 +165,8 @@ def consolidated_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"checkpoint {folder}: a DeepSpeed file holds Python objects beyond tensors "
                           f"({clip(str(e), 200)}); if you trust this folder, set {TRUST_ENV}=1") from None
     except (OSError, RuntimeError, KeyError, ValueError, TypeError, EOFError) as e:
-        raise ConfigError(f"checkpoint {folder}: DeepSpeed files missing or corrupt ({type(e).__name__}: {e})") from None
+        raise ConfigError(f"checkpoint {folder}: DeepSpeed files missing or corrupt "
+                          f"({type(e).__name__}: {clip(str(e), 200)})") from None
 
 
 def _deepspeed_safe_globals() -> list:

@@ -122,7 +122,8 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"{source}: precision = {shorten(self.precision)}; allowed: {list(PRECISIONS)}")
         if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"{source}: zero_stage = {shorten(self.zero_stage)} does not exist; allowed: [0, 1, 2, 3]")
+            raise ConfigError(
+                f"{source}: zero_stage = {shorten(self.zero_stage)} does not exist; allowed: [0, 1, 2, 3]")
         for name in ("steps", "global_batch_size", "micro_batch_size", "log_every", "checkpoint_every",
                      "eval_every", "eval_samples"):
             if getattr(self, name) < 1:
@@ -161,7 +162,8 @@ class TrainConfig:
         if self.dropout is not None:
             check_range(self.dropout, f"{source}: dropout", 0, 1, hi_open=True)
         if self.gdas_schedule not in GDAS_SCHEDULES:
-            raise ConfigError(f"{source}: gdas_schedule = {shorten(self.gdas_schedule)}; allowed: {list(GDAS_SCHEDULES)}")
+            raise ConfigError(
+                f"{source}: gdas_schedule = {shorten(self.gdas_schedule)}; allowed: {list(GDAS_SCHEDULES)}")
         s = self.scaling
         if s.placement_strategy not in PLACEMENT_STRATEGIES:
             raise ConfigError(f"{source}: scaling.placement_strategy = {shorten(s.placement_strategy)}; "

@@ -144,7 +144,8 @@ class ArchSearcher(Searcher):
             archs = [self.space.validate(a, f"searcher state {checkpoint_path}: arch") for a in state["archs"]]
             results = {int(i): _decode(v) for i, v in state["results"]}
             trials = {str(t): int(i) for t, i in state["trials"].items()}
-            if not 0 <= state["suggested"] <= len(archs) or any(not 0 <= i < len(archs) for i in (*results, *trials.values())):
+            indices = (*results, *trials.values())
+            if not 0 <= state["suggested"] <= len(archs) or any(not 0 <= i < len(archs) for i in indices):
                 raise ValueError("indices outside the proposals")
             self._load_state(state)
         except ConfigError:

@@ -18,7 +18,7 @@ from tangle_ray.space import read_arch
 from tangle_ray.train.config import DS_OWNED, METHODS, PLACEMENT_STRATEGIES, PRECISIONS, load_config
 from tangle_ray.tune.config import load_search_config
 
-from .conftest import FUZZ, file_bytes, is_finite_data, mutated, outcome, values
+from .conftest import FUZZ, file_bytes, is_finite_data, mutated, outcome, plausible, values
 
 _n = itertools.count()
 RUN = yaml.safe_load("""
@@ -161,8 +161,9 @@ def test_space_files(folder, raw, data):
         assert_valid_space(value)
 
 
-@given(key=st.sampled_from(["n_layer", "n_embd", "n_head", "mlp_ratio", "extra"]), value=values,
-       layer=st.integers(0, 3), text=st.sampled_from(["as is", "cut", "nan", "deep", "list", "big"]),
+@given(key=st.sampled_from(["n_layer", "n_embd", "n_head", "mlp_ratio", "extra"]),
+       value=st.one_of(st.sampled_from([2, 3, 4, 8, 32, 48, 64, 2.0, 3.0, 64.0, True]), plausible, values),
+       layer=st.integers(0, 3), text=st.sampled_from(["as is"] * 5 + ["cut", "nan", "deep", "list", "big"]),
        data=st.data())
 @FUZZ
 def test_architecture_files(folder, key, value, layer, text, data):

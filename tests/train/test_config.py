@@ -36,7 +36,8 @@ def test_defaults_are_the_tanglenas_lm_settings():
         (["method=enas"], ["method", "'enas'", "tanglenas", "spos"]),
         (["mixer=random"], ["mixer", "'random'", "drnas", "darts", "gdas"]),
         (["zero_stage=4"], ["zero_stage", "4", "[0, 1, 2, 3]"]),
-        (["global_batch_size=10", "micro_batch_size=2", "scaling.num_workers=3"], ["global_batch_size = 10", "3 x 2 = 6"]),
+        (["global_batch_size=10", "micro_batch_size=2", "scaling.num_workers=3"],
+         ["global_batch_size = 10", "3 x 2 = 6"]),
         (["optimizer.lr=fast"], ["optimizer.lr", "'fast'", "number"]),
         (["optimiser.lr=1"], ["unknown", "optimiser"]),
         (["precision=fp8"], ["precision", "fp8", "bf16"]),
@@ -96,7 +97,8 @@ def test_default_run_name_is_stable_and_changes_with_the_config():
 
 def test_deepspeed_config_and_schedule():
     cfg = load_config(None, ["global_batch_size=16", "micro_batch_size=2", "scaling.num_workers=2", "zero_stage=3",
-                             "steps=100", "optimizer.warmup_steps=10", "deepspeed={zero_optimization: {overlap_comm: true}}"])
+                             "steps=100", "optimizer.warmup_steps=10",
+                             "deepspeed={zero_optimization: {overlap_comm: true}}"])
     ds = deepspeed_config(cfg)
     assert ds["gradient_accumulation_steps"] == 4 and ds["train_batch_size"] == 16
     assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}

@@ -1,0 +1,454 @@
+"""Issue 11: bad input is refused before Ray starts, nothing unsafe is loaded, files stay inside their folders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tangle_ray.configs import (
+    MAX_NODES,
+    check_space_bounds,
+    check_space_size,
+    int_at_least,
+    parse_yaml,
+    read_json,
+    read_yaml,
+)
+from tangle_ray.data.prepare import FORMAT_VERSION, SPLITS, read_meta, verify_tokens
+from tangle_ray.errors import ConfigError, shorten
+from tangle_ray.folders import load_supernet, save_supernet
+from tangle_ray.manifest import check_manifest, write_manifest
+from tangle_ray.models import load_space, space_from_dict
+from tangle_ray.names import check_name, check_output_dir, check_relative
+from tangle_ray.space import space_to_dict
+from tangle_ray.train.checkpoint import (
+    RAY_SNAPSHOT,
+    check_checkpoint,
+    latest_checkpoint,
+    read_trainer_state,
+    resume_checkpoint,
+)
+from tangle_ray.train.config import load_config
+from tangle_ray.tune.config import search_config_from_dict
+from tangle_ray.tune.searchers import EvolutionSearcher, RandomSearcher, saved_searcher_state
+
+BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
+
+
+# ===================================================================== names and paths
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x", "/abs", "a\\b", "a\x00b", "a\nb", "\x7f", " x",
+                                  "x" * 300, 5, None])
+def test_names_are_plain_folder_names(name):
+    with pytest.raises(ConfigError, match="run.name"):
+        check_name(name, "run.name")
+
+
+def test_names_and_relative_paths_that_are_fine():
+    assert check_name("run-1.b_é", "run.name") == "run-1.b_é"
+    assert str(check_relative("ds/mp_rank_00.pt", "entry")) == "ds/mp_rank_00.pt"
+    for bad in ("../x", "/etc/passwd", "a//b", "a/./b", ""):
+        with pytest.raises(ConfigError):
+            check_relative(bad, "entry")
+
+
+def test_output_folders(tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert check_output_dir(tmp_path / "new" / "deeper", "--out") == (tmp_path / "new" / "deeper").resolve()
+    for bad, words in ((tmp_path / "file", "existing file"), (tmp_path / "file" / "sub", "is a file"),
+                       ("/proc/x", "/proc"), ("/dev/null", "/dev"), ("a\x00b", "NUL"), ("/", "root")):
+        with pytest.raises(ConfigError, match=words):
+            check_output_dir(bad, "--out")
+
+
+def test_run_and_search_names_are_checked():
+    for bad in ("../up", "a/b", "..", "a\x00b"):
+        with pytest.raises(ConfigError, match="run.name"):
+            load_config(None, [f"run.name={json.dumps(bad)}"])
+        with pytest.raises(ConfigError, match="run.name"):
+            search_config_from_dict({"supernet": "s", "data": {"dir": "d"}, "run": {"name": bad}})
+
+
+# ===================================================================== one bounded YAML reader
+
+
+def test_a_yaml_bomb_is_refused_at_once(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(BOMB)
+    assert len(BOMB) < 700
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=f"more than {MAX_NODES:,} values"):
+        read_yaml(path, "run file")
+    with pytest.raises(ConfigError, match="more than"):
+        load_config(path)
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize("text, words", [
+    ("a: " + "[" * 100_000, "nested deeper"),
+    ("a: &a [*a]", "not complete"),
+    ("a: *nope", "not complete"),
+    ("a: 1\na: 2\n", "appears twice"),
+    ("a: 2024-13-45", "cannot be read"),
+    ("a: " + "1" * 5000, "cannot be read"),
+    ("a: !!python/object/apply:os.system [ls]", "not valid YAML"),
+    ("steps: [1", "not valid YAML"),
+    ("a: 1\n---\nb: 2", "not valid YAML"),
+])
+def test_yaml_that_a_config_may_not_hold(text, words):
+    with pytest.raises(ConfigError, match=words):
+        parse_yaml(text, "x.yaml")
+
+
+def test_files_that_are_not_config_files(tmp_path):
+    (tmp_path / "latin1.yaml").write_bytes(b"name: caf\xe9\n")
+    (tmp_path / "big.yaml").write_text("a: 1\n" + "#" * (2 << 20))
+    os.mkfifo(tmp_path / "fifo.yaml")
+    for name, words in (("latin1.yaml", "not UTF-8 text .byte 0xe9"), ("big.yaml", "larger than"),
+                        ("fifo.yaml", "not a regular file"), ("nothing.yaml", "no such file")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(tmp_path / name)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        read_json("/dev/zero", "architecture file")
+    (tmp_path / "nan.json").write_text('{"n_layer": NaN}')
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    for name in ("nan.json", "deep.json"):
+        with pytest.raises(ConfigError, match="not valid JSON"):
+            read_json(tmp_path / name, "architecture file")
+
+
+def test_long_values_are_shortened_in_messages():
+    assert len(shorten("x" * 10_000)) <= 80 and len(shorten(list(range(10_000)))) <= 80
+    assert "bits" in shorten(10**5000)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"method={'x' * 10_000}"])
+    assert len(str(e.value)) < 300
+
+
+# ===================================================================== validation on the driver
+
+
+@pytest.mark.parametrize("override, words", [
+    ("optimizer.lr=.nan", "optimizer.lr = nan must be a finite number"),
+    ("optimizer.lr=.inf", "finite"),
+    ("optimizer.lr=0", "optimizer.lr = 0.0 must be in (0, inf)"),
+    ("optimizer.min_lr=1", "optimizer.min_lr"),
+    ("optimizer.betas=[0.9, 1.0]", r"optimizer.betas\[1\] = 1.0 must be in \[0, 1\)"),
+    ("optimizer.betas=[a, b]", r"optimizer.betas\[0\] = 'a' must be a number"),
+    ("arch_optimizer.betas=[-0.1, 0.9]", "arch_optimizer.betas"),
+    ("arch_optimizer.grad_clip=0", "arch_optimizer.grad_clip"),
+    ("optimizer.weight_decay=-1", "weight_decay"),
+    ("dropout=1.0", r"dropout = 1.0 must be in \[0, 1\)"),
+    ("dropout=.nan", "dropout"),
+    ("seed=-1", "seed = -1"),
+    ("steps=0", "steps = 0 must be at least 1"),
+    ("steps=2.5", "must be an integer"),
+    ("steps=1e30", "64-bit"),
+    ("max_failures=-2", "max_failures"),
+    ("gdas_schedule=cubic", "gdas_schedule"),
+    ("scaling.placement_strategy=PACKED", "STRICT_SPREAD"),
+    ("scaling.resources_per_worker={CPU: -1}", "resources_per_worker.CPU"),
+    ("scaling.resources_per_worker={CPU: .nan}", "finite"),
+    ("deepspeed={train_batch_size: 3}", "deepspeed.train_batch_size = 3 is set by the run; set global_batch_size"),
+    ("deepspeed={train_micro_batch_size_per_gpu: 3}", "micro_batch_size"),
+    ("deepspeed={gradient_accumulation_steps: 3}", "gradient_accumulation_steps"),
+    ("deepspeed={zero_optimization: {stage: 3}}", "contradicts zero_stage = 2"),
+    ("deepspeed={bf16: {enabled: true}}", "set precision"),
+    ("deepspeed={optimizer: {type: Adam}}", "optimizer"),
+    ("deepspeed={x: .nan}", "deepspeed.x = nan: must be a finite number"),
+    ("deepspeed=[1, 2]", "must be a mapping"),
+    ("arch={n_layer: .nan}", "arch.n_layer = nan"),
+    ('data.dir="a\\0b"', "NUL"),
+    ("steps=[1", "not valid YAML"),
+    ("a..b=1", "empty part"),
+])
+def test_run_settings_are_refused_with_the_key_the_value_and_what_is_allowed(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert words in str(e.value) or __import__("re").search(words, str(e.value)), str(e.value)
+
+
+def test_integral_numbers_are_integers_and_identities_are_free_of_nan():
+    cfg = load_config(None, ["steps=2.0", "global_batch_size=16", "micro_batch_size=8", "optimizer.lr=1e-3"])
+    assert cfg.steps == 2 and isinstance(cfg.steps, int) and cfg.optimizer.lr == 1e-3
+    assert cfg.identity() == load_config(None, ["steps=2", "global_batch_size=16", "micro_batch_size=8",
+                                                "optimizer.lr=0.001"]).identity()
+    json.dumps(cfg.identity(), allow_nan=False)
+
+
+@pytest.mark.parametrize("raw, words", [
+    ({"resources": {"cpus_per_trial": float("nan")}}, "finite"),
+    ({"resources": {"gpus_per_trial": float("inf")}}, "finite"),
+    ({"constraints": {"max_params": -5}}, "constraints.max_params"),
+    ({"seed": -1}, "seed"),
+    ({"eval": {"seed": -3}}, "eval.seed"),
+    ({"verbose": 7}, "verbose"),
+    ({"evolution": {"p_layer": float("nan")}}, "finite"),
+    ({"run": {"name": "../x"}}, "run.name"),
+    ({"supernet": " "}, "supernet must not be empty"),
+])
+def test_search_settings_are_refused(raw, words):
+    with pytest.raises(ConfigError, match=words):
+        search_config_from_dict({"supernet": "s", "data": {"dir": "d"}, **raw}, "s.yaml")
+
+
+def test_cli_integers():
+    seed, stories = int_at_least(0), int_at_least(1)
+    assert seed("0") == 0 and stories("5") == 5
+    for parse, text in ((seed, "-1"), (stories, "-5"), (stories, "0"), (seed, "x"), (seed, "1" * 30)):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
+
+
+def test_absurd_spaces():
+    """Refused by the space checks (``space_from_dict`` runs them once wired; called here as well)."""
+    base = space_to_dict(load_space("gpt-nano"))
+    with pytest.raises(ConfigError, match="at most 1024"):
+        check_space_bounds(space_from_dict({**base, "choices": {"n_layer": [2, 10**6], "n_embd": [32]}}))
+    with pytest.raises(ConfigError, match=r"largest architecture has .* parameters; at most 1e\+11"):
+        check_space_size(space_from_dict({**base, "choices": {"n_layer": [2, 100], "n_embd": [32, 2**20]},
+                                          "per_layer": {"n_head": [2], "mlp_ratio": [4]}}))
+    check_space_bounds(load_space("gpt-nano"))
+    check_space_size(load_space("gpt-tinystories"))
+
+
+@pytest.mark.parametrize("text, words", [
+    ("mlp_ratio: [2, .inf]", "finite"),
+    ("mlp_ratio: [2, .nan]", "finite"),
+    ("n_head: [2, 1e400]", "finite|positive number"),
+])
+def test_space_files_with_values_that_are_not_finite(tmp_path, text, words):
+    """Needs ``load_space`` to read with ``read_yaml`` and ``space_from_dict`` to call the space checks."""
+    path = tmp_path / "space.yaml"
+    key = text.split(":")[0]
+    base = Path(load_space("gpt-nano").source).read_text()
+    path.write_text(base.replace({"mlp_ratio": "mlp_ratio: [2, 3, 4]", "n_head": "n_head: [2, 4, 8]"}[key], text))
+    with pytest.raises(ConfigError, match=words):
+        load_space(path)
+
+
+# ===================================================================== manifests
+
+
+def _folder(tmp_path):
+    folder = tmp_path / "f"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.bin").write_bytes(b"a" * 100)
+    (folder / "sub" / "b.json").write_text("{}")
+    write_manifest(folder)
+    return folder
+
+
+def test_manifest_names_a_truncated_or_changed_file(tmp_path):
+    folder = _folder(tmp_path)
+    assert set(check_manifest(folder, strict=True)) == {"a.bin", "sub/b.json"}
+    (folder / "a.bin").write_bytes(b"a" * 50)
+    with pytest.raises(ConfigError, match="a.bin is 50 bytes, its manifest says 100: truncated"):
+        check_manifest(folder)
+    (folder / "a.bin").write_bytes(b"b" * 100)
+    with pytest.raises(ConfigError, match="a.bin does not match the sha256"):
+        check_manifest(folder)
+    (folder / "a.bin").write_bytes(b"a" * 100)
+    check_manifest(folder)
+    (folder / "extra.pt").write_bytes(b"x")
+    check_manifest(folder)  # not strict: unlisted files are not read
+    with pytest.raises(ConfigError, match="extra.pt"):
+        check_manifest(folder, strict=True)
+    (folder / "sub" / "b.json").unlink()
+    (folder / "sub" / "b.json").symlink_to("/etc/hostname")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        check_manifest(folder)
+    (folder / "manifest.json").unlink()
+    with pytest.raises(ConfigError, match="no manifest.json"):
+        check_manifest(folder)
+
+
+def test_manifest_parts_of_a_folder_written_by_several_ranks(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "rank0").write_text("0")
+    write_manifest(folder, part=0, parts=2)
+    with pytest.raises(ConfigError, match=r"parts \[1\] of 2 are missing"):
+        check_manifest(folder)
+    (folder / "rank1").write_text("1")
+    write_manifest(folder, ["rank1"], part=1, parts=2)
+    check_manifest(folder, strict=True)
+    (folder / "manifest.part1.json").write_text(json.dumps({"format": "tangle_ray.manifest/1", "part": 1,
+                                                             "parts": 2, "files": {"../../etc/passwd": {}}}))
+    with pytest.raises(ConfigError, match="cannot read manifest.part1.json"):
+        check_manifest(folder)
+
+
+def test_supernet_folders_are_checked_before_anything_is_read(tmp_path):
+    folder = save_supernet(load_space("gpt-micro").build_supernet(), tmp_path / "sn")
+    load_supernet(folder)
+    body = (folder / "supernet.safetensors").read_bytes()
+    (folder / "supernet.safetensors").write_bytes(body[: len(body) // 2])
+    with pytest.raises(ConfigError, match="supernet checkpoint .*supernet.safetensors is .* truncated"):
+        load_supernet(folder)
+    (folder / "supernet.safetensors").write_bytes(body)
+    for bad, words in (("a: [", "not valid YAML"), ("[" * 10_000, "nested deeper"), (BOMB, "more than")):
+        (folder / "space.yaml").write_text(bad)  # a space file changed by someone who also rewrote the manifest
+        write_manifest(folder, ["space.yaml", "supernet.safetensors", "alphas.safetensors", "meta.json"])
+        with pytest.raises(ConfigError, match=words):
+            load_supernet(folder)
+
+
+# ===================================================================== run checkpoints
+
+
+def _checkpoint(run_dir, name, step, **trainer_state):
+    folder = run_dir / name
+    folder.mkdir(parents=True)
+    trainer = {"step": step, "world_size": 1, "zero_stage": 2, "method": "spos", "arch": None, **trainer_state}
+    (folder / "trainer_state.json").write_text(json.dumps(trainer))
+    (folder / "run_state.json").write_text(json.dumps({"step": step, "world_size": 1, "space": {}, "history": {}}))
+    write_manifest(folder, part=0, parts=1)
+    return folder
+
+
+def test_checkpoint_readers_refuse_what_they_cannot_use(tmp_path, caplog):
+    run = tmp_path / "run"
+    old = _checkpoint(run, "checkpoint_2026-01-01_00-00-00.000000", 2)
+    new = _checkpoint(run, "checkpoint_2026-01-01_00-00-01.000000", 4)
+    assert latest_checkpoint(run) == new and resume_checkpoint(run) == new
+    (new / "trainer_state.json").write_text('{"step": 4}')  # cut short, manifest unchanged
+    assert latest_checkpoint(run) == old  # the newest that checks
+    assert "trainer_state.json is 11 bytes" in caplog.text
+    (run / RAY_SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": new.name}}))
+    with pytest.raises(ConfigError, match="trainer_state.json is 11 bytes.*Ray resumes from this checkpoint"):
+        resume_checkpoint(run)  # Ray would hand exactly this one to the workers
+    (run / RAY_SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "../x"}}))
+    with pytest.raises(ConfigError, match="checkpoint_dir_name"):
+        resume_checkpoint(run)
+    bare = _checkpoint(run, "checkpoint_x", 6, zero_stage="two")
+    with pytest.raises(ConfigError, match="no zero_stage of type int"):
+        read_trainer_state(bare)
+    (bare / "ds").mkdir()
+    (bare / "ds" / "evil_optim_states.pt").write_bytes(pickle.dumps(print))
+    with pytest.raises(ConfigError, match="evil_optim_states.pt"):
+        check_checkpoint(bare)  # DeepSpeed globs its shards: nothing unlisted may be there
+
+
+# ===================================================================== searcher state: JSON, no pickle
+
+
+@pytest.mark.parametrize("make", [lambda s: RandomSearcher(s, 20, seed=3),
+                                  lambda s: EvolutionSearcher(s, seed=3, lag=1)], ids=["random", "evolution"])
+def test_searcher_state_is_json_and_round_trips(tmp_path, make):
+    space = load_space("gpt-nano")
+    first = make(space)
+    for i in range(5):
+        first.suggest(f"t{i}")
+    first.on_trial_complete("t0", {"loss": 1.5})
+    first.on_trial_complete("t1", {"loss": float("nan")})  # diverged: ranks last
+    first.on_trial_complete("t2", error=True)
+    path = tmp_path / "searcher-state-x.pkl"
+    first.save(str(path))
+    state = json.loads(path.read_text())
+    assert state["results"] == [[0, 1.5], [1, "inf"], [2, "inf"]]
+    second = make(space)
+    second.restore(str(path))
+    assert (second.archs, second.results, second.suggested) == (first.archs, first.results, first.suggested)
+    assert [second.suggest(f"u{i}") for i in range(3)] == [first.suggest(f"u{i}") for i in range(3)]
+    assert saved_searcher_state(tmp_path)["suggested"] == 5
+    path.write_bytes(pickle.dumps({"finished": True}))
+    with pytest.raises(ConfigError, match="cannot be read.*new name"):
+        make(space).restore(str(path))
+
+
+# ===================================================================== prepared token files
+
+
+def _tokens(tmp_path, vocab=97, **split):
+    folder = tmp_path / "tokens"
+    folder.mkdir(exist_ok=True)
+    splits = {}
+    for s in SPLITS:
+        (folder / f"{s}.bin").write_bytes((__import__("numpy").arange(50) % vocab).astype("uint16").tobytes())
+        splits[s] = {"file": f"{s}.bin", "tokens": 50, **split}
+    meta = {"format_version": FORMAT_VERSION, "dtype": "uint16", "vocab_size": vocab, "eot": 0, "splits": splits}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_token_files_stay_inside_their_folder_and_hold_ids_of_the_vocabulary(tmp_path):
+    folder = _tokens(tmp_path)
+    verify_tokens(folder)
+    with pytest.raises(ConfigError, match="token id 40 at position 40, outside the vocabulary of 40"):
+        verify_tokens(folder, vocab_size=40)
+    body = bytearray((folder / "valid.bin").read_bytes())
+    body[10:12] = (60000).to_bytes(2, "little")
+    (folder / "valid.bin").write_bytes(bytes(body))
+    with pytest.raises(ConfigError, match="valid.bin.*token id 60000 at position 5"):
+        verify_tokens(folder)
+    (folder / "valid.bin").write_bytes(bytes(body[:51]))
+    with pytest.raises(ConfigError, match="valid.bin' is 51 bytes, meta.json says 100"):
+        verify_tokens(folder)
+    for file in ("../outside.bin", "/etc/passwd", "a/b.bin"):
+        _tokens(tmp_path, file=file)
+        with pytest.raises(ConfigError, match="file"):
+            read_meta(folder)
+    _tokens(tmp_path, tokens=-1)
+    with pytest.raises(ConfigError, match="tokens"):
+        read_meta(folder)
+
+
+# ===================================================================== the cluster
+
+
+def test_an_address_that_does_not_answer_is_refused_quickly():
+    from tangle_ray.cluster import check_reachable
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    silent = f"127.0.0.1:{listener.getsockname()[1]}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"  # bound, never listening: refused
+    start = time.perf_counter()
+    for address, words in ((closed, "cannot reach it"), (silent, "no answer within 1 s"), ("nowhere", "host:port"),
+                           ("ray://127.0.0.1:x", "host:port")):
+        with pytest.raises(ConfigError, match=words):
+            check_reachable(address, timeout_s=1)
+    assert time.perf_counter() - start < 5
+    listener.close()
+
+
+@pytest.mark.ray
+def test_requests_the_cluster_cannot_hold_are_refused_with_what_it_has(local_ray):
+    import ray
+
+    from tangle_ray.cluster import check_reachable, check_resources, worker_resources
+
+    check_reachable(ray.get_runtime_context().gcs_address, timeout_s=5)  # a real Ray cluster answers
+    check_resources(2, worker_resources(False, None), "scaling")
+    cases = [
+        ((1, worker_resources(True, None), "scaling"), "each worker needs 1 GPU, the largest node has 0.*use_gpu"),
+        ((3, worker_resources(False, None), "scaling"), r"3 workers x 1 CPU \(PACK\) do not fit: at most 2"),
+        ((1, {"CPU": 64}, "resources (one trial)"), "needs 64 CPU, the largest node has 2"),
+        ((1, {"CPU": math.nan}, "resources"), "finite"),
+        ((1, {"cpu": 1}, "scaling"), "needs 1 cpu"),
+        ((2, {"CPU": 1}, "scaling", "STRICT_SPREAD"), "at most 1 fit"),
+    ]
+    for args, words in cases:
+        with pytest.raises(ConfigError, match=words):
+            check_resources(*args)
+
+
+def test_yaml_of_every_shipped_file_is_read_by_the_bounded_reader():
+    repo = Path(__file__).resolve().parents[1]
+    for path in [*repo.glob("spaces/*.yaml"), *repo.glob("recipes/**/*.yaml")]:
+        assert read_yaml(path, "file") == yaml.safe_load(path.read_text()), path
