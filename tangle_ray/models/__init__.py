@@ -8,7 +8,6 @@ known to ``load_space`` and ``load_model`` without any other edit.
 from __future__ import annotations
 
 import importlib
-import json
 import pkgutil
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,16 @@ from torch import nn
 
 from tangle_ray.configs import check_space_bounds, check_space_size, is_file, read_yaml
 from tangle_ray.errors import ConfigError, shorten
-from tangle_ray.models.registry import FAMILIES, REQUIRED, ModelFamily, Setting, get_family, register
+from tangle_ray.models.registry import (
+    FAMILIES,
+    REQUIRED,
+    ModelFamily,
+    Setting,
+    get_family,
+    read_model_config,
+    register,
+)
+from tangle_ray.names import check_name
 from tangle_ray.space import SearchSpace, parse_dims
 
 __all__ = [
@@ -46,7 +54,7 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
     """Load a space by name (a file in ``spaces/``) or by path, and check it against its family."""
     path = Path(name_or_path)
     if not path.suffix:
-        path = spaces_dir() / f"{name_or_path}.yaml"
+        path = spaces_dir() / f"{check_name(str(name_or_path), 'space')}.yaml"
     if not is_file(path):
         raise ConfigError(f"space {shorten(str(name_or_path))}: no such file; known spaces: {available_spaces()}")
     return space_from_dict(read_yaml(path, "space file"), source=str(path))
@@ -78,15 +86,7 @@ def space_from_dict(raw: Any, source: str = "<dict>") -> SearchSpace:
 def load_model(folder: str | Path) -> nn.Module:
     """The standalone model in an exported model folder, of whichever family its ``config.json`` names."""
     path = Path(folder)
-    for name in ("config.json", "model.safetensors"):
-        if not (path / name).is_file():
-            raise ConfigError(f"model folder {path}: missing {name} (write one with save_pretrained or export)")
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"model folder {path}: config.json is not readable JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"model folder {path}: config.json must hold a JSON object")
+    config = read_model_config(path)
     return get_family(config.get("model"), f"model folder {path}: config.json").load_model(path)
 
 
@@ -108,7 +108,7 @@ def _check_fixed(family: ModelFamily, fixed: Any, source: str) -> dict[str, Any]
         if typ is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
         if not ok:
-            raise ConfigError(f"{source}: fixed.{key} = {value!r} must be of type {typ.__name__}")
+            raise ConfigError(f"{source}: fixed.{key} = {shorten(value)} must be of type {typ.__name__}")
         out[key] = value
     return out
 

@@ -16,7 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from tangle_ray.configs import read_json
 from tangle_ray.errors import ConfigError, shorten
+from tangle_ray.manifest import check_manifest, remove_manifests, write_manifest
 from tangle_ray.space import Arch, SearchSpace
 from tangle_ray.supernet import Supernet
 
@@ -29,6 +31,21 @@ class Setting:
 
     type: type
     default: Any = REQUIRED
+
+
+MODEL_FILES = ("model.safetensors", "config.json")
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """The ``config.json`` of a model folder whose files are all there and match their manifest."""
+    for name in MODEL_FILES:
+        if not (folder / name).is_file():
+            raise ConfigError(f"model folder {folder}: missing {name} (write one with save_pretrained or export)")
+    check_manifest(folder, "model folder", required=MODEL_FILES)
+    config = read_json(folder / "config.json", "model folder file")
+    if not isinstance(config, dict):
+        raise ConfigError(f"model folder {folder}: config.json must hold a JSON object")
+    return config
 
 
 class Pretrained(nn.Module):
@@ -46,24 +63,23 @@ class Pretrained(nn.Module):
         """Write ``model.safetensors`` and ``config.json`` (plus the architecture, if given)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        remove_manifests(out)  # refused until the new manifest is written, last
         save_model(self, str(out / "model.safetensors"))
         meta = {"model": self.family, "config": asdict(self.config), "arch": arch}
         (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_manifest(out, MODEL_FILES)
         return out
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path):
         path = Path(model_dir)
-        for name in ("config.json", "model.safetensors"):
-            if not (path / name).is_file():
-                raise ConfigError(f"model folder {path}: missing {name} (write one with save_pretrained or export)")
+        meta = read_model_config(path)
         try:
-            meta = json.loads((path / "config.json").read_text())
             model = cls(cls.config_class(**meta["config"]))
             with safe_open(str(path / "model.safetensors"), "pt") as f:  # keep the stored precision
                 model.to(f.get_tensor(f.keys()[0]).dtype)
             load_model(model, str(path / "model.safetensors"))
-        except (ValueError, KeyError, TypeError, RuntimeError, json.JSONDecodeError) as e:
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise ConfigError(f"model folder {path}: cannot load ({e})") from None
         return model
 

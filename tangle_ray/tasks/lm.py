@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tangle_ray.data.prepare import load_split, prepare_text, read_meta
+from tangle_ray.data.prepare import load_split, prepare_text, read_meta, verify_tokens
 from tangle_ray.data.sampler import WindowSampler, eval_windows
 from tangle_ray.data.sources import TextSource
 from tangle_ray.errors import ConfigError
@@ -67,7 +67,8 @@ class LanguageModelling(Task):
             prepare_text(source, folder, tokenizer=data.tokenizer, bpe_file=data.bpe_file,
                          valid_fraction=data.valid_fraction, seed=seed, num_proc=data.num_proc)
         meta = read_meta(folder)
-        stored = meta["fractions"]["valid"]
+        verify_tokens(folder, space.fixed["vocab_size"])  # sizes and token ids, once, on the driver
+        stored = meta.get("fractions", {}).get("valid", data.valid_fraction)
         if abs(stored - data.valid_fraction) > 1e-9:
             raise ConfigError(
                 f"data.dir {folder} was prepared with valid_fraction {stored}, the run asks for "

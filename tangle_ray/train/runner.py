@@ -13,14 +13,14 @@ from typing import Any
 
 import yaml
 
-from tangle_ray.cluster import connect
-from tangle_ray.configs import to_dict
+from tangle_ray.cluster import check_resources, connect, worker_resources
+from tangle_ray.configs import read_yaml, to_dict
 from tangle_ray.errors import ConfigError
 from tangle_ray.folders import load_supernet, space_shape
 from tangle_ray.models import load_space, space_from_dict
 from tangle_ray.space import SearchSpace
 from tangle_ray.tasks import get_task
-from tangle_ray.train.checkpoint import latest_checkpoint, read_run_state, read_trainer_state
+from tangle_ray.train.checkpoint import latest_checkpoint, read_run_state, read_trainer_state, resume_checkpoint
 from tangle_ray.train.config import RunPlan, TrainConfig
 from tangle_ray.train.export import export_run
 from tangle_ray.train.progress import PROGRESS_FILE, follow
@@ -69,13 +69,13 @@ def _check_writable(run_dir: Path) -> None:
 def _check_resume(cfg: TrainConfig, run_dir: Path, space: SearchSpace) -> None:
     stored = run_dir / "run_config.yaml"
     if stored.is_file():
-        previous = yaml.safe_load(stored.read_text())
-        if previous.get("identity") != cfg.identity():
+        previous = read_yaml(stored, "run record")
+        if not isinstance(previous, dict) or previous.get("identity") != cfg.identity():
             raise ConfigError(
                 f"run {run_dir} exists with a different configuration; give a new run.name to start a fresh "
                 f"run, or rerun with the original settings to resume it"
             )
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = resume_checkpoint(run_dir)  # what Ray will resume from, checked against its manifests
     if checkpoint is None:
         return
     state = read_trainer_state(checkpoint)
@@ -108,6 +108,8 @@ def run_training(cfg: TrainConfig, address: str | None = None, export: bool = Tr
     )
     connect(address, verbose=verbose)
     s = plan.config.scaling
+    check_resources(s.num_workers, worker_resources(s.use_gpu, s.resources_per_worker), "scaling",
+                    s.placement_strategy)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": plan},

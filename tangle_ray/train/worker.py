@@ -161,7 +161,8 @@ class Worker:
                     f"checkpoint {folder} was written by {state['world_size']} workers, this run has "
                     f"{self.ctx.world}; resume with the same scaling.num_workers (ZeRO shards are per rank)"
                 )
-            self.engine.load_checkpoint(folder, tag=ckpt.DS_TAG)
+            with ckpt.weights_only_loads():  # DeepSpeed's shards: tensors and plain data only
+                self.engine.load_checkpoint(folder, tag=ckpt.DS_TAG)
             self.method.load_state(state["method"], ckpt.read_run_tensors(folder))
             self.history, self.step = state["history"], state["step"]
             ckpt.restore_rng(Path(folder), self.ctx.rank)

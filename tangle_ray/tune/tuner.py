@@ -24,12 +24,14 @@ import torch
 from ray import tune
 from torch import nn
 
-from tangle_ray.cluster import connect
-from tangle_ray.configs import to_dict
+from tangle_ray.cluster import check_resources, connect
+from tangle_ray.configs import read_json, to_dict
 from tangle_ray.errors import ConfigError
 from tangle_ray.evaluate import evaluate_arch
 from tangle_ray.folders import load_supernet, load_weights, unique_tensors
+from tangle_ray.manifest import check_manifest, write_manifest
 from tangle_ray.models import load_space, space_from_dict
+from tangle_ray.names import check_output_dir
 from tangle_ray.report.leaderboard import TrialRecord, ranked, write_report
 from tangle_ray.space import Arch, SearchSpace, space_to_dict
 from tangle_ray.supernet import Supernet
@@ -131,7 +133,10 @@ def check_resumable(config: SearchConfig) -> None:
     saved = config.run_dir() / CONFIG_FILE
     if not saved.is_file():
         return
-    before, now = json.loads(saved.read_text())["identity"], config.identity()
+    before, now = read_json(saved, "search record"), config.identity()
+    before = before.get("identity") if isinstance(before, dict) else None
+    if not isinstance(before, dict):
+        raise ConfigError(f"{saved} is not a search record of tangle_ray; give the search a new run.name")
     if before != now:
         diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         raise ConfigError(
@@ -147,10 +152,12 @@ def make_tuner(
     check_resumable(config)
     run_dir = config.run_dir()
     if tune.Tuner.can_restore(str(run_dir)):
+        check_manifest(run_dir, "search folder", required=[CONFIG_FILE])  # Tune's state is pickled: ours only
         return tune.Tuner.restore(str(run_dir), trainable, resume_unfinished=True, resume_errored=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = {"config": to_dict(config), "identity": config.identity()}
     (run_dir / CONFIG_FILE).write_text(json.dumps(saved, indent=2) + "\n")
+    write_manifest(run_dir, [CONFIG_FILE])
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -206,9 +213,12 @@ def run_search(
     task = get_task(space.family.task)
     check_constraints(space, config.constraints, config.seed)
     check_resumable(config)
+    check_output_dir(config.run_dir(), "search config: run.storage_path")
     e = config.eval
     x, y = task.eval_set(task.data_config(dir=config.data.dir), space.fixed, e.split, e.samples, e.seed)
     connect(address, verbose=verbose)
+    r = config.resources
+    check_resources(1, {"CPU": r.cpus_per_trial, "GPU": r.gpus_per_trial}, "search config: resources (one trial)")
     trainable = make_trainable(config, supernet, task, x.numpy(), y.numpy())
     searcher = make_searcher(config, space, task.objective.key, task.objective.mode)
     lines = [] if config.verbose else [TrialLines(task, config.total_trials, space)]
