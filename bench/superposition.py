@@ -6,6 +6,7 @@ supernet) and of the output-mixing (weight-sharing) baseline; the architecture s
 only) is timed too. Any family: the built-in mid-sized GPT (default), a GPT space or a ViT space such as
 autoformer-t (224 x 224 images; the default batch is then 4 images).
     python bench/superposition.py [--space autoformer-t] [--device cuda] [--batch 8] [--steps 2] [--repeats 5]
+    python bench/superposition.py --space autoformer-t --threads 1   # a CPU shared with other jobs
     python bench/superposition.py --space autoformer-t --profile   # where the time of each variant goes
 
 Time: every variant is built in one process and the variants take turns, ``--repeats`` rounds of ``--steps``
@@ -139,7 +140,7 @@ class Bench:
 
 
 def measure_memory(variant: str, device: str, batch: int, space_name: str | None) -> dict[str, float]:
-    """Peak memory of one step of ``variant`` over what the built model occupies (run in its own process)."""
+    """Peak memory of two steps of ``variant`` over what the built model occupies (run in its own process)."""
     bench = Bench(bench_space(space_name), device, batch, (variant,))
     base = reset_peak(device)
     bench.step(variant, 0)  # warm-up: the optimizer state and gradients count, as in training
@@ -199,11 +200,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="steps per variant in each round")
     parser.add_argument("--repeats", type=int, default=5, help="rounds; the figures are medians over them")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's; on a shared machine 1 keeps "
+                                                     "OpenMP threads from spinning against the neighbours' jobs)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables instead of timing")
     parser.add_argument("--profile-rows", type=int, default=25)
     parser.add_argument("--variant", choices=VARIANTS, help="(internal) measure one variant's memory in this process")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     space = bench_space(args.space)
     batch = args.batch or DEFAULT_BATCH.get(space.model, 8)
     variants = tuple(v for v in args.variants.split(",") if v)
@@ -225,7 +230,8 @@ def main() -> None:
     if not args.no_memory:
         for variant in variants:
             out = subprocess.run([sys.executable, __file__, "--variant", variant, "--device", args.device,
-                                  "--batch", str(batch)] + (["--space", args.space] if args.space else []),
+                                  "--batch", str(batch)] + (["--space", args.space] if args.space else [])
+                                 + (["--threads", str(args.threads)] if args.threads else []),
                                  check=True, capture_output=True, text=True, env=env).stdout
             memory[variant] = json.loads(out.strip().splitlines()[-1])["peak_bytes"]
     bench = Bench(space, args.device, batch, variants)

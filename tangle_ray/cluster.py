@@ -32,9 +32,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, timeout_s: 
     if target not in (None, "local"):
         check_reachable(target, timeout_s)
     kwargs = {"num_cpus": num_cpus, "include_dashboard": False} if address == "local" else {}
-    if not verbose:
+    if not verbose:  # Ray's own driver-side loggers only (a LoggingConfig would silence tangle_ray's warnings too)
         logging.getLogger("ray").setLevel(logging.ERROR)
-        kwargs["logging_config"] = ray.LoggingConfig(log_level="ERROR")
     try:
         ray.init(address=address, log_to_driver=verbose, **kwargs)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:

@@ -319,6 +319,7 @@ def _checkpoint(run_dir, name, step, **trainer_state):
 
 
 def test_checkpoint_readers_refuse_what_they_cannot_use(tmp_path, caplog):
+    caplog.set_level("WARNING", logger="tangle_ray.train.checkpoint")
     run = tmp_path / "run"
     old = _checkpoint(run, "checkpoint_2026-01-01_00-00-00.000000", 2)
     new = _checkpoint(run, "checkpoint_2026-01-01_00-00-01.000000", 4)
