@@ -134,7 +134,7 @@ def _summary(plan, history, arch, export_dir, plots: list[Path], test_scores: di
 
 
 def _confidence_lines(history: dict[str, list], space: SearchSpace, arch: Arch) -> list[str]:
-    first, final = history["alphas"][0], history["alphas"][-1]
+    first, final = history["metrics"][0], history["alphas"][-1]
     rows = confidence(final, space, int(arch[space.depth_dim]))
     entropy, start = history["metrics"][-1].get("arch_entropy"), history["metrics"][0].get("arch_entropy")
     h_max = sum(math.log(len(d.values)) * (space.max_layers if d.per_layer else 1) for d in space.dims.values())
