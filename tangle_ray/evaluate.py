@@ -7,7 +7,6 @@ are exact, so a score depends on the outputs only, not on the batch size.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ from torch import Tensor, nn
 
 from tangle_ray.errors import ConfigError
 from tangle_ray.folders import load_supernet
-from tangle_ray.models import get_family, load_model
+from tangle_ray.models import get_family
+from tangle_ray.models.registry import read_model_config
 from tangle_ray.space import Arch, read_arch
 from tangle_ray.tasks import Task, get_task
 
@@ -72,8 +72,9 @@ def evaluate_on_split(
     if model is not None:
         if arch is not None:
             raise ConfigError("evaluate: an architecture goes with a supernet folder; a model folder holds its own")
-        net, config = load_model(model), json.loads((Path(model) / "config.json").read_text())
-        family, arch = get_family(config["model"]), config.get("arch")
+        config = read_model_config(Path(model))  # bounded and checked against its manifest, read once
+        family, arch = get_family(config.get("model"), f"model folder {model}: config.json"), config.get("arch")
+        net = family.load_model(Path(model))
         task = get_task(family.task)
         x, y = task.eval_set(task.data_config(dir=str(data_dir)), family.model_settings(net), split, num_samples, seed)
         scores, params = evaluate_model(net, task, x, y, batch_size), net.num_parameters()

@@ -67,7 +67,6 @@ class LanguageModelling(Task):
             prepare_text(source, folder, tokenizer=data.tokenizer, bpe_file=data.bpe_file,
                          valid_fraction=data.valid_fraction, seed=seed, num_proc=data.num_proc)
         meta = read_meta(folder)
-        verify_tokens(folder, space.fixed["vocab_size"])  # sizes and token ids, once, on the driver
         stored = meta.get("fractions", {}).get("valid", data.valid_fraction)
         if abs(stored - data.valid_fraction) > 1e-9:
             raise ConfigError(
@@ -81,6 +80,7 @@ class LanguageModelling(Task):
                 f"data.dir {folder}: tokenizer vocabulary {vocab} does not fit space {space.name!r} "
                 f"(vocab_size {space.fixed['vocab_size']})"
             )
+        verify_tokens(folder, space.fixed["vocab_size"])  # the full scan of sizes and token ids, after the cheap checks
         return replace(data, dir=str(folder.resolve()))
 
     def batches(self, data: TextData, fixed: dict[str, Any], split: str, micro_batch: int,
