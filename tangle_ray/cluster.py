@@ -6,7 +6,10 @@ import logging
 import math
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 from tangle_ray.errors import ConfigError, clip, shorten
 
@@ -22,6 +25,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, timeout_s: 
     already initialised in this process. An address that does not answer as a Ray cluster within
     ``timeout_s`` is a ConfigError (``ray.init`` itself would wait for minutes). Unless ``verbose``, Ray's own
     messages stay in its log files: workers' output is not forwarded here and Ray's loggers report errors only.
+    A cluster started here is watched by ``reaper.py``: killed with this process, it leaves nothing behind.
     """
     import ray
 
@@ -32,12 +36,31 @@ def connect(address: str | None = None, num_cpus: int | None = None, timeout_s: 
     if target not in (None, "local"):
         check_reachable(target, timeout_s)
     kwargs = {"num_cpus": num_cpus, "include_dashboard": False} if address == "local" else {}
-    if not verbose:  # Ray's own driver-side loggers only (a LoggingConfig would silence tangle_ray's warnings too)
-        logging.getLogger("ray").setLevel(logging.ERROR)
+    level = logging.INFO if verbose else logging.ERROR  # Ray's own loggers only: tangle_ray's warnings stay visible
+    logging.getLogger("ray").setLevel(level)
+    before = _children()
     try:
-        ray.init(address=address, log_to_driver=verbose, **kwargs)
+        ray.init(address=address, log_to_driver=verbose, logging_level=level, **kwargs)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
         raise ConfigError(f"--address {shorten(target)}: cannot join the Ray cluster ({clip(str(e), 200)})") from None
+    started = sorted(pid for pid, _ in _children() - before)
+    if started:  # this process started a local cluster: its GCS, raylet and helpers are our children
+        subprocess.Popen([sys.executable, str(Path(__file__).with_name("reaper.py")), str(os.getpid()),
+                          *map(str, started)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _children() -> set[tuple[int, float]]:
+    """This process's children as (pid, start time)."""
+    import psutil
+
+    found = set()
+    for child in psutil.Process().children():
+        try:
+            found.add((child.pid, child.create_time()))
+        except psutil.Error:
+            continue
+    return found
 
 
 def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:

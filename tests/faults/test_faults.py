@@ -7,7 +7,6 @@ a worker failure with restarts resumes from the last checkpoint (tests/train/tes
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -21,7 +20,6 @@ import pytest
 
 from tangle_ray.errors import ConfigError
 from tangle_ray.train.checkpoint import (
-    RAY_SNAPSHOT,
     consolidated_weights,
     find_checkpoints,
     latest_checkpoint,
@@ -29,14 +27,14 @@ from tangle_ray.train.checkpoint import (
     resume_checkpoint,
 )
 from tangle_ray.train.runner import RunStopped, preflight, run_training
-
-LONG = {"steps": 20, "checkpoint_every": 5, "eval_every": 20, "log_every": 1, "scaling__num_workers": 2}
+from tests.faults.conftest import LONG, recorded, uninterrupted
+from tests.train.states import assert_same_run, steps
 
 
 def _kill_a_worker_after_a_checkpoint(run_dir: Path, killed: list[int], timeout_s: float = 120) -> None:
     """SIGKILL one Ray Train worker of this test (a child process of ours) once Ray has recorded a checkpoint."""
     deadline = time.time() + timeout_s
-    while time.time() < deadline and not _recorded(run_dir):
+    while time.time() < deadline and not recorded(run_dir):
         time.sleep(0.02)
     for proc in psutil.Process().children(recursive=True):
         try:
@@ -46,13 +44,6 @@ def _kill_a_worker_after_a_checkpoint(run_dir: Path, killed: list[int], timeout_
                 return
         except psutil.Error:
             continue
-
-
-def _recorded(run_dir: Path) -> bool:
-    try:
-        return bool(json.loads((run_dir / RAY_SNAPSHOT).read_text()).get("latest_checkpoint_result"))
-    except (OSError, ValueError):
-        return False
 
 
 def _run_with_a_kill(cfg):
@@ -65,18 +56,15 @@ def _run_with_a_kill(cfg):
         killer.join()
 
 
-def _steps(result) -> list[int]:
-    return [m["step"] for m in result.history["metrics"]]
-
-
 @pytest.mark.ray
 def test_a_killed_worker_with_restarts_resumes_by_itself(local_ray, tiny_config):
     cfg = tiny_config(**LONG, max_failures=1)
     result, killed = _run_with_a_kill(cfg)
     assert killed, "no worker was killed: the run ended before its first checkpoint reached storage"
-    assert _steps(result) == list(range(1, 21))  # every step once: the restart resumed from the checkpoint
+    assert steps(result) == list(range(1, 21))  # every step once: the restart resumed from the checkpoint
     assert "resumed at step 5" in (cfg.run_dir() / "progress.log").read_text()
     assert read_trainer_state(resume_checkpoint(cfg.run_dir()))["step"] == 20
+    assert_same_run(result, uninterrupted(tiny_config))
 
 
 @pytest.mark.ray
@@ -89,8 +77,8 @@ def test_a_killed_worker_without_restarts_stops_with_one_line_and_a_rerun_resume
     assert "rerun the same command to resume from step" in message
     step = read_trainer_state(latest_checkpoint(cfg.run_dir()))["step"]
     result = run_training(cfg, export=False)
-    assert _steps(result) == list(range(1, 21))
     assert f"resumed at step {step}" in (cfg.run_dir() / "progress.log").read_text()
+    assert_same_run(result, uninterrupted(tiny_config))
 
 
 @pytest.mark.ray

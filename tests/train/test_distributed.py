@@ -8,8 +8,9 @@ import torch
 
 from tangle_ray.folders import load_supernet
 from tangle_ray.models.gpt import GPT
-from tangle_ray.train.checkpoint import consolidated_weights, latest_checkpoint, read_run_state, read_run_tensors
+from tangle_ray.train.checkpoint import latest_checkpoint, read_run_state
 from tangle_ray.train.runner import run_training
+from tests.train.states import assert_same_state, final_state
 
 pytestmark = pytest.mark.ray
 _runs = {}
@@ -22,27 +23,12 @@ def _run(tiny_config, key, **overrides):
     return _runs[key]
 
 
-def _final_state(result):
-    checkpoint = latest_checkpoint(result.run_dir)
-    alphas = {k: v for k, v in read_run_tensors(checkpoint).items() if k.startswith("alphas.")}
-    return consolidated_weights(checkpoint), alphas
-
-
-def _assert_same_state(a, b, atol):
-    (wa, aa), (wb, ab) = _final_state(a), _final_state(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=atol, msg=name)
-    for name in aa:
-        torch.testing.assert_close(aa[name], ab[name], rtol=0, atol=atol, msg=name)
-
-
 @pytest.mark.parametrize("mixer", ["drnas", "darts"])
 def test_two_workers_equal_one_worker_for_the_same_global_batch(local_ray, tiny_config, mixer):
     one = _run(tiny_config, f"{mixer}-w1-z2", mixer=mixer, scaling__num_workers=1, zero_stage=2)
     two = _run(tiny_config, f"{mixer}-w2-z2", mixer=mixer, scaling__num_workers=2, zero_stage=2)
-    _assert_same_state(one, two, atol=2e-5)
-    _, a0 = _final_state(one)
+    assert_same_state(one, two, atol=2e-5)
+    _, a0 = final_state(one)
     assert any(not torch.allclose(a, torch.zeros_like(a), atol=1e-3) for a in a0.values()), "alphas did not move"
     assert [m["step"] for m in two.history["metrics"]] == [1, 2, 3, 4]
 
@@ -51,7 +37,7 @@ def test_two_workers_equal_one_worker_for_the_same_global_batch(local_ray, tiny_
 def test_zero_stages_agree(local_ray, tiny_config, stage):
     reference = _run(tiny_config, "drnas-w2-z2", mixer="drnas", scaling__num_workers=2, zero_stage=2)
     other = _run(tiny_config, f"drnas-w2-z{stage}", mixer="drnas", scaling__num_workers=2, zero_stage=stage)
-    _assert_same_state(reference, other, atol=2e-5)
+    assert_same_state(reference, other, atol=2e-5)
 
 
 def test_export_of_zero3_run_equals_the_supernet_single_path(local_ray, tiny_config):
@@ -85,7 +71,7 @@ def test_spos_two_workers_equal_one_worker_under_zero2(local_ray, tiny_config):
     one = _run(tiny_config, "spos-w1-z2", method="spos", scaling__num_workers=1, zero_stage=2, steps=6,
                run__name="null")  # named by its identity
     two = _run(tiny_config, "spos-z2", method="spos", scaling__num_workers=2, zero_stage=2, steps=6)
-    _assert_same_state(one, two, atol=2e-5)
+    assert_same_state(one, two, atol=2e-5)
     assert one.run_dir.name.startswith("gpt-nano-spos-s0-")
     assert list((one.run_dir / "tensorboard").glob("events.out.tfevents.*")), "events in the run's own folder"
     assert [line.split()[1] for line in (one.run_dir / "progress.log").read_text().splitlines()] == [
@@ -114,7 +100,7 @@ def test_killed_run_resumes_to_the_same_state(local_ray, tiny_config):
     assert read_run_state(latest_checkpoint(cfg.run_dir()))["step"] == 2
     resumed = run_training(cfg)
     assert [m["step"] for m in resumed.history["metrics"]] == [1, 2, 3, 4]
-    _assert_same_state(uninterrupted, resumed, atol=0)
+    assert_same_state(uninterrupted, resumed, atol=0)
 
 
 def test_worker_failure_restarts_from_the_last_checkpoint(local_ray, tiny_config):
@@ -122,4 +108,4 @@ def test_worker_failure_restarts_from_the_last_checkpoint(local_ray, tiny_config
     run = run_training(tiny_config(mixer="drnas", scaling__num_workers=2, zero_stage=2,
                                    inject_failure_at_step=3, max_failures=1))
     assert [m["step"] for m in run.history["metrics"]] == [1, 2, 3, 4]
-    _assert_same_state(uninterrupted, run, atol=0)
+    assert_same_state(uninterrupted, run, atol=0)

@@ -1,0 +1,59 @@
+"""The reaper of a local Ray cluster started by a tangle-ray driver; run as a script, it imports only psutil.
+
+Ray ties its GCS and raylet to the driver that started them, but when that driver is killed (SIGKILL, the OOM
+killer) Ray's agents stay alive for about a minute more: they report the raylet's death to the GCS, which is
+dead too, and wait for the call to time out. The reaper watches the driver: while it lives, it notes every
+process of the cluster (the processes ``ray.init`` started and all their descendants); once the driver is gone,
+it kills the ones still running. It ends by itself when the cluster has shut down.
+
+Usage: ``python reaper.py DRIVER_PID ROOT_PID...`` (``cluster.connect`` starts it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import psutil
+
+POLL_S = 0.5
+
+
+def cluster_processes(roots: list[psutil.Process]) -> dict[int, psutil.Process]:
+    """The running roots and their descendants, by pid."""
+    found: dict[int, psutil.Process] = {}
+    for root in roots:
+        try:
+            if root.is_running():
+                found.update((p.pid, p) for p in [root, *root.children(recursive=True)])
+        except psutil.Error:
+            continue
+    return found
+
+
+def watch(driver_pid: int, root_pids: list[int]) -> None:
+    """Until the driver exits, note the cluster's processes; then kill those that remain."""
+    roots = []
+    for pid in root_pids:
+        try:
+            roots.append(psutil.Process(pid))
+        except psutil.Error:
+            continue
+    known: dict[int, psutil.Process] = {}
+    while os.getppid() == driver_pid:  # the driver's death makes init (or a subreaper) our parent
+        known = {pid: p for pid, p in known.items() if p.is_running()}  # is_running also rules out reused pids
+        known.update(cluster_processes(roots))
+        if not known:
+            return  # the driver shut the cluster down
+        time.sleep(POLL_S)
+    for process in known.values():
+        try:
+            if process.is_running():
+                process.kill()
+        except psutil.Error:
+            continue
+
+
+if __name__ == "__main__":
+    watch(int(sys.argv[1]), [int(pid) for pid in sys.argv[2:]])
