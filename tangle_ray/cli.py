@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import ConfigError, shorten
 
 DEMO_COMMON = [
     "method=tanglenas", "mixer=drnas", "steps=80", "scaling.num_workers=2", "zero_stage=2", "log_every=10",
@@ -151,13 +151,23 @@ def _check_options(args: argparse.Namespace) -> None:
 # ===================================================================== commands
 
 
+TRAIN_COMMANDS = {"tanglenas": "search", "spos": "supernet", "fixed": "retrain"}
+
+
 def _train(args, method: str, extra: list[str] | None = None) -> int:
+    from tangle_ray.configs import read_settings
     from tangle_ray.train.config import load_config
     from tangle_ray.train.runner import run_training
 
     run_file, overrides = args.run_file, list(args.overrides)
     if run_file and "=" in run_file and not _is_file(run_file):  # no run file, only settings
         run_file, overrides = None, [run_file, *overrides]
+    asked = read_settings(run_file, overrides, "run")[0].get("method", method)
+    if asked != method:  # the command decides the method: a file or setting that says otherwise is a mistake
+        known = isinstance(asked, str) and asked in TRAIN_COMMANDS
+        hint = f"use `tangle-ray {TRAIN_COMMANDS[asked]}`" if known else f"allowed: {list(TRAIN_COMMANDS)}"
+        raise ConfigError(f"{run_file or 'settings'}: method = {shorten(asked)}, but `tangle-ray {args.command}` "
+                          f"runs {method}; {hint}, or remove method")
     cfg = load_config(run_file, [f"method={method}", *(extra or []), *overrides])
     result = run_training(cfg, address=args.address, export=not args.no_export, verbose=args.verbose)
     _print_result(result)

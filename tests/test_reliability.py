@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tangle_ray.cli import main
 from tangle_ray.configs import (
     MAX_NODES,
     check_space_bounds,
@@ -209,6 +210,23 @@ def test_cli_integers():
     for parse, text in ((seed, "-1"), (stories, "-5"), (stories, "0"), (seed, "x"), (seed, "1" * 30)):
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
+
+
+def test_a_command_and_a_run_file_that_disagree_are_refused(tmp_path, capsys):
+    """The command decides the method; `search` on a SPOS run file, or `init: inherit` where nothing inherits,
+    stops before any work instead of running something else without a word."""
+    spos = Path(__file__).parents[1] / "recipes" / "runs" / "tiny-cpu-spos.yaml"
+    cases = [
+        (["search", str(spos)], ["method = 'spos'", "`tangle-ray search` runs tanglenas", "`tangle-ray supernet`"]),
+        (["supernet", "space=gpt-nano", "method=fixed"], ["settings", "`tangle-ray retrain`"]),
+        (["search", "space=gpt-nano", "method=[spos]"], ["['spos']", "allowed: ['tanglenas', 'spos', 'fixed']"]),
+        (["search", "space=gpt-nano", "init=inherit", f"init_from={tmp_path}"],
+         ["init 'inherit' applies to method 'fixed'", "from scratch"]),
+    ]
+    for argv, words in cases:
+        assert main(argv) == 2
+        message = capsys.readouterr().err
+        assert message.count("\n") == 1 and all(w in message for w in words), (argv, message)
 
 
 def test_absurd_spaces():

@@ -114,6 +114,9 @@ class TrainConfig:
             raise ConfigError(f"{source}: init = {shorten(self.init)}; allowed: ['scratch', 'inherit']")
         if self.init == "inherit" and not self.init_from:
             raise ConfigError(f"{source}: init 'inherit' needs init_from (a supernet folder from `tangle-ray export`)")
+        if self.init == "inherit" and self.method != "fixed":
+            raise ConfigError(f"{source}: init 'inherit' applies to method 'fixed' (`tangle-ray retrain --init "
+                              f"inherit`); a {self.method} run trains its supernet from scratch: remove init")
         if self.compile and (self.method == "spos" or self.zero_stage == 3):
             raise ConfigError(
                 f"{source}: compile = true works with methods 'tanglenas' and 'fixed' under ZeRO stages 0-2 "
