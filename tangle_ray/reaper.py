@@ -20,13 +20,21 @@ import psutil
 POLL_S = 0.5
 
 
+def alive(process: psutil.Process) -> bool:
+    """Running, and still the process we saw (``is_running`` compares start times: pids are reused)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def cluster_processes(roots: list[psutil.Process]) -> dict[int, psutil.Process]:
-    """The running roots and their descendants, by pid."""
+    """The live roots and their live descendants, by pid."""
     found: dict[int, psutil.Process] = {}
     for root in roots:
         try:
-            if root.is_running():
-                found.update((p.pid, p) for p in [root, *root.children(recursive=True)])
+            if alive(root):
+                found.update((p.pid, p) for p in [root, *root.children(recursive=True)] if alive(p))
         except psutil.Error:
             continue
     return found
@@ -42,14 +50,14 @@ def watch(driver_pid: int, root_pids: list[int]) -> None:
             continue
     known: dict[int, psutil.Process] = {}
     while os.getppid() == driver_pid:  # the driver's death makes init (or a subreaper) our parent
-        known = {pid: p for pid, p in known.items() if p.is_running()}  # is_running also rules out reused pids
+        known = {pid: p for pid, p in known.items() if alive(p)}
         known.update(cluster_processes(roots))
         if not known:
             return  # the driver shut the cluster down
         time.sleep(POLL_S)
     for process in known.values():
         try:
-            if process.is_running():
+            if alive(process):
                 process.kill()
         except psutil.Error:
             continue

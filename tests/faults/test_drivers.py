@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from tangle_ray.configs import to_dict
+from tangle_ray.reaper import alive
 from tangle_ray.train.export import export_run
 from tests.faults.conftest import LONG, recorded, uninterrupted
 from tests.train.states import assert_same_run
@@ -54,16 +55,9 @@ def kill_when(driver: subprocess.Popen, ready: Callable[[], bool], timeout_s: fl
     driver.send_signal(signal.SIGKILL)
     driver.communicate()
     deadline = time.time() + 10
-    while time.time() < deadline and any(_alive(p) for p in tree):
+    while time.time() < deadline and any(alive(p) for p in tree):
         time.sleep(0.2)
-    return [f"{p.pid} {p.name()}" for p in tree if _alive(p)]
-
-
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+    return [f"{p.pid} {p.name()}" for p in tree if alive(p)]
 
 
 def test_a_killed_search_driver_leaves_nothing_behind_and_a_rerun_resumes(tiny_config, tmp_path):
