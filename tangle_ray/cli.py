@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from tangle_ray.errors import ConfigError, shorten
+from tangle_ray.errors import ConfigError, shorten, write_fault
 
 DEMO_COMMON = [
     "method=tanglenas", "mixer=drnas", "steps=80", "scaling.num_workers=2", "zero_stage=2", "log_every=10",
@@ -132,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunStopped as e:
         print(f"tangle-ray: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a write the machine refused (a full disk) outside the checked places: one line too
+        fault = write_fault(e, Path.cwd())
+        if fault is None:
+            raise
+        print(f"tangle-ray: error: {fault}; then rerun the same command", file=sys.stderr)
         return 1
 
 

@@ -1,8 +1,13 @@
-"""The exception type for user mistakes, and ``shorten``/``clip`` for what messages quote."""
+"""The exception type for user mistakes, ``shorten``/``clip`` for what messages quote, and ``write_fault`` for
+writes the machine refused (a full disk)."""
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 import reprlib
+from pathlib import Path
 from typing import Any
 
 SHORT = 80  # characters of a user value quoted in a message
@@ -37,3 +42,36 @@ def clip(text: str, limit: int = 300) -> str:
     """A message from elsewhere (an exception's text) on one line, cut to ``limit`` characters."""
     text = " ".join(str(text).split())
     return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
+_WRITE_FAULTS = {  # errno -> what happened, what to do about it
+    errno.ENOSPC: ("disk full", "free space there"),
+    errno.EDQUOT: ("disk quota exceeded", "free space there or raise the quota"),
+    errno.EROFS: ("read-only file system", "mount it writable or use another folder"),
+    errno.EACCES: ("permission denied", "make it writable for this user"),
+}
+
+
+def write_fault(error: BaseException, folder: Path) -> str | None:
+    """``"disk full at FOLDER (No space left on device): free space there"`` when a write that failed for lack of
+    space or permission is in ``error``'s chain (its causes, Ray Train's worker and controller failures, a
+    safetensors error's "os error N"); None otherwise. The folder is the failed file's, else ``folder``."""
+    todo: list[Any] = [error]
+    seen: set[int] = set()
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            code = e.errno
+        else:
+            found = re.search(r"\(os error (\d+)\)", str(e))
+            code = int(found.group(1)) if found else None
+        if code in _WRITE_FAULTS:
+            what, fix = _WRITE_FAULTS[code]
+            where = Path(e.filename).parent if isinstance(e, OSError) and isinstance(e.filename, str) else folder
+            return f"{what} at {where} ({os.strerror(code)}): {fix}"
+        todo += [e.__cause__, getattr(e, "cause", None), getattr(e, "controller_failure", None),
+                 *getattr(e, "worker_failures", {}).values()]
+    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tangle_ray.cli import main
+from tangle_ray.cli import COMMANDS, main
 from tangle_ray.configs import (
     MAX_NODES,
     check_space_bounds,
@@ -25,7 +26,7 @@ from tangle_ray.configs import (
     read_yaml,
 )
 from tangle_ray.data.prepare import FORMAT_VERSION, SPLITS, read_meta, verify_tokens
-from tangle_ray.errors import ConfigError, shorten
+from tangle_ray.errors import ConfigError, shorten, write_fault
 from tangle_ray.folders import load_supernet, save_supernet
 from tangle_ray.manifest import check_manifest, write_manifest
 from tangle_ray.models import load_space, space_from_dict
@@ -227,6 +228,27 @@ def test_a_command_and_a_run_file_that_disagree_are_refused(tmp_path, capsys):
         assert main(argv) == 2
         message = capsys.readouterr().err
         assert message.count("\n") == 1 and all(w in message for w in words), (argv, message)
+
+
+def test_writes_the_machine_refuses_are_named_with_their_folder(tmp_path, monkeypatch, capsys):
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "progress.log"))
+    assert write_fault(full, tmp_path) == f"disk full at {tmp_path / 'run'} (No space left on device): free space there"
+    try:
+        raise RuntimeError("a worker failed") from OSError(errno.EROFS, "Read-only file system")
+    except RuntimeError as e:
+        assert write_fault(e, tmp_path).startswith(f"read-only file system at {tmp_path}")
+    assert write_fault(ValueError("I/O error: No space left on device (os error 28)"), tmp_path).startswith("disk full")
+    assert write_fault(OSError(errno.ENOENT, "No such file or directory"), tmp_path) is None
+    assert write_fault(ValueError("ordinary"), tmp_path) is None
+
+    def fill_the_disk(args):
+        raise full
+
+    monkeypatch.setitem(COMMANDS, "spaces", fill_the_disk)
+    assert main(["spaces"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"tangle-ray: error: disk full at {tmp_path / 'run'} (No space left on device): free space there; " \
+                  "then rerun the same command\n"
 
 
 def test_absurd_spaces():

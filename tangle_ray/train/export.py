@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tangle_ray.errors import ConfigError
+from safetensors import SafetensorError
+
+from tangle_ray.errors import ConfigError, clip, write_fault
 from tangle_ray.folders import load_weights, save_supernet
 from tangle_ray.models import space_from_dict
 from tangle_ray.space import Arch
@@ -25,7 +27,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, arch: Arc
     """Write ``supernet/`` (full weights gathered from ZeRO shards, alphas, space), ``model/`` (the chosen
     architecture extracted: safetensors + config) and ``arch.json`` into ``out_dir`` (default RUN/export).
 
-    A SPOS run chooses no architecture: only ``supernet/`` is written, unless ``arch`` names one."""
+    A SPOS run chooses no architecture: only ``supernet/`` is written, unless ``arch`` names one. A write that
+    fails (a full disk) is a ConfigError naming the folder; what it left is refused by every reader (manifests)."""
     run = Path(run_dir)
     checkpoint = latest_checkpoint(run)
     if checkpoint is None:
@@ -37,6 +40,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, arch: Arc
         weights = consolidated_weights(checkpoint)
     meta: dict[str, Any] = {"run": str(run), "checkpoint": checkpoint.name, "step": trainer["step"],
                             "method": trainer["method"]}
+    supernet = None
     if trainer["method"] == "fixed":
         chosen = trainer["arch"]
         model = space.family.build_model(space, chosen)
@@ -50,10 +54,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, arch: Arc
                 alpha.data.copy_(tensors[f"alphas.{name}"])
         chosen = space.validate(arch) if arch is not None else (
             supernet.argmax_arch() if trainer["method"] == "tanglenas" else None)
-        save_supernet(supernet, out / "supernet", meta)
-        if chosen is None:  # SPOS chooses nothing: its supernet goes on to `tangle-ray tune`
-            return out
-        model = supernet.extract(chosen)
-    model.save_pretrained(out / "model", arch=chosen)
-    (out / "arch.json").write_text(json.dumps(space.active(chosen), indent=2) + "\n")
+        model = supernet.extract(chosen) if chosen is not None else None  # SPOS: its supernet goes on to tune
+    try:
+        (out / "arch.json").unlink(missing_ok=True)  # never beside a model/ of another export
+        if supernet is not None:
+            save_supernet(supernet, out / "supernet", meta)
+        if model is not None:
+            model.save_pretrained(out / "model", arch=chosen)
+            (out / "arch.json").write_text(json.dumps(space.active(chosen), indent=2) + "\n")
+    except (OSError, SafetensorError) as e:
+        fault = write_fault(e, out) or f"cannot write to {out} ({clip(str(e), 200)})"
+        raise ConfigError(f"export of run {run.name}: {fault}, then export again") from None
     return out

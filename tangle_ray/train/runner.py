@@ -15,7 +15,7 @@ import yaml
 
 from tangle_ray.cluster import check_resources, connect, worker_resources
 from tangle_ray.configs import read_yaml, to_dict
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import ConfigError, write_fault
 from tangle_ray.folders import load_supernet, space_shape
 from tangle_ray.models import load_space, space_from_dict
 from tangle_ray.space import SearchSpace
@@ -143,14 +143,18 @@ def run_training(cfg: TrainConfig, address: str | None = None, export: bool = Tr
 
 
 def _stopped_message(run_dir: Path, error: Exception) -> str:
-    """One line: what stopped the run, where it can resume from, where the workers' logs are."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    causes = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b.*:", line)]
-    cause = (causes or lines or [type(error).__name__])[-1][:300]
+    """One line: what stopped the run (a full disk said as such), where it can resume from, where the workers'
+    logs are."""
     checkpoint = latest_checkpoint(run_dir)
     resume = (f"rerun the same command to resume from step {read_trainer_state(checkpoint)['step']}"
               if checkpoint else "no checkpoint was written: rerunning starts it again")
-    return f"run {run_dir.name} stopped: {cause}; {resume} (worker logs: {run_dir / 'logs'})"
+    logs = f"(worker logs: {run_dir / 'logs'})"
+    if fault := write_fault(error, run_dir):
+        return f"run {run_dir.name} stopped: {fault}; then {resume} {logs}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b.*:", line)]
+    cause = (causes or lines or [type(error).__name__])[-1][:300]
+    return f"run {run_dir.name} stopped: {cause}; {resume} {logs}"
 
 
 def compare_with_random(plan: RunPlan, supernet_dir: Path, arch: dict[str, Any], k: int = 8) -> dict[str, Any]:
