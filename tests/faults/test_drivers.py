@@ -49,7 +49,7 @@ def kill_when(driver: subprocess.Popen, ready: Callable[[], bool], timeout_s: fl
     while not ready():
         assert driver.poll() is None, f"the driver ended before it was killed:\n{driver.communicate()[0][-3000:]}"
         assert time.time() < deadline, "the driver never got ready to be killed"
-        time.sleep(0.05)
+        time.sleep(0.01)
     tree = psutil.Process(driver.pid).children(recursive=True)
     assert any("raylet" in p.name() for p in tree), "the driver did not start its own cluster"
     driver.send_signal(signal.SIGKILL)
@@ -77,9 +77,9 @@ def test_a_killed_search_driver_leaves_nothing_behind_and_a_rerun_resumes(tiny_c
 def test_a_killed_tune_driver_leaves_nothing_behind_and_a_rerun_resumes(tiny_config, data_dir, tmp_path):
     supernet = export_run(uninterrupted(tiny_config).run_dir, tmp_path / "export") / "supernet"
     search = {
-        "supernet": str(supernet), "data": {"dir": str(data_dir)}, "eval": {"samples": 8, "batch_size": 4},
-        "algorithm": "evolution", "seed": 0,
-        "evolution": {"population": 6, "generations": 3, "parents": 2, "mutations": 2, "crossovers": 2},
+        "supernet": str(supernet), "data": {"dir": str(data_dir)}, "eval": {"samples": 32, "batch_size": 8},
+        "algorithm": "evolution", "seed": 0,  # 50 trials: seconds after the first few finish, on an idle machine
+        "evolution": {"population": 10, "generations": 5, "parents": 3, "mutations": 4, "crossovers": 3},
         "resources": {"max_concurrent_trials": 2, "cpus_per_trial": 1},
         "run": {"storage_path": str(tmp_path / "tune")},
     }
@@ -88,7 +88,7 @@ def test_a_killed_tune_driver_leaves_nothing_behind_and_a_rerun_resumes(tiny_con
     killed_dir, reference_dir = tmp_path / "tune" / "killed", tmp_path / "tune" / "reference"
 
     def some_trials_saved() -> bool:  # Tune has saved its state with some finished trials in it
-        return len(list(killed_dir.glob("trial_*/result.json"))) >= 5 and any(killed_dir.glob("experiment_state*"))
+        return len(list(killed_dir.glob("trial_*/result.json"))) >= 4 and any(killed_dir.glob("experiment_state*"))
 
     left = kill_when(tangle_ray("tune", str(search_file), "run.name=killed"), some_trials_saved)
     assert not left, f"processes of the killed driver's cluster still run: {left}"
@@ -96,7 +96,7 @@ def test_a_killed_tune_driver_leaves_nothing_behind_and_a_rerun_resumes(tiny_con
     finish(tangle_ray("tune", str(search_file), "run.name=killed"))
     finish(tangle_ray("tune", str(search_file), "run.name=reference"))
     resumed, reference = _leaderboard(killed_dir), _leaderboard(reference_dir)
-    assert len(resumed) == 6 * 3 and len({row["index"] for row in resumed}) == 6 * 3  # every trial once
+    assert len(resumed) == 50 and len({row["index"] for row in resumed}) == 50  # every trial once
     assert resumed == reference
     assert json.loads((killed_dir / "best_arch.json").read_text()) == json.loads(
         (reference_dir / "best_arch.json").read_text())
