@@ -27,20 +27,21 @@ from ray import tune
 from tangle_ray.evaluate import evaluate_arch
 from tangle_ray.folders import load_supernet, save_supernet
 from tangle_ray.models import load_space
+from tangle_ray.tasks import Task, get_task
 from tangle_ray.tune.config import search_config_from_dict
 from tangle_ray.tune.searchers import RandomSearcher
 from tangle_ray.tune.tuner import make_trainable, make_tuner
 
 
-def disk_trial(config: dict, path: str, x: np.ndarray, y: np.ndarray, batch_size: int) -> None:
+def disk_trial(config: dict, path: str, task: Task, x: np.ndarray, y: np.ndarray, batch_size: int) -> None:
     """The baseline trial: read and build the supernet from its folder, then evaluate."""
     start = time.perf_counter()
     supernet = load_supernet(path)
     ready = time.perf_counter()
-    loss = evaluate_arch(
-        supernet, config["arch"], torch.from_numpy(x.copy()), torch.from_numpy(y.copy()), batch_size
+    scores = evaluate_arch(
+        supernet, config["arch"], task, torch.from_numpy(x.copy()), torch.from_numpy(y.copy()), batch_size
     )
-    tune.report({"loss": loss, "setup_s": ready - start, "eval_s": time.perf_counter() - ready})
+    tune.report({**scores, "setup_s": ready - start, "eval_s": time.perf_counter() - ready})
 
 
 class Timeline(tune.Callback):
@@ -56,9 +57,10 @@ class Timeline(tune.Callback):
         self.last_end = time.perf_counter()
 
 
-def timed_fit(config, trainable, space, seed: int) -> dict:
+def timed_fit(config, trainable, space, task: Task, seed: int) -> dict:
     timeline = Timeline()
-    tuner = make_tuner(config, trainable, RandomSearcher(space, config.num_trials, seed=seed), [timeline])
+    searcher = RandomSearcher(space, config.total_trials, seed=seed)
+    tuner = make_tuner(config, trainable, searcher, task, [timeline])
     start = time.perf_counter()
     grid = tuner.fit()
     end = time.perf_counter()
@@ -87,6 +89,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-tune-"))
 
     space = load_space(args.space)
+    task = get_task(space.family.task)
     torch.manual_seed(args.seed)
     supernet = space.build_supernet()
     path = save_supernet(supernet, work / "supernet")
@@ -97,14 +100,14 @@ def main() -> None:
     T, vocab = space.fixed["block_size"], space.fixed["vocab_size"]
     probe = torch.randint(0, vocab, (4, T))
     per_window = (
-        statistics.mean(_time(lambda a=a: evaluate_arch(supernet, a, probe, probe, 4)) for a in archs[:4]) / 4
+        statistics.mean(_time(lambda a=a: evaluate_arch(supernet, a, task, probe, probe, 4)) for a in archs[:4]) / 4
     )
     windows = max(1, round(args.target_s / per_window))
     tokens = np.random.default_rng(args.seed).integers(0, vocab, size=(windows, T + 1))
     x, y = tokens[:, :-1].copy(), tokens[:, 1:].copy()
     pure = [
         _time(
-            lambda a=a: evaluate_arch(supernet, a, torch.from_numpy(x), torch.from_numpy(y), args.batch_size)
+            lambda a=a: evaluate_arch(supernet, a, task, torch.from_numpy(x), torch.from_numpy(y), args.batch_size)
         )
         for a in archs
     ]
@@ -113,28 +116,27 @@ def main() -> None:
     ray.init(address="local", num_cpus=args.concurrency, include_dashboard=False, log_to_driver=False)
     raw = {
         "supernet": str(path),
-        "data_dir": "-",
+        "data": {"dir": "-"},
         "algorithm": "random",
-        "num_trials": args.trials,
+        "random": {"num_trials": args.trials},
         "seed": args.seed,
-        "max_concurrent_trials": args.concurrency,
-        "cpus_per_trial": 1,
-        "eval_batch_size": args.batch_size,
-        "storage_path": str(work / "runs"),
+        "resources": {"max_concurrent_trials": args.concurrency, "cpus_per_trial": 1},
+        "eval": {"batch_size": args.batch_size},
         "verbose": 0,
     }
-    config = search_config_from_dict({**raw, "name": "shared"})
+    config = search_config_from_dict({**raw, "run": {"storage_path": str(work / "runs"), "name": "shared"}})
     start = time.perf_counter()
     loaded = load_supernet(path)
-    trainable = make_trainable(config, loaded, x, y)  # puts the weights and windows in the object store
+    trainable = make_trainable(config, loaded, task, x, y)  # puts the weights and windows in the object store
     load_once = time.perf_counter() - start
-    shared = timed_fit(config, trainable, space, args.seed)
+    shared = timed_fit(config, trainable, space, task, args.seed)
 
-    disk_config = search_config_from_dict({**raw, "name": "disk"})
+    disk_config = search_config_from_dict({**raw, "run": {"storage_path": str(work / "runs"), "name": "disk"}})
     from_disk = tune.with_resources(
-        tune.with_parameters(disk_trial, path=str(path), x=x, y=y, batch_size=args.batch_size), {"cpu": 1}
+        tune.with_parameters(disk_trial, path=str(path), task=task, x=x, y=y, batch_size=args.batch_size),
+        {"cpu": 1},
     )
-    disk = timed_fit(disk_config, from_disk, space, args.seed)
+    disk = timed_fit(disk_config, from_disk, space, task, args.seed)
     ray.shutdown()
     report(args, space, windows, pure, ideal, load_once, shared, disk)
 
