@@ -4,7 +4,13 @@ every drill with one uninterrupted run of the same settings."""
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import psutil
 
 from tangle_ray.train.checkpoint import RAY_SNAPSHOT
 from tangle_ray.train.runner import TrainResult, run_training
@@ -37,3 +43,38 @@ def recorded(run_dir: Path) -> bool:
         return bool(json.loads((run_dir / RAY_SNAPSHOT).read_text()).get("latest_checkpoint_result"))
     except (OSError, ValueError):
         return False
+
+
+@contextmanager
+def after_a_checkpoint(run_dir: Path, fault: Callable[[], Any]) -> Iterator[list]:
+    """While the body runs, a thread calls ``fault()`` once Ray has recorded a checkpoint of ``run_dir``; the list
+    yielded receives what it returned, unless None (it found nothing to break). The thread ends with the body."""
+    done: list = []
+    stop = threading.Event()
+
+    def wait_then_break() -> None:
+        while not recorded(run_dir):
+            if stop.wait(0.02):
+                return
+        if (result := fault()) is not None:
+            done.append(result)
+
+    thread = threading.Thread(target=wait_then_break, daemon=True)
+    thread.start()
+    try:
+        yield done
+    finally:
+        stop.set()
+        thread.join()
+
+
+def train_workers(process: psutil.Process) -> list[psutil.Process]:
+    """The Ray Train worker processes among ``process``'s descendants."""
+    found = []
+    for child in process.children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found

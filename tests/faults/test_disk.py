@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import json
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from tangle_ray.models import load_model
 from tangle_ray.train.checkpoint import latest_checkpoint, read_trainer_state
 from tangle_ray.train.export import export_run
 from tangle_ray.train.runner import RunStopped, preflight, run_training
-from tests.faults.conftest import LONG, recorded, uninterrupted
+from tests.faults.conftest import LONG, after_a_checkpoint, uninterrupted
 from tests.train.states import assert_same_run
 
 DISK_MB = 200  # a LONG run holds up to three checkpoints of ~55 MB (Ray keeps two and copies the next one)
@@ -53,28 +52,12 @@ def _fill(disk: Path) -> Path:
     return balloon
 
 
-def _fill_after_a_checkpoint(run_dir: Path, disk: Path, balloons: list[Path], stop: threading.Event) -> None:
-    while not recorded(run_dir):
-        if stop.wait(0.02):
-            return
-    balloons.append(_fill(disk))
-
-
 @pytest.mark.ray
 def test_a_full_disk_stops_with_one_line_and_a_rerun_after_freeing_space_resumes(local_ray, tiny_config, small_disk):
     cfg = tiny_config(**LONG, run__storage_path=str(small_disk), max_failures=0)
     run_dir = cfg.run_dir()
-    balloons: list[Path] = []
-    stop = threading.Event()
-    filler = threading.Thread(target=_fill_after_a_checkpoint, args=(run_dir, small_disk, balloons, stop),
-                              daemon=True)
-    filler.start()
-    try:
-        with pytest.raises(RunStopped) as stopped:
-            run_training(cfg, export=False)
-    finally:
-        stop.set()
-        filler.join()
+    with after_a_checkpoint(run_dir, lambda: _fill(small_disk)) as balloons, pytest.raises(RunStopped) as stopped:
+        run_training(cfg, export=False)
     assert balloons, "the disk was not filled: the run stopped before Ray recorded a checkpoint"
     step = read_trainer_state(latest_checkpoint(run_dir))["step"]
     message = str(stopped.value)

@@ -11,9 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
-import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -27,33 +24,24 @@ from tangle_ray.train.checkpoint import (
     resume_checkpoint,
 )
 from tangle_ray.train.runner import RunStopped, preflight, run_training
-from tests.faults.conftest import LONG, recorded, uninterrupted
+from tests.faults.conftest import LONG, after_a_checkpoint, train_workers, uninterrupted
 from tests.train.states import assert_same_run, steps
 
 
-def _kill_a_worker_after_a_checkpoint(run_dir: Path, killed: list[int], timeout_s: float = 120) -> None:
-    """SIGKILL one Ray Train worker of this test (a child process of ours) once Ray has recorded a checkpoint."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline and not recorded(run_dir):
-        time.sleep(0.02)
-    for proc in psutil.Process().children(recursive=True):
+def _kill_a_worker() -> int | None:
+    """SIGKILL one Ray Train worker of this test (a child process of ours); its pid."""
+    for worker in train_workers(psutil.Process()):
         try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                os.kill(proc.pid, signal.SIGKILL)
-                killed.append(proc.pid)
-                return
+            worker.send_signal(signal.SIGKILL)
+            return worker.pid
         except psutil.Error:
             continue
+    return None
 
 
 def _run_with_a_kill(cfg):
-    killed: list[int] = []
-    killer = threading.Thread(target=_kill_a_worker_after_a_checkpoint, args=(cfg.run_dir(), killed), daemon=True)
-    killer.start()
-    try:
+    with after_a_checkpoint(cfg.run_dir(), _kill_a_worker) as killed:
         return run_training(cfg, export=False), killed
-    finally:
-        killer.join()
 
 
 @pytest.mark.ray

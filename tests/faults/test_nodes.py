@@ -3,7 +3,6 @@ remaining nodes from the last recorded checkpoint, and the run ends as the unint
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import psutil
@@ -11,7 +10,7 @@ import pytest
 
 from tangle_ray.train.checkpoint import latest_checkpoint, read_trainer_state, resume_checkpoint
 from tangle_ray.train.runner import run_training
-from tests.faults.conftest import LONG, recorded, uninterrupted
+from tests.faults.conftest import LONG, after_a_checkpoint, train_workers, uninterrupted
 from tests.train.states import assert_same_run
 
 pytestmark = pytest.mark.ray
@@ -37,41 +36,24 @@ def _hosts_a_train_worker(node) -> bool:
     """Is a RayTrainWorker process a descendant of this node's raylet?"""
     from ray._private import ray_constants
 
-    raylet = psutil.Process(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
-    for proc in raylet.children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                return True
-        except psutil.Error:
-            continue
-    return False
+    return bool(train_workers(psutil.Process(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)))
 
 
-def _remove_a_worker_node(cluster, run_dir: Path, removed: list, stop: threading.Event) -> None:
-    """Once Ray has recorded a checkpoint, remove a node that runs a worker; note (node id, that checkpoint's
-    trainer_state)."""
-    while not recorded(run_dir):
-        if stop.wait(0.02):
-            return
+def _remove_a_worker_node(cluster, run_dir: Path) -> tuple[str, dict] | None:
+    """Remove a node that runs a worker; (its node id, the trainer_state of the checkpoint Ray resumes from)."""
     for node in list(cluster.worker_nodes):
         if _hosts_a_train_worker(node):
-            removed.append((node.node_id, read_trainer_state(resume_checkpoint(run_dir))))
+            removed = (node.node_id, read_trainer_state(resume_checkpoint(run_dir)))
             cluster.remove_node(node)
-            return
+            return removed
+    return None
 
 
 def test_a_removed_node_resumes_on_the_remaining_nodes(cluster, tiny_config):
     cfg = tiny_config(**LONG, max_failures=1)
     run_dir = cfg.run_dir()
-    removed: list = []
-    stop = threading.Event()
-    remover = threading.Thread(target=_remove_a_worker_node, args=(cluster, run_dir, removed, stop), daemon=True)
-    remover.start()
-    try:
+    with after_a_checkpoint(run_dir, lambda: _remove_a_worker_node(cluster, run_dir)) as removed:
         result = run_training(cfg, export=False)
-    finally:
-        stop.set()
-        remover.join()
     assert removed, "no node hosting a worker was removed: the run ended before its first checkpoint was recorded"
     node_id, before = removed[0]
     assert node_id in before["nodes"], (node_id, before["nodes"])  # the removed node ran a rank of this run
