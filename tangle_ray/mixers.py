@@ -2,8 +2,8 @@
 
 Every mixer is called ``mixer(alphas, gen, *, step=0, steps=1)``: ``step`` is the 0-based weight step of
 a run of ``steps`` (only GDAS's temperature uses them). Random mixers draw from a generator keyed by
-(seed, step, global micro-batch index), never from process-local state, so a run is a function of its
-config and seed, not of its number of workers.
+(seed, step, global micro-batch index, purpose) (``keyed.py``), never from process-local state, so a run is
+a function of its config and seed, not of its number of workers.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from functools import partial
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,12 +19,6 @@ from tangle_ray.errors import ConfigError
 
 Weights = dict[str, Tensor]
 GDAS_SCHEDULES = ("reference", "linear")
-
-
-def keyed_generator(*key: int) -> torch.Generator:
-    """A CPU generator seeded by a tuple of non-negative integers."""
-    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0] >> 1)
-    return torch.Generator().manual_seed(seed)
 
 
 def _fork_seed(gen: torch.Generator) -> int:

@@ -15,7 +15,8 @@ import yaml
 from torch import nn
 
 from tangle_ray import load_space
-from tangle_ray.mixers import drnas, keyed_generator
+from tangle_ray.keyed import keyed_generator
+from tangle_ray.mixers import drnas
 from tangle_ray.models.gpt import EntangledGPT
 from tangle_ray.ops.norm import EntangledLayerNorm
 from tangle_ray.train.config import TrainConfig

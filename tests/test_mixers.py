@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from tangle_ray import ConfigError, load_space
-from tangle_ray.mixers import GDAS_SCHEDULES, MIXERS, entropy, gdas, gdas_tau, get_mixer, keyed_generator
+from tangle_ray.keyed import keyed_generator
+from tangle_ray.mixers import GDAS_SCHEDULES, MIXERS, entropy, gdas, gdas_tau, get_mixer
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
 """Decoding and augmentation with Pillow and torch (no torchvision); every random draw from a numpy Generator.
 
-Training: random resized crop (torchvision's algorithm), horizontal flip, RandAugment (timm's
+Training: random resized crop (torchvision's algorithm; or none), horizontal flip, RandAugment (timm's
 "rand-m9-mstd0.5" op set with increasing magnitudes), random erasing, then per batch mixup or cutmix and label
-smoothing (soft targets [B, C]). Evaluation: shorter side to ``size / crop``, centre crop. JPEGs decode at a
+smoothing (soft targets [B, C]). Evaluation: shorter side to ``size / crop``, centre crop (``eval_crop``
+picks the crop that fits the training transform and the images). JPEGs decode at a
 reduced DCT scale where the output still has enough pixels (Pillow's ``draft``). Images become uint8
 [C, H, W]; :func:`normalise` makes float32 batches (ImageNet mean/std for RGB, their averages for one
 channel).
@@ -30,7 +31,8 @@ _FILL = 128  # geometric ops fill uncovered pixels with mid grey
 class Augment:
     """Training augmentation; the defaults are the DeiT / AutoFormer recipe (zeros switch parts off)."""
 
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # area of the random resized crop, share of the image
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # area of the random resized crop, share of the image;
+    # [1, 1]: no crop, the whole image resized
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # its aspect ratio
     hflip: float = 0.5  # probability of a horizontal flip
     randaugment: bool = True
@@ -64,6 +66,11 @@ class Augment:
             if not ok:
                 rule = allowed.get(name, "in [0, 1)" if name == "label_smoothing" else ">= 0 (probabilities <= 1)")
                 raise ConfigError(f"run config: data.augment.{name} = {getattr(self, name)!r}; allowed: {rule}")
+
+    @property
+    def crops(self) -> bool:
+        """Whether training draws random resized crops (``crop_scale`` other than [1, 1])."""
+        return tuple(self.crop_scale) != (1.0, 1.0)
 
     @property
     def soft_targets(self) -> bool:
@@ -115,7 +122,8 @@ def crop_box(width: int, height: int, aug: Augment, rng: np.random.Generator) ->
 def train_image(data: bytes, where: str, size: int, mode: str, aug: Augment, rng: np.random.Generator) -> np.ndarray:
     """Random resized crop, flip and RandAugment of one encoded image: uint8 [C, size, size]."""
     img = open_image(data, where)
-    img = _resized(img, crop_box(*img.size, aug, rng), size, mode, where)
+    box = crop_box(*img.size, aug, rng) if aug.crops else (0, 0, *img.size)
+    img = _resized(img, box, size, mode, where)
     if rng.random() < aug.hflip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if aug.randaugment:
@@ -123,12 +131,28 @@ def train_image(data: bytes, where: str, size: int, mode: str, aug: Augment, rng
     return _chw(img)
 
 
-def eval_image(data: bytes, where: str, size: int, mode: str, crop: float = 0.875) -> np.ndarray:
-    """Shorter side resized to ``size / crop``, centre ``size`` x ``size`` crop: uint8 [C, size, size]."""
+def eval_image(data: bytes, where: str, size: int, mode: str, crop: float | None = 0.875) -> np.ndarray:
+    """Shorter side resized to ``size / crop``, centre ``size`` x ``size`` crop (``crop`` None: the whole image
+    resized, as training without crops sees it): uint8 [C, size, size]."""
     img = open_image(data, where)
+    if crop is None:
+        return _chw(_resized(img, (0, 0, *img.size), size, mode, where))
     side = min(img.size) * size / math.floor(size / crop)  # the crop's side in original pixels
     left, top = (img.width - side) / 2, (img.height - side) / 2
     return _chw(_resized(img, (left, top, left + side, top + side), size, mode, where))
+
+
+def eval_crop(asked: float | None, aug: Augment, shorter_sides: list[int], size: int) -> float | None:
+    """The evaluation crop of ``eval_image``: ``asked`` if given; else None (the whole image, resized) where
+    training used no random crop; the largest centre square (1.0) where the images are no larger than the
+    model's input (e.g. 28 x 28 digits); otherwise AutoFormer's and DeiT's 0.875 (224 of 256 at ImageNet size)."""
+    if asked is not None:
+        return asked
+    if not aug.crops:
+        return None
+    if not shorter_sides or sorted(shorter_sides)[len(shorter_sides) // 2] <= size:
+        return 1.0
+    return 0.875
 
 
 def _chw(img: Image.Image) -> np.ndarray:

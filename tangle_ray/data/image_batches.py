@@ -18,10 +18,19 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from tangle_ray.data.augment import Augment, eval_image, mix, normalise, random_erase, train_image
+from tangle_ray.data.augment import (
+    Augment,
+    eval_crop,
+    eval_image,
+    mix,
+    normalise,
+    open_image,
+    random_erase,
+    train_image,
+)
 from tangle_ray.data.image_prepare import ImageStore
-from tangle_ray.data.sampler import _split_key
 from tangle_ray.errors import ConfigError
+from tangle_ray.keyed import name_key
 
 Key = tuple[int, int]  # (step, micro_index)
 
@@ -57,7 +66,7 @@ class ImageBatches:
         self.store, self.split, self.micro_batch, self.seed = store, split, micro_batch, seed
         self.size, self.mode, self.num_classes, self.augment = img_size, _mode(in_chans), num_classes, augment
         self.records = store.split(split)
-        self._key = _split_key(split)
+        self._key = name_key(split)
 
     def _seeds(self, step: int, micro_index: int) -> list[np.random.SeedSequence]:
         """Children of the key's SeedSequence: [0] picks the images, [1] mixes the batch, [2 + b] image b."""
@@ -171,12 +180,12 @@ def eval_records(records: np.ndarray, num: int, seed: int) -> np.ndarray:
     """A fixed sorted choice of ``num`` of ``records`` (all of them if fewer), the same for every caller."""
     if num < 1:
         raise ConfigError(f"the number of evaluation images must be at least 1, got {num}")
-    rng = np.random.default_rng(np.random.SeedSequence([seed, _split_key("eval")]))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, name_key("eval")]))
     return np.sort(rng.choice(records, size=min(num, len(records)), replace=False))
 
 
 class _EvalChunks(Dataset):
-    def __init__(self, store: ImageStore, chunks: list[np.ndarray], size: int, mode: str, crop: float):
+    def __init__(self, store: ImageStore, chunks: list[np.ndarray], size: int, mode: str, crop: float | None):
         self.store, self.chunks, self.size, self.mode, self.crop = store, chunks, size, mode, crop
 
     def __len__(self) -> int:
@@ -194,10 +203,15 @@ def eval_images(
     records: np.ndarray,
     img_size: int,
     in_chans: int,
-    crop: float = 0.875,
+    crop: float | None = None,
+    augment: Augment = Augment(),
     num_workers: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Images ``records`` with the evaluation transform: x float32 [n, C, H, W], y int64 [n] (in order)."""
+    """Images ``records`` with the evaluation transform: x float32 [n, C, H, W], y int64 [n] (in order).
+
+    ``crop`` None: the crop that fits ``augment`` and the images' sizes (``augment.eval_crop``)."""
+    sides = [min(open_image(store.encoded(r), store.where(r)).size) for r in records[:64]]  # headers only
+    crop = eval_crop(crop, augment, sides, img_size)
     chunks = [records[i : i + 64] for i in range(0, len(records), 64)]
     dataset = _EvalChunks(store, chunks, img_size, _mode(in_chans), crop)
     workers = min(num_workers, len(chunks))

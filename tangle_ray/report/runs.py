@@ -106,7 +106,8 @@ def _summary(plan, history, arch, export_dir, plots: list[Path], test_scores: di
         lines += ["## Chosen architecture" if cfg.method == "tanglenas" else "## Architecture", "",
                   "```json", json.dumps(space.active(arch)), "```", "",
                   f"{space.param_count(arch) / 1e6:.2f}M parameters, "
-                  f"{space.flops(arch) / 1e9:.3g} GFLOPs per sample of {per_sample} {unit} (forward).", ""]
+                  f"{space.flops(arch) / 1e9:.3g} GFLOPs per sample of {per_sample} {unit} (forward, 2 per "
+                  f"multiply-add) = {space.flops(arch) / 2e9:.3g} GMACs (what the papers' tables call FLOPs).", ""]
     if history["alphas"]:
         lines += _confidence_lines(history, space, arch)
     if against_random:
@@ -159,4 +160,21 @@ def _random_lines(result: dict[str, Any], task) -> list[str]:
             f"architecture scores {objective.label} {result['chosen']:{objective.fmt}} and beats "
             f"{result['beaten']} of {k} random architectures of the space (theirs: best "
             f"{randoms[0]:{objective.fmt}}, median {randoms[k // 2]:{objective.fmt}}, worst "
-            f"{randoms[-1]:{objective.fmt}}; `against_random.json`).", ""]
+            f"{randoms[-1]:{objective.fmt}}; `against_random.json`).", "", *_median_lines(result, objective)]
+
+
+def against_random_verdict(result: dict[str, Any]) -> str:
+    """One sentence: how the chosen architecture compares with the random architectures' median, the
+    interval of the difference, and what it allows."""
+    d = result.get("against_median")
+    if d is None:
+        return "too few evaluation batches for an interval: no verdict against random architectures"
+    says = {"better": "better than", "worse": "worse than", "indistinguishable": "indistinguishable from"}
+    text = (f"{says[d['verdict']]} the random architectures' median {result['metric']}: difference "
+            f"{d['estimate']:+.4f} (positive = better), {d['level']:.0%} interval [{d['low']:+.4f}, {d['high']:+.4f}] "
+            f"({d['test']})")
+    return text + ("; the interval covers zero" if d["verdict"] == "indistinguishable" else "")
+
+
+def _median_lines(result: dict[str, Any], objective) -> list[str]:
+    return [f"The chosen architecture is {against_random_verdict(result)}.", ""]

@@ -39,7 +39,9 @@ class ImageData:
     short_side: int = 0  # preparation: re-encode images with a larger shorter side to this one (0: originals)
     num_workers: int = field(default=0, metadata=VOLATILE)  # decoding processes per trainer (0: in the trainer)
     prefetch: int = field(default=2, metadata=VOLATILE)  # micro-batches decoded ahead per worker
-    eval_crop: float = 0.875  # evaluation: shorter side to img_size / eval_crop, then the centre crop
+    # evaluation: shorter side to img_size / eval_crop, then the centre crop; none (default): 1.0 where training
+    # used no random crop or the images are no larger than img_size, else 0.875 (AutoFormer's 224 of 256)
+    eval_crop: float | None = None
     augment: Augment = field(default_factory=Augment)
 
     def __post_init__(self) -> None:
@@ -48,7 +50,7 @@ class ImageData:
             "short_side": (self.short_side >= 0, ">= 0"),
             "num_workers": (self.num_workers >= 0, ">= 0"),
             "prefetch": (self.prefetch >= 1, ">= 1"),
-            "eval_crop": (0 < self.eval_crop <= 1, "in (0, 1]"),
+            "eval_crop": (self.eval_crop is None or 0 < self.eval_crop <= 1, "in (0, 1], or null (follow training)"),
         }
         for name, (ok, allowed) in checks.items():
             if not ok:
@@ -141,7 +143,7 @@ class ClassifyTask(Task):
         img_size, in_chans, _ = _fixed(fixed)
         store = ImageStore(data.dir)
         records = eval_records(store.split(split), num, seed)
-        return eval_images(store, records, img_size, in_chans, data.eval_crop, data.num_workers)
+        return eval_images(store, records, img_size, in_chans, data.eval_crop, data.augment, data.num_workers)
 
     def random_batch(self, fixed: dict[str, Any], n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         """Normal noise images [n, in_chans, img_size, img_size] and class indices [n]."""
@@ -152,8 +154,9 @@ class ClassifyTask(Task):
         return 1
 
     def evaluate(self, output_of: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, batch_size: int) -> dict[str, Any]:
-        """Mean cross-entropy (``math.fsum`` of per-image losses) and top-1/top-5 accuracy (integer counts):
-        the same for any batch size. ``y`` holds class indices."""
+        """Mean cross-entropy (``math.fsum`` of per-image losses) and top-1/top-5 accuracy (integer counts): the
+        same batch size reproduces them bit for bit; another gives the loss to float32 round-off, since a
+        one-row product may take another kernel path than a many-row one. ``y`` holds class indices."""
         if y.ndim != 1 or len(x) != len(y) or len(y) == 0:
             raise ValueError(f"expected n > 0 images and n class indices, got x {tuple(x.shape)}, y {tuple(y.shape)}")
         losses: list[float] = []

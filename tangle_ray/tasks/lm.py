@@ -107,8 +107,9 @@ class LanguageModelling(Task):
         return fixed["block_size"]
 
     def evaluate(self, output_of: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, batch_size: int) -> dict[str, Any]:
-        """Mean cross-entropy as the exactly rounded sum (``math.fsum``) of per-token losses over their count,
-        so it depends on the logits only, not on the batch size."""
+        """Mean cross-entropy as the exactly rounded sum (``math.fsum``) of per-token losses over their count:
+        a function of the logits only, so the same batch size reproduces it bit for bit (another batch size
+        can change the logits at float32 round-off: kernels differ with the number of rows)."""
         losses: list[float] = []
         for start in range(0, len(x), batch_size):
             logits = output_of(x[start:start + batch_size])

@@ -3,8 +3,8 @@
 A checkpoint folder (one per ``ray.train.report``) holds DeepSpeed's files under ``ds/`` (written by all
 ranks), ``run_state.json`` (rank 0: step, world size, space, the run's history and the method's JSON state),
 ``run_state.safetensors`` (rank 0: the method's tensors, e.g. architecture parameters and their optimizer),
-``rng_rank{r}.safetensors`` (each rank's torch RNG state), ``trainer_state.json`` (rank 0: a readable
-summary) and one manifest part per rank (``seal``, written last: sizes and sha256 of that rank's files).
+``trainer_state.json`` (rank 0: a readable summary) and one manifest part per rank (``seal``, written last:
+sizes and sha256 of that rank's files). No RNG state: every draw of a step is keyed (``keyed.py``).
 
 Every reader here checks the manifests first (``check_checkpoint``): a folder with a missing, truncated or
 changed file, or a file no rank wrote, is refused with a ConfigError naming it. Everything tangle_ray writes
@@ -42,11 +42,6 @@ log = logging.getLogger(__name__)
 
 
 # ===================================================================== writing (workers)
-
-
-def write_rank_files(folder: Path, rank: int) -> None:
-    """What every rank adds besides DeepSpeed's shards: its RNG state."""
-    save_file({"rng": torch.get_rng_state()}, str(folder / f"rng_rank{rank}.safetensors"))
 
 
 def write_run_state(folder: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor], summary: dict) -> None:
@@ -140,12 +135,6 @@ def read_run_tensors(checkpoint: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(folder / RUN_TENSORS))
     except Exception as e:  # missing or corrupt: safetensors raises its own error types
         raise ConfigError(f"checkpoint {checkpoint}: cannot read {RUN_TENSORS} ({type(e).__name__}: {e})") from None
-
-
-def restore_rng(folder: Path, rank: int) -> None:
-    path = check_checkpoint(folder) / f"rng_rank{rank}.safetensors"
-    if path.is_file():
-        torch.set_rng_state(load_file(str(path))["rng"])
 
 
 def consolidated_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:

@@ -2,8 +2,9 @@
 
 Each method builds the module DeepSpeed trains, runs one optimizer step, names the architecture the run
 reports, and says what a checkpoint adds. The micro-batches of a global batch are numbered 0..G-1 and rank r
-takes r*gas .. r*gas+gas-1; batches and random mixing weights are keyed by (seed, step, micro-batch index),
-so a run does not depend on its number of workers.
+takes r*gas .. r*gas+gas-1; batches, random mixing weights, SPOS paths and every draw inside a forward
+(dropout, drop path) are keyed by (seed, step, micro-batch index, purpose) (``keyed.py``), so a run does not
+depend on its number of workers, its gradient accumulation or its restarts.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from tangle_ray.folders import load_supernet
-from tangle_ray.mixers import entropy, get_mixer, keyed_generator
+from tangle_ray.keyed import Purpose, keyed_generator, keyed_rng
+from tangle_ray.mixers import entropy, get_mixer
 from tangle_ray.space import Arch, SearchSpace
 from tangle_ray.tasks import Batches, Task
 from tangle_ray.train.config import RunPlan, TrainConfig
-
-WEIGHT_PHASE, ARCH_PHASE = 0, 1
 
 
 @dataclass
@@ -59,6 +59,10 @@ class Context:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return float(t) / self.world
+
+    def keyed(self, step: int, j: int, purpose: Purpose):
+        """The random state of micro-batch ``j``'s forward at ``step`` (dropout, drop path)."""
+        return keyed_rng(self.device, self.cfg.seed, step, j, purpose)
 
     def model_overrides(self) -> dict[str, Any]:
         return {} if self.cfg.dropout is None else {"dropout": self.cfg.dropout}
@@ -112,7 +116,8 @@ class Method:
         ctx, total = self.ctx, 0.0
         for j in ctx.micro_indices():
             x, y = ctx.train.get(step, j)
-            loss = forward(self.engine, x.to(ctx.device), y.to(ctx.device), j)
+            with ctx.keyed(step, j, Purpose.WEIGHT_FORWARD):
+                loss = forward(self.engine, x.to(ctx.device), y.to(ctx.device), j)
             self.engine.backward(loss)
             self.engine.step()
             total += loss.item() / ctx.cfg.grad_accum_steps
@@ -140,13 +145,13 @@ class TangleNAS(Method):
         metrics = {"arch_loss": self._arch_step(step)}
         detached = {k: a.detach() for k, a in self.alphas.items()}
         metrics["train_loss"] = self.weight_step(
-            step, lambda m, x, y, j: m(x, y, weights=self._weights(detached, step, j, WEIGHT_PHASE))[1])
+            step, lambda m, x, y, j: m(x, y, weights=self._weights(detached, step, j, Purpose.WEIGHT_MIX))[1])
         if self.ctx.cfg.debug_checks:
             self._assert_alphas_agree(step)
         return metrics
 
-    def _weights(self, alphas: dict[str, Tensor], step: int, j: int, phase: int) -> dict[str, Tensor]:
-        gen = keyed_generator(self.ctx.cfg.seed, step, j, phase)
+    def _weights(self, alphas: dict[str, Tensor], step: int, j: int, purpose: Purpose) -> dict[str, Tensor]:
+        gen = keyed_generator(self.ctx.cfg.seed, step, j, purpose)
         return self.mixer(alphas, gen, step=step, steps=self.ctx.cfg.steps)
 
     def _arch_step(self, step: int) -> float:
@@ -155,9 +160,10 @@ class TangleNAS(Method):
         total = 0.0
         for j in ctx.micro_indices():
             x, y = ctx.valid.get(step, j)
-            weights = self._weights(self.alphas, step, j, ARCH_PHASE)
+            weights = self._weights(self.alphas, step, j, Purpose.ARCH_MIX)
             # the bare module: no DeepSpeed backward hooks, and gradients flow into the alphas alone
-            loss = self.engine.module(x.to(ctx.device), y.to(ctx.device), weights=weights)[1]
+            with ctx.keyed(step, j, Purpose.ARCH_FORWARD):
+                loss = self.engine.module(x.to(ctx.device), y.to(ctx.device), weights=weights)[1]
             (loss / ctx.cfg.grad_accum_steps).backward(inputs=alphas)
             total += loss.item() / ctx.cfg.grad_accum_steps
         if ctx.world > 1:

@@ -36,6 +36,8 @@ class TrainResult:
     export_dir: Path | None
     seconds: float
     test_scores: dict[str, Any] | None = None  # method "fixed": the exported model on the test split
+    against_random: dict[str, Any] | None = None  # TangleNAS: the choice against random architectures
+    active_arch: dict[str, Any] | None = None  # ``arch`` without the layers beyond its depth (as arch.json)
 
 
 def preflight(cfg: TrainConfig) -> RunPlan:
@@ -139,7 +141,8 @@ def run_training(cfg: TrainConfig, address: str | None = None, export: bool = Tr
     against_random = (compare_with_random(plan, export_dir / "supernet", arch)
                       if export_dir is not None and cfg.method == "tanglenas" else None)
     write_run_report(run_dir, plan, history, arch, export_dir, test_scores, against_random)
-    return TrainResult(run_dir, checkpoint, arch, history, export_dir, time.time() - start, test_scores)
+    return TrainResult(run_dir, checkpoint, arch, history, export_dir, time.time() - start, test_scores,
+                       against_random, plan.space.active(arch) if arch is not None else None)
 
 
 def _stopped_message(run_dir: Path, error: Exception) -> str:
@@ -159,20 +162,27 @@ def _stopped_message(run_dir: Path, error: Exception) -> str:
 
 def compare_with_random(plan: RunPlan, supernet_dir: Path, arch: dict[str, Any], k: int = 8) -> dict[str, Any]:
     """The chosen architecture and ``k`` random ones of the space, each with the supernet's inherited weights,
-    on the held-out test split: is the choice better than chance? (``against_random.json``)"""
+    on the held-out test split: is the choice better than chance? The difference to the random architectures'
+    median comes with a paired bootstrap interval over the evaluation batches (``against_random.json``)."""
     from tangle_ray.evaluate import evaluate_arch
+    from tangle_ray.stats import against_median
 
     cfg, task = plan.config, plan.task
     supernet = load_supernet(supernet_dir)
     x, y = task.eval_set(cfg.data, plan.space.fixed, "test", cfg.eval_samples, cfg.seed)
     rng = random.Random(cfg.seed)
     archs = [arch] + [plan.space.sample(rng) for _ in range(k)]
-    scores = [evaluate_arch(supernet, a, task, x, y, cfg.micro_batch_size) for a in archs]
-    key = task.objective.key
+    key, b = task.objective.key, cfg.micro_batch_size
+    batches = [(x[i:i + b], y[i:i + b]) for i in range(0, len(x) - b + 1, b)] or [(x, y)]  # equal sizes
+    per_batch = [[evaluate_arch(supernet, a, task, xb, yb, b)[key] for xb, yb in batches] for a in archs]
+    scores = [sum(p) / len(p) for p in per_batch]
     sign = 1 if task.objective.mode == "min" else -1
-    result = {"metric": key, "samples": scores[0]["samples"], "chosen": scores[0][key],
-              "random": [s[key] for s in scores[1:]], "random_archs": archs[1:],
-              "beaten": sum(sign * scores[0][key] < sign * s[key] for s in scores[1:])}
+    result = {"metric": key, "samples": sum(len(yb) for _, yb in batches), "chosen": scores[0],
+              "random": scores[1:], "random_archs": archs[1:],
+              "beaten": sum(sign * scores[0] < sign * s for s in scores[1:])}
+    if len(batches) >= 2:
+        diff = against_median(per_batch[0], per_batch[1:], task.objective.mode == "max", seed=cfg.seed)
+        result["against_median"] = diff.to_dict()
     (plan.run_dir / "against_random.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 

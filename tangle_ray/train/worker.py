@@ -134,7 +134,6 @@ class Worker:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             self.engine.save_checkpoint(tmp, tag=ckpt.DS_TAG)
-            ckpt.write_rank_files(folder, ctx.rank)
             if ctx.rank == 0:
                 method_state, tensors = self.method.state()
                 state = {"step": self.step, "world_size": ctx.world, "space": space_to_dict(ctx.space),
@@ -165,7 +164,6 @@ class Worker:
                 self.engine.load_checkpoint(folder, tag=ckpt.DS_TAG)
             self.method.load_state(state["method"], ckpt.read_run_tensors(folder))
             self.history, self.step = state["history"], state["step"]
-            ckpt.restore_rng(Path(folder), self.ctx.rank)
         self.progress.log(f"resumed at step {self.step}")
 
     def _gather_node_ids(self) -> list[str]:

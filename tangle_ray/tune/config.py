@@ -25,7 +25,8 @@ ALGORITHMS = ("random", "evolution")
 
 @dataclass(frozen=True)
 class Constraints:
-    """Bounds on the parameter count and on forward FLOPs of one sample (``SearchSpace.flops``)."""
+    """Bounds on the parameter count and on forward FLOPs of one sample (``SearchSpace.flops``: 2 per
+    multiply-add; a paper's "FLOPs" limit is in multiply-adds (MACs): double it here)."""
 
     min_params: int | None = None
     max_params: int | None = None

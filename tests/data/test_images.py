@@ -7,6 +7,7 @@ import json
 import pickle
 import tarfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from tangle_ray.data.augment import (
     IMAGENET_STD,
     Augment,
     crop_box,
+    eval_crop,
     eval_image,
     mix,
     train_image,
@@ -329,6 +331,19 @@ def test_eval_images_fixed(store):
     x, y = eval_images(store, records, img_size=16, in_chans=3)
     x2, _ = eval_images(store, records, img_size=16, in_chans=3, num_workers=2)
     assert x.shape == (4, 3, 16, 16) and torch.equal(x, x2) and y.tolist() == store.labels[records].tolist()
+
+
+def test_evaluation_sees_what_training_saw(store):
+    """Trained without crops, an image is evaluated whole: with nothing random on, its evaluation pixels equal
+    its training pixels. Where training crops, images no larger than the input keep their largest centre
+    square (1.0) and larger ones get the 0.875 centre crop."""
+    whole = replace(PLAIN, crop_scale=(1.0, 1.0), hflip=0.0)
+    batches = ImageBatches(store, "test", 4, 0, img_size=16, in_chans=3, num_classes=3, augment=whole)
+    x, _ = batches.get(0, 0)
+    evaluated, _ = eval_images(store, batches.records_of(0, 0), 16, 3, augment=whole)
+    assert torch.equal(x, evaluated)
+    assert eval_crop(None, PLAIN, [28] * 5, 28) == 1.0 and eval_crop(None, PLAIN, [500] * 5, 224) == 0.875
+    assert eval_crop(None, whole, [500] * 5, 224) is None and eval_crop(0.9, whole, [500], 224) == 0.9
 
 
 # ----------------------------------------------------------------------------------------------- augmentation

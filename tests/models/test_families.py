@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tangle_ray.folders import unique_tensors
-from tangle_ray.mixers import drnas, keyed_generator
+from tangle_ray.keyed import keyed_generator
+from tangle_ray.mixers import drnas
 from tangle_ray.models import FAMILIES, available_spaces, load_space
 from tangle_ray.tasks import get_task
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tangle_ray import load_space
-from tangle_ray.mixers import darts, drnas, keyed_generator
+from tangle_ray.keyed import keyed_generator
+from tangle_ray.mixers import darts, drnas
 from tangle_ray.models.gpt import GPT
 
 

@@ -142,7 +142,9 @@ def test_prepare_errors(tmp_path, folder):
 
 
 @pytest.mark.parametrize("classes", [7, 3])
-def test_evaluate_is_exact_for_any_batch_size(classes):
+def test_evaluate_counts_are_exact_and_the_loss_is_round_off_for_any_batch_size(classes):
+    """The promise that holds on every CPU: the same batch size gives the same scores bit for bit; another one
+    the same counts and the loss to float32 round-off (a one-row product may take another kernel path)."""
     gen = torch.Generator().manual_seed(0)
     x, weight = torch.randn(23, 2, 4, 4, generator=gen), torch.randn(32, classes, generator=gen)
     y = torch.randint(0, classes, (23,), generator=gen)
@@ -151,7 +153,10 @@ def test_evaluate_is_exact_for_any_batch_size(classes):
         return xb.flatten(1) @ weight
 
     results = [TASK.evaluate(output_of, x, y, batch_size=b) for b in (1, 4, 23, 50)]
-    assert all(r == results[0] for r in results)
+    assert TASK.evaluate(output_of, x, y, batch_size=4) == results[1]
+    for r in results:
+        assert {k: v for k, v in r.items() if k != "loss"} == {k: v for k, v in results[0].items() if k != "loss"}
+        assert math.isclose(r["loss"], results[0]["loss"], rel_tol=1e-6)
     logits = output_of(x)
     top5 = int((logits.topk(min(5, classes), -1).indices == y[:, None]).any(-1).sum())
     assert results[0]["top1"] == int((logits.argmax(-1) == y).sum()) / 23 and results[0]["top5"] == top5 / 23

