@@ -57,7 +57,7 @@ def assert_same_numbers(a: Run, b: Run, rtol: float = 1e-5, atol: float = 1e-6) 
     (wa, aa), (wb, ab) = final_state(a), final_state(b)
     assert wa.keys() == wb.keys() and aa.keys() == ab.keys()
     for name, x in [*wa.items(), *aa.items()]:
-        y = wb[name] if name in wb else ab[name]
+        x, y = x.detach(), (wb[name] if name in wb else ab[name]).detach()
         diff, norm = float((x.double() - y.double()).norm()), float(x.double().norm())
         assert diff <= rtol * norm + atol, f"{name}: ||a - b|| = {diff:.3g}, ||a|| = {norm:.3g}"
 
