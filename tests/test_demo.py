@@ -12,7 +12,7 @@ pytestmark = pytest.mark.ray
 def test_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "steps=4", "log_every=2", "eval_every=2", "checkpoint_every=2"]) == 0
     out = capsys.readouterr().out
-    run_dir = next(p for p in tmp_path.iterdir() if p.name.startswith("gpt-nano-tanglenas"))  # OUT/<run name>/
+    run_dir = next(p for p in tmp_path.iterdir() if p.name.startswith("gpt-nano-drnas-s0-"))  # OUT/<run name>/
     assert f"report:     {run_dir / 'summary.md'}" in out
     arch = json.loads((run_dir / "arch.json").read_text())
     assert json.loads((run_dir / "export" / "arch.json").read_text()) == arch
