@@ -4,7 +4,9 @@
 random choice (which images, crops, flips, RandAugment ops, erasing, the mixup/cutmix draw) comes from
 Generators seeded by ``SeedSequence([seed, split_key, step, micro_index])`` and its children, so 1 and N ranks
 (numbering the micro-batches of a global batch 0..G-1), worker processes and resumed runs get identical
-batches. Images are drawn uniformly with replacement, like the text windows. :class:`PrefetchedBatches`
+batches. Images are drawn uniformly with replacement, like the text windows, or in epochs: sample ``n`` of the
+run (``n = (step x G + micro_index) x micro_batch + b`` for ``G`` micro-batches per step) is image
+``perm_e[n mod N]`` of epoch ``e = n // N``, a permutation keyed by ``(seed, split, e)``. :class:`PrefetchedBatches`
 decodes ahead in DataLoader worker processes whose item ``key`` is the micro-batch of that key.
 """
 
@@ -33,6 +35,7 @@ from tangle_ray.errors import ConfigError
 from tangle_ray.keyed import name_key
 
 Key = tuple[int, int]  # (step, micro_index)
+EPOCH_KEY = 2**32 - 1  # keeps epoch permutations apart from the (step, micro_index) keys of the same split
 
 
 def _mode(in_chans: int) -> str:
@@ -56,7 +59,9 @@ class ImageBatches:
         in_chans: int,
         num_classes: int,
         augment: Augment,
+        epochs_of: int | None = None,
     ):
+        """``epochs_of``: the micro-batches of one global batch, to sample in epochs; None: with replacement."""
         if micro_batch < 1 or seed < 0 or img_size < 1:
             raise ConfigError(f"micro_batch={micro_batch} and img_size={img_size} must be >= 1, seed={seed} >= 0")
         if store.num_classes > num_classes:
@@ -67,6 +72,9 @@ class ImageBatches:
         self.size, self.mode, self.num_classes, self.augment = img_size, _mode(in_chans), num_classes, augment
         self.records = store.split(split)
         self._key = name_key(split)
+        if epochs_of is not None and epochs_of < 1:
+            raise ConfigError(f"epochs_of = {epochs_of!r} micro-batches per step must be >= 1")
+        self.epochs_of = epochs_of
 
     def _seeds(self, step: int, micro_index: int) -> list[np.random.SeedSequence]:
         """Children of the key's SeedSequence: [0] picks the images, [1] mixes the batch, [2 + b] image b."""
@@ -76,14 +84,29 @@ class ImageBatches:
 
     def records_of(self, step: int, micro_index: int) -> np.ndarray:
         """Record indices of the images of micro-batch ``micro_index`` at ``step``."""
-        return self._pick(self._seeds(step, micro_index)[0])
+        return self._pick(step, micro_index, self._seeds(step, micro_index)[0])
 
-    def _pick(self, seed: np.random.SeedSequence) -> np.ndarray:
-        return self.records[np.random.default_rng(seed).integers(0, len(self.records), self.micro_batch)]
+    def _pick(self, step: int, micro_index: int, seed: np.random.SeedSequence) -> np.ndarray:
+        n = len(self.records)
+        if self.epochs_of is None:
+            return self.records[np.random.default_rng(seed).integers(0, n, self.micro_batch)]
+        first = (step * self.epochs_of + micro_index) * self.micro_batch
+        samples = np.arange(first, first + self.micro_batch, dtype=np.int64)
+        epochs, places = np.divmod(samples, n)
+        picks = np.empty(self.micro_batch, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            here = epochs == epoch
+            picks[here] = self.epoch_order(int(epoch))[places[here]]
+        return self.records[picks]
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The permutation of this split's images in ``epoch`` (keyed by seed, split and epoch)."""
+        seq = np.random.SeedSequence([self.seed, self._key, EPOCH_KEY, epoch])
+        return np.random.default_rng(seq).permutation(len(self.records))
 
     def get(self, step: int, micro_index: int) -> tuple[Tensor, Tensor]:
         seeds, aug, store = self._seeds(step, micro_index), self.augment, self.store
-        picks = self._pick(seeds[0])
+        picks = self._pick(step, micro_index, seeds[0])
         rngs = [np.random.default_rng(s) for s in seeds[2:]]
         pixels = [
             train_image(store.encoded(r), store.where(r), self.size, self.mode, aug, g) for r, g in zip(picks, rngs)

@@ -52,7 +52,10 @@ class Task:
 
     # ``fixed`` below: the fixed settings of a space (``space.fixed``), or those a standalone model reports
     # (``ModelFamily.model_settings``): input size, vocabulary or classes, context length.
-    def batches(self, data: Any, fixed: dict[str, Any], split: str, micro_batch: int, seed: int) -> Batches:
+    def batches(self, data: Any, fixed: dict[str, Any], split: str, micro_batch: int, seed: int,
+                micro_per_step: int = 1) -> Batches:
+        """Keyed micro-batches of ``split``; ``micro_per_step``: the micro-batches of a global batch (all ranks),
+        for samplers that walk through the data in order (epochs)."""
         raise NotImplementedError
 
     def eval_set(self, data: Any, fixed: dict[str, Any], split: str, num: int, seed: int) -> tuple[Tensor, Tensor]:

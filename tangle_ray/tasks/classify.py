@@ -27,6 +27,7 @@ from tangle_ray.tasks import register_task
 from tangle_ray.tasks.base import Batches, Metric, Task
 
 FIXED = ("img_size", "in_chans", "num_classes")
+SAMPLINGS = ("replacement", "epochs")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class ImageData:
     # evaluation: shorter side to img_size / eval_crop, then the centre crop; none (default): 1.0 where training
     # used no random crop or the images are no larger than img_size, else 0.875 (AutoFormer's 224 of 256)
     eval_crop: float | None = None
+    # "replacement": every micro-batch draws its images uniformly at random (like text windows); "epochs": each
+    # image once per epoch, in a fresh permutation per epoch (AutoFormer's and the paper's way)
+    sampling: str = "replacement"
     augment: Augment = field(default_factory=Augment)
 
     def __post_init__(self) -> None:
@@ -51,6 +55,7 @@ class ImageData:
             "num_workers": (self.num_workers >= 0, ">= 0"),
             "prefetch": (self.prefetch >= 1, ">= 1"),
             "eval_crop": (self.eval_crop is None or 0 < self.eval_crop <= 1, "in (0, 1], or null (follow training)"),
+            "sampling": (self.sampling in SAMPLINGS, str(list(SAMPLINGS))),
         }
         for name, (ok, allowed) in checks.items():
             if not ok:
@@ -128,11 +133,13 @@ class ClassifyTask(Task):
             )
         return replace(data, dir=str(folder.resolve()))
 
-    def batches(self, data: ImageData, fixed: dict[str, Any], split: str, micro_batch: int, seed: int) -> Batches:
+    def batches(self, data: ImageData, fixed: dict[str, Any], split: str, micro_batch: int, seed: int,
+                micro_per_step: int = 1) -> Batches:
         """Augmented micro-batches of ``split`` (the training augmentation for every split)."""
         img_size, in_chans, num_classes = _fixed(fixed)
         batches = ImageBatches(
-            ImageStore(data.dir), split, micro_batch, seed, img_size, in_chans, num_classes, data.augment
+            ImageStore(data.dir), split, micro_batch, seed, img_size, in_chans, num_classes, data.augment,
+            epochs_of=micro_per_step if data.sampling == "epochs" else None,
         )
         return PrefetchedBatches(batches, data.num_workers, data.prefetch) if data.num_workers else batches
 

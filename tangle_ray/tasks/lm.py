@@ -84,7 +84,7 @@ class LanguageModelling(Task):
         return replace(data, dir=str(folder.resolve()))
 
     def batches(self, data: TextData, fixed: dict[str, Any], split: str, micro_batch: int,
-                seed: int) -> WindowSampler:
+                seed: int, micro_per_step: int = 1) -> WindowSampler:
         return WindowSampler(load_split(data.dir, split), fixed["block_size"], micro_batch, seed, split)
 
     def eval_set(self, data: TextData, fixed: dict[str, Any], split: str, num: int,

@@ -208,6 +208,11 @@ class TrainConfig:
         return self.global_batch_size // (self.scaling.num_workers * self.micro_batch_size)
 
     @property
+    def micro_per_step(self) -> int:
+        """Micro-batches of one global batch, over all ranks."""
+        return self.global_batch_size // self.micro_batch_size
+
+    @property
     def mixer_name(self) -> str:
         return {"tanglenas": self.mixer, "spos": "spos", "fixed": "argmax"}[self.method]
 

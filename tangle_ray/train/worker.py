@@ -47,8 +47,8 @@ class Worker:
         rank, world = info.get_world_rank(), info.get_world_size()
         self.ctx = ctx = Context(
             plan, rank, world, ray.train.torch.get_device(),
-            train=task.batches(cfg.data, fixed, "train", cfg.micro_batch_size, cfg.seed),
-            valid=task.batches(cfg.data, fixed, "valid", cfg.micro_batch_size, cfg.seed),
+            train=task.batches(cfg.data, fixed, "train", cfg.micro_batch_size, cfg.seed, cfg.micro_per_step),
+            valid=task.batches(cfg.data, fixed, "valid", cfg.micro_batch_size, cfg.seed, cfg.micro_per_step),
         )
         self.eval_x, self.eval_y = task.eval_set(cfg.data, fixed, "valid", cfg.eval_samples, cfg.seed)
         self.method = METHODS[cfg.method](ctx)

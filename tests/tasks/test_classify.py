@@ -106,6 +106,28 @@ def test_prepare_batches_and_eval_set(tmp_path, folder):
     assert len(TASK.eval_set(d, fixed(), "valid", num=100, seed=0)[1]) == 3  # all of a short split
 
 
+def test_epoch_sampling_shows_each_image_once_per_epoch_on_any_split_of_the_batch(tmp_path, folder):
+    d = TASK.prepare(data(tmp_path, source={"path": str(folder)}, sampling="epochs"), space(), seed=0)
+    store = ImageStore(d.dir)
+    train = store.split("train")  # 12 images; micro-batch 5, 2 micro-batches per step: epochs end mid-batch
+    batches = TASK.batches(d, fixed(), "train", micro_batch=5, seed=0, micro_per_step=2)
+
+    seen = np.concatenate([batches.records_of(s, j) for s in range(6) for j in (0, 1)])  # 60 images: 5 epochs
+    epochs = seen.reshape(5, len(train))
+    assert all(sorted(e) == sorted(train) for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 5  # a fresh order every epoch
+    # the sample's place in the run, not the split of the batch, picks it: 4 micro-batches of 5 per step
+    # are the same 2-per-step micro-batches, renumbered
+    wide = TASK.batches(d, fixed(), "train", micro_batch=5, seed=0, micro_per_step=4)
+    assert np.array_equal(np.concatenate([wide.records_of(s, j) for s in range(3) for j in range(4)]), seen)
+    x, y = batches.get(2, 1)  # labels follow the records
+    assert torch.equal(y.argmax(1), torch.from_numpy(store.labels[batches.records_of(2, 1)]))
+    other = TASK.batches(d, fixed(), "train", micro_batch=5, seed=1, micro_per_step=2)
+    assert not np.array_equal(other.epoch_order(0), batches.epoch_order(0))
+    with pytest.raises(ConfigError, match=r"data.sampling = 'epoch'; allowed: \['replacement', 'epochs'\]"):
+        data(tmp_path, sampling="epoch")
+
+
 def test_prepare_errors(tmp_path, folder):
     with pytest.raises(ConfigError, match="holds no prepared images .*give data.source"):
         TASK.prepare(data(tmp_path), space(), seed=0)
