@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 from tangle_ray.errors import ConfigError, shorten, write_fault
+from tangle_ray.methods import METHODS, Method
 
-DEMO_COMMON = [
-    "method=tanglenas", "mixer=drnas", "steps=80", "scaling.num_workers=2", "zero_stage=2", "log_every=10",
+DEMO_COMMON = [  # run by the search command's method (TangleNAS)
+    "mixer=drnas", "steps=80", "scaling.num_workers=2", "zero_stage=2", "log_every=10",
     "eval_every=20", "checkpoint_every=40", "optimizer.warmup_steps=10", "arch_optimizer.lr=0.1", "dropout=0.0",
 ]
 DEMOS = {  # what each demo searches: a tiny space and a small dataset this machine has or makes offline
@@ -53,12 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "then run settings as key=value")
     _verbose(demo)
 
-    _train_parser(sub, "search", "single-stage TangleNAS search (weights and architecture together)")
-    _train_parser(sub, "supernet", "train the SPOS supernet for the two-stage baselines")
-    retrain = _train_parser(sub, "retrain", "train one architecture from scratch or from the supernet's weights")
-    retrain.add_argument("--arch", required=True, help="arch.json of the architecture")
-    retrain.add_argument("--init", choices=["scratch", "inherit"], default="scratch")
-    retrain.add_argument("--supernet", help="supernet folder (from export) for --init inherit")
+    for method in METHODS.values():  # one command per training method
+        method.add_arguments(_train_parser(sub, method.command, method.help))
 
     export = sub.add_parser("export", help="consolidate a run's checkpoint: full weights, extracted model, arch.json")
     export.add_argument("run_dir")
@@ -156,7 +153,14 @@ def _check_options(args: argparse.Namespace) -> None:
 # ===================================================================== commands
 
 
-TRAIN_COMMANDS = {"tanglenas": "search", "spos": "supernet", "fixed": "retrain"}
+def _method_of(command: str) -> type[Method]:
+    return next(m for m in METHODS.values() if m.command == command)
+
+
+def cmd_train(args) -> int:
+    """A training command: the method it runs decides; a run file or setting naming another is refused."""
+    method = _method_of(args.command)
+    return _train(args, method.name, method.settings_from(args))
 
 
 def _train(args, method: str, extra: list[str] | None = None) -> int:
@@ -169,8 +173,8 @@ def _train(args, method: str, extra: list[str] | None = None) -> int:
         run_file, overrides = None, [run_file, *overrides]
     asked = read_settings(run_file, overrides, "run")[0].get("method", method)
     if asked != method:  # the command decides the method: a file or setting that says otherwise is a mistake
-        known = isinstance(asked, str) and asked in TRAIN_COMMANDS
-        hint = f"use `tangle-ray {TRAIN_COMMANDS[asked]}`" if known else f"allowed: {list(TRAIN_COMMANDS)}"
+        known = isinstance(asked, str) and asked in METHODS
+        hint = f"use `tangle-ray {METHODS[asked].command}`" if known else f"allowed: {sorted(METHODS)}"
         raise ConfigError(f"{run_file or 'settings'}: method = {shorten(asked)}, but `tangle-ray {args.command}` "
                           f"runs {method}; {hint}, or remove method")
     cfg = load_config(run_file, [f"method={method}", *(extra or []), *overrides])
@@ -205,19 +209,6 @@ def _print_result(result) -> None:
         print(f"test:       {json.dumps({k: v for k, v in result.test_scores.items() if k != 'arch'})}")
 
 
-def cmd_search(args) -> int:
-    return _train(args, "tanglenas")
-
-
-def cmd_supernet(args) -> int:
-    return _train(args, "spos")
-
-
-def cmd_retrain(args) -> int:
-    extra = [f"arch={args.arch}", f"init={args.init}"] + ([f"init_from={args.supernet}"] if args.supernet else [])
-    return _train(args, "fixed", extra)
-
-
 def cmd_demo(args) -> int:
     import ray
 
@@ -240,7 +231,8 @@ def cmd_demo(args) -> int:
     else:
         data = out / "images"  # prepared from data.source by the run's preflight
     # the run is named by its settings (run.name unset): OUT/<run name>/, and a rerun resumes it
-    cfg = load_config(None, [*DEMO_COMMON, *DEMOS[kind], f"data.dir={data}", f"run.storage_path={out}", *overrides])
+    cfg = load_config(None, [f"method={_method_of('search').name}", *DEMO_COMMON, *DEMOS[kind], f"data.dir={data}",
+                             f"run.storage_path={out}", *overrides])
     connect("local", num_cpus=max(2, cfg.scaling.num_workers), verbose=args.verbose)
     try:
         result = run_training(cfg, verbose=args.verbose)
@@ -325,8 +317,8 @@ def _count(n: int) -> str:
 
 
 COMMANDS = {
-    "demo": cmd_demo, "search": cmd_search, "supernet": cmd_supernet, "retrain": cmd_retrain, "export": cmd_export,
-    "evaluate": cmd_evaluate, "tune": cmd_tune, "data": cmd_data, "spaces": cmd_spaces,
+    "demo": cmd_demo, "export": cmd_export, "evaluate": cmd_evaluate, "tune": cmd_tune, "data": cmd_data,
+    "spaces": cmd_spaces, **{m.command: cmd_train for m in METHODS.values()},
 }
 
 if __name__ == "__main__":

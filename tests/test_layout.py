@@ -56,3 +56,32 @@ def test_only_models_name_a_family():
 
 def test_space_imports_no_model():
     assert not {d for d in _imports()["tangle_ray.space"] if d.startswith("tangle_ray.models")}
+
+
+def _branches_on(tree: ast.AST, names: set[str]) -> list[str]:
+    """Where code decides by a method's name: a comparison with it, a dict keyed by two or more of them, or a
+    ``method=<name>`` setting written out."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            consts = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+            found += [f"line {node.lineno}: compares with {v!r}" for v in consts if v in names]
+        elif isinstance(node, ast.Dict):
+            keys = [k.value for k in node.keys if isinstance(k, ast.Constant) and k.value in names]
+            if len(keys) >= 2:
+                found.append(f"line {node.lineno}: a dict keyed by {keys}")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found += [f"line {node.lineno}: {node.value!r}" for n in names if f"method={n}" in node.value]
+    return found
+
+
+def test_only_methods_name_a_method():
+    """Methods are plugins: the runner, exporter, report and CLI ask the method, never test its name."""
+    from tangle_ray.methods import METHODS
+
+    for path in PACKAGE.rglob("*.py"):
+        if path.is_relative_to(PACKAGE / "methods"):
+            continue
+        found = _branches_on(ast.parse(path.read_text()), set(METHODS))
+        assert not found, f"{path.relative_to(PACKAGE.parent)} names a method: {found}"
+    assert _branches_on(ast.parse('x = m == "spos"\ny = {"spos": 1, "fixed": 2}\nz = "method=fixed"'), set(METHODS))

@@ -220,7 +220,7 @@ def test_a_command_and_a_run_file_that_disagree_are_refused(tmp_path, capsys):
     cases = [
         (["search", str(spos)], ["method = 'spos'", "`tangle-ray search` runs tanglenas", "`tangle-ray supernet`"]),
         (["supernet", "space=gpt-nano", "method=fixed"], ["settings", "`tangle-ray retrain`"]),
-        (["search", "space=gpt-nano", "method=[spos]"], ["['spos']", "allowed: ['tanglenas', 'spos', 'fixed']"]),
+        (["search", "space=gpt-nano", "method=[spos]"], ["['spos']", "allowed: ['fixed', 'spos', 'tanglenas']"]),
         (["search", "space=gpt-nano", "init=inherit", f"init_from={tmp_path}"],
          ["init 'inherit' applies to method 'fixed'", "from scratch"]),
     ]

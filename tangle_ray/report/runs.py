@@ -30,14 +30,10 @@ def write_run_report(run_dir: Path, plan, history: dict[str, list], arch: Arch |
         key = f"valid_{objective.key}"
         steps, values = zip(*[(r["step"], r[key]) for r in history["anytime"]])
         plots.append(plot_anytime(steps, values, run_dir / "anytime.png", f"validation {objective.label} of "
-                                  f"the {_followed(plan.config.method)}"))
+                                  f"the {plan.config.method_class.followed}"))
     summary = _summary(plan, history, arch, export_dir, plots, test_scores, against_random)
     (run_dir / "summary.md").write_text(summary)
     return run_dir / "summary.md"
-
-
-def _followed(method: str) -> str:
-    return {"tanglenas": "argmax architecture", "spos": "largest architecture", "fixed": "model"}[method]
 
 
 def confidence(alphas: dict[str, Any], space: SearchSpace, depth: int) -> list[tuple[str, float, float]]:
@@ -85,15 +81,15 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 def _summary(plan, history, arch, export_dir, plots: list[Path], test_scores: dict[str, Any] | None,
              against_random: dict[str, Any] | None) -> str:
     cfg, space, task = plan.config, plan.space, plan.task
+    method = cfg.method_class
     unit, last = task.unit, history["metrics"][-1] if history["metrics"] else {}
     per_sample = task.units_per_sample(space.fixed)
     lines = [
         f"# Run `{cfg.run.name}`", "",
-        f"- space: `{space.name}`, method: `{cfg.method}`"
-        + (f" (mixer `{cfg.mixer}`)" if cfg.method == "tanglenas" else ""),
+        f"- space: `{space.name}`, method: {method.describe(cfg)}",
         f"- steps: {last.get('step', 0)} of {cfg.steps}, global batch {cfg.global_batch_size} x "
         f"{per_sample} {unit}, {cfg.scaling.num_workers} worker(s), ZeRO stage {cfg.zero_stage}",
-        f"- final training loss (weight split{', superposed' if cfg.method == 'tanglenas' else ''}): "
+        f"- final training loss (weight split{', superposed' if method.superposed_loss else ''}): "
         f"{last.get('train_loss', float('nan')):.4f}"
         + (f"; architecture-split loss (superposed): {last['arch_loss']:.4f}" if "arch_loss" in last else ""),
         f"- throughput: {last.get(f'{unit}_per_s', 0):,.0f} {unit}/s", "",
@@ -103,7 +99,7 @@ def _summary(plan, history, arch, export_dir, plots: list[Path], test_scores: di
                   "inherited weights on Ray Tune: `tangle-ray tune recipes/tune/<search>.yaml "
                   f"supernet={export_dir / 'supernet' if export_dir else 'RUN/export/supernet'}`.", ""]
     else:
-        lines += ["## Chosen architecture" if cfg.method == "tanglenas" else "## Architecture", "",
+        lines += ["## Chosen architecture" if method.chooses_arch else "## Architecture", "",
                   "```json", json.dumps(space.active(arch)), "```", "",
                   f"{space.param_count(arch) / 1e6:.2f}M parameters, "
                   f"{space.flops(arch) / 1e9:.3g} GFLOPs per sample of {per_sample} {unit} (forward, 2 per "
@@ -119,7 +115,7 @@ def _summary(plan, history, arch, export_dir, plots: list[Path], test_scores: di
     if history["anytime"]:
         key = f"valid_{task.objective.key}"
         lines += ["## Any-time performance", "",
-                  f"Validation {task.objective.label} of the {_followed(cfg.method)} (single path, current weights, "
+                  f"Validation {task.objective.label} of the {method.followed} (single path, current weights, "
                   f"eval mode) on {cfg.eval_samples} fixed validation samples. Where the argmax changes, the curve "
                   "jumps with it: the superposition trains the mixture, and a new argmax's single path is "
                   "scored as it stands.", "",

@@ -16,14 +16,13 @@ from typing import Any
 
 from tangle_ray.configs import INT64, VOLATILE, build, check_range, identity, read_settings, set_dotted
 from tangle_ray.errors import ConfigError, shorten
+from tangle_ray.methods import Method, get_method
 from tangle_ray.mixers import GDAS_SCHEDULES
 from tangle_ray.models import load_space
 from tangle_ray.names import check_name
 from tangle_ray.space import Arch, SearchSpace, read_arch
 from tangle_ray.tasks import Task, get_task
 
-METHODS = ("tanglenas", "spos", "fixed")
-TANGLENAS_MIXERS = ("drnas", "darts", "gdas")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # DeepSpeed settings the run sets itself: a ``deepspeed:`` block may not contradict them
@@ -69,11 +68,11 @@ class RunConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     space: str = "gpt-tinystories"
-    method: str = "tanglenas"
-    mixer: str = "drnas"
+    method: str = "tanglenas"  # a registered method (``tangle_ray/methods/``); the command sets it
+    mixer: str = "drnas"  # tanglenas: drnas, darts or gdas
     gdas_schedule: str = "reference"  # GDAS temperature: "reference" (TangleNAS's steps) or "linear"
-    arch: dict[str, Any] | None = None  # method "fixed": the architecture to train
-    init: str = "scratch"  # method "fixed": "scratch" or "inherit" (weights of ``init_from``)
+    arch: dict[str, Any] | None = None  # the architecture to train (``tangle-ray retrain``)
+    init: str = "scratch"  # "scratch", or "inherit" the weights of ``init_from`` (``tangle-ray retrain``)
     init_from: str | None = None  # a supernet folder written by `tangle-ray export`
     data: Any = None  # the task's data section (e.g. ``tasks.lm.TextData``); built by ``from_dict``
     steps: int = field(default=6000, metadata=VOLATILE)
@@ -102,26 +101,11 @@ class TrainConfig:
 
     # ---------------------------------------------------------------- checks a user can trip
     def validate(self, source: str = "run config") -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"{source}: method = {shorten(self.method)} is not known; allowed: {list(METHODS)}")
-        if self.method == "tanglenas" and self.mixer not in TANGLENAS_MIXERS:
-            raise ConfigError(
-                f"{source}: mixer = {shorten(self.mixer)} is not known for tanglenas; allowed: {list(TANGLENAS_MIXERS)}"
-            )
-        if self.method == "fixed" and self.arch is None:
-            raise ConfigError(f"{source}: method 'fixed' needs arch (an architecture dict or arch.json)")
         if self.init not in ("scratch", "inherit"):
             raise ConfigError(f"{source}: init = {shorten(self.init)}; allowed: ['scratch', 'inherit']")
         if self.init == "inherit" and not self.init_from:
             raise ConfigError(f"{source}: init 'inherit' needs init_from (a supernet folder from `tangle-ray export`)")
-        if self.init == "inherit" and self.method != "fixed":
-            raise ConfigError(f"{source}: init 'inherit' applies to method 'fixed' (`tangle-ray retrain --init "
-                              f"inherit`); a {self.method} run trains its supernet from scratch: remove init")
-        if self.compile and (self.method == "spos" or self.zero_stage == 3):
-            raise ConfigError(
-                f"{source}: compile = true works with methods 'tanglenas' and 'fixed' under ZeRO stages 0-2 "
-                f"(got method {shorten(self.method)}, zero_stage {self.zero_stage}); SPOS changes its graph every step"
-            )
+        self.method_class.check(self, source)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"{source}: precision = {shorten(self.precision)}; allowed: {list(PRECISIONS)}")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -213,8 +197,8 @@ class TrainConfig:
         return self.global_batch_size // self.micro_batch_size
 
     @property
-    def mixer_name(self) -> str:
-        return {"tanglenas": self.mixer, "spos": "spos", "fixed": "argmax"}[self.method]
+    def method_class(self) -> type[Method]:
+        return get_method(self.method)
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run: a rerun with equal identity resumes it."""
@@ -225,7 +209,7 @@ class TrainConfig:
         if self.run.name:
             return self.run.name
         digest = hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
-        tag = self.mixer_name if self.method == "tanglenas" else self.method
+        tag = self.method_class.run_tag(self)
         return f"{Path(self.space).stem}-{tag}-s{self.seed}-{digest}"
 
     def run_dir(self) -> Path:
@@ -243,7 +227,7 @@ class RunPlan:
     config: TrainConfig
     space: SearchSpace
     task: Task
-    arch: Arch | None  # method "fixed": the validated architecture
+    arch: Arch | None  # the validated architecture of a run that trains one
     identity: dict[str, Any]
     verbose: bool = False  # workers print to the terminal instead of RUN/logs/
 

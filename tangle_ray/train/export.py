@@ -10,6 +10,7 @@ from safetensors import SafetensorError
 
 from tangle_ray.errors import ConfigError, clip, write_fault
 from tangle_ray.folders import load_weights, save_supernet
+from tangle_ray.methods import get_method
 from tangle_ray.models import space_from_dict
 from tangle_ray.space import Arch
 from tangle_ray.train.checkpoint import (
@@ -40,20 +41,16 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, arch: Arc
         weights = consolidated_weights(checkpoint)
     meta: dict[str, Any] = {"run": str(run), "checkpoint": checkpoint.name, "step": trainer["step"],
                             "method": trainer["method"]}
-    supernet = None
-    if trainer["method"] == "fixed":
+    supernet, method = None, get_method(trainer["method"], f"{checkpoint}/trainer_state.json")
+    if not method.trains_supernet:
         chosen = trainer["arch"]
         model = space.family.build_model(space, chosen)
         load_weights(model, weights, f"checkpoint {checkpoint}")
     else:
         supernet = space.build_supernet()
         load_weights(supernet.net, weights, f"checkpoint {checkpoint}")
-        if trainer["method"] == "tanglenas":
-            tensors = read_run_tensors(checkpoint)
-            for name, alpha in supernet.alphas.items():
-                alpha.data.copy_(tensors[f"alphas.{name}"])
-        chosen = space.validate(arch) if arch is not None else (
-            supernet.argmax_arch() if trainer["method"] == "tanglenas" else None)
+        found = method.exported_arch(supernet, read_run_tensors(checkpoint))
+        chosen = space.validate(arch) if arch is not None else found
         model = supernet.extract(chosen) if chosen is not None else None  # SPOS: its supernet goes on to tune
     try:
         (out / "arch.json").unlink(missing_ok=True)  # never beside a model/ of another export

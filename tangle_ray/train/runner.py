@@ -35,8 +35,8 @@ class TrainResult:
     history: dict[str, list]
     export_dir: Path | None
     seconds: float
-    test_scores: dict[str, Any] | None = None  # method "fixed": the exported model on the test split
-    against_random: dict[str, Any] | None = None  # TangleNAS: the choice against random architectures
+    test_scores: dict[str, Any] | None = None  # a run of one architecture: its exported model on the test split
+    against_random: dict[str, Any] | None = None  # a run that chooses: the choice against random architectures
     active_arch: dict[str, Any] | None = None  # ``arch`` without the layers beyond its depth (as arch.json)
 
 
@@ -44,7 +44,7 @@ def preflight(cfg: TrainConfig) -> RunPlan:
     """Everything a user can get wrong, checked on the driver; returns the plan every worker runs."""
     space = load_space(cfg.space)
     task = get_task(space.family.task)
-    arch = space.validate(cfg.arch, source="arch") if cfg.method == "fixed" else None
+    arch = None if cfg.method_class.trains_supernet else space.validate(cfg.arch, source="arch")
     init_from = None
     if cfg.init == "inherit":  # the supernet folder must load, and be of this space, before workers start
         load_supernet(cfg.init_from, space)
@@ -136,10 +136,11 @@ def run_training(cfg: TrainConfig, address: str | None = None, export: bool = Tr
     arch = read_trainer_state(checkpoint)["arch"]
     from tangle_ray.report.runs import write_run_report
 
-    export_dir = export_run(run_dir) if export or cfg.method == "fixed" else None
-    test_scores = score_test_split(plan, export_dir) if cfg.method == "fixed" else None
+    method = cfg.method_class
+    export_dir = export_run(run_dir) if export or not method.trains_supernet else None
+    test_scores = None if method.trains_supernet else score_test_split(plan, export_dir)
     against_random = (compare_with_random(plan, export_dir / "supernet", arch)
-                      if export_dir is not None and cfg.method == "tanglenas" else None)
+                      if export_dir is not None and method.chooses_arch else None)
     write_run_report(run_dir, plan, history, arch, export_dir, test_scores, against_random)
     return TrainResult(run_dir, checkpoint, arch, history, export_dir, time.time() - start, test_scores,
                        against_random, plan.space.active(arch) if arch is not None else None)

@@ -1,4 +1,4 @@
-"""The Ray Train worker loop: DeepSpeed trains the weights, a method (``methods.py``) runs each step.
+"""The Ray Train worker loop: DeepSpeed trains the weights, a method (``tangle_ray/methods/``) runs each step.
 
 The loop reads top to bottom: build the method's module and the DeepSpeed engine, restore the latest
 checkpoint if there is one, then step, log, evaluate and checkpoint until the last step.
@@ -17,11 +17,11 @@ import torch.distributed as dist
 
 from tangle_ray.errors import ConfigError
 from tangle_ray.evaluate import score
+from tangle_ray.methods import Context
 from tangle_ray.space import space_to_dict
 from tangle_ray.train import checkpoint as ckpt
 from tangle_ray.train.config import RunPlan
 from tangle_ray.train.deepspeed import deepspeed_config, lr_factor, weight_optimizer
-from tangle_ray.train.methods import METHODS, Context
 from tangle_ray.train.progress import Progress, quiet_worker
 
 
@@ -51,11 +51,11 @@ class Worker:
             valid=task.batches(cfg.data, fixed, "valid", cfg.micro_batch_size, cfg.seed, cfg.micro_per_step),
         )
         self.eval_x, self.eval_y = task.eval_set(cfg.data, fixed, "valid", cfg.eval_samples, cfg.seed)
-        self.method = METHODS[cfg.method](ctx)
+        self.method = cfg.method_class(ctx)
         torch.manual_seed(cfg.seed)  # the same initial weights and architecture parameters on every rank
         module = self.method.build().to(ctx.device)
         if cfg.compile:
-            module.compile() if cfg.method == "fixed" else module.compile_superposition()
+            self.method.compile(module)
         optimizer = weight_optimizer(module, cfg, plan.space.family.no_weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
         self.engine, _, _, _ = deepspeed.initialize(

@@ -12,10 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tangle_ray.configs import INT64, MAX_LAYERS, MAX_PARAMS, to_dict
+from tangle_ray.methods import METHODS
 from tangle_ray.models import load_space
 from tangle_ray.names import check_name
 from tangle_ray.space import read_arch
-from tangle_ray.train.config import DS_OWNED, METHODS, PLACEMENT_STRATEGIES, PRECISIONS, load_config
+from tangle_ray.train.config import DS_OWNED, PLACEMENT_STRATEGIES, PRECISIONS, load_config
 from tangle_ray.tune.config import load_search_config
 
 from .conftest import FUZZ, file_bytes, is_finite_data, mutated, outcome, plausible, values

@@ -92,7 +92,7 @@ def test_fixed_two_workers_equal_one_worker_with_dropout(local_ray, tiny_config,
 def test_spos_samples_a_path_per_micro_batch():
     """The reference (model_spos.py) samples a fresh path at every forward: G paths per step, not one."""
     from tangle_ray import load_space
-    from tangle_ray.train.methods import spos_path
+    from tangle_ray.methods.spos import spos_path
 
     space = load_space("gpt-nano")
     for step in range(5):

@@ -1,0 +1,1 @@
+"""Baseline campaigns: methods x seeds as stages on Ray, with the paper's statistics."""

@@ -1,0 +1,132 @@
+"""TangleNAS: first-order alternating bilevel search of a weight-entangled supernet (DrNAS, DARTS or GDAS)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from tangle_ray.errors import ConfigError, shorten
+from tangle_ray.keyed import Purpose, keyed_generator
+from tangle_ray.methods.base import Method, register_method
+from tangle_ray.mixers import entropy, get_mixer
+from tangle_ray.space import Arch
+
+if TYPE_CHECKING:
+    from tangle_ray.supernet import Supernet
+    from tangle_ray.train.config import TrainConfig
+
+MIXERS = ("drnas", "darts", "gdas")
+
+
+@register_method
+class TangleNAS(Method):
+    """First-order alternating bilevel step: an architecture step on the architecture split (gradients only
+    into the alphas, averaged over ranks), then a weight step on the weight split (mixing weights sampled from
+    the detached alphas)."""
+
+    name = "tanglenas"
+    command = "search"
+    help = "single-stage TangleNAS search (architecture weights learnt by gradient)"
+    chooses_arch = True
+    superposed_loss = True
+    followed = "argmax architecture"
+
+    @classmethod
+    def check(cls, cfg: TrainConfig, source: str) -> None:
+        super().check(cfg, source)
+        if cfg.mixer not in MIXERS:
+            raise ConfigError(f"{source}: mixer = {shorten(cfg.mixer)} is not known for tanglenas; "
+                              f"allowed: {list(MIXERS)}")
+
+    @classmethod
+    def mixer_name(cls, cfg: TrainConfig) -> str:
+        return cfg.mixer
+
+    @classmethod
+    def run_tag(cls, cfg: TrainConfig) -> str:
+        return cfg.mixer
+
+    @classmethod
+    def describe(cls, cfg: TrainConfig) -> str:
+        return f"`{cls.name}` (mixer `{cfg.mixer}`)"
+
+    @classmethod
+    def exported_arch(cls, supernet: Supernet, tensors: dict[str, Tensor]) -> Arch:
+        for name, alpha in supernet.alphas.items():
+            alpha.data.copy_(tensors[f"alphas.{name}"])
+        return supernet.argmax_arch()
+
+    def build(self) -> nn.Module:
+        ctx = self.ctx
+        supernet = ctx.space.build_supernet(**ctx.model_overrides())
+        self.alphas = {k: v.to(ctx.device).detach().requires_grad_() for k, v in supernet.alphas.items()}
+        a = ctx.cfg.arch_optimizer
+        self.arch_opt = torch.optim.Adam(list(self.alphas.values()), lr=a.lr, betas=a.betas,
+                                         weight_decay=a.weight_decay)
+        self.mixer = get_mixer(ctx.cfg.mixer, gdas_schedule=ctx.cfg.gdas_schedule)
+        return supernet.net
+
+    def step(self, step: int) -> dict[str, float]:
+        metrics = {"arch_loss": self._arch_step(step)}
+        detached = {k: a.detach() for k, a in self.alphas.items()}
+        metrics["train_loss"] = self.weight_step(
+            step, lambda m, x, y, j: m(x, y, weights=self._weights(detached, step, j, Purpose.WEIGHT_MIX))[1])
+        if self.ctx.cfg.debug_checks:
+            self._assert_alphas_agree(step)
+        return metrics
+
+    def _weights(self, alphas: dict[str, Tensor], step: int, j: int, purpose: Purpose) -> dict[str, Tensor]:
+        gen = keyed_generator(self.ctx.cfg.seed, step, j, purpose)
+        return self.mixer(alphas, gen, step=step, steps=self.ctx.cfg.steps)
+
+    def _arch_step(self, step: int) -> float:
+        ctx, alphas = self.ctx, list(self.alphas.values())
+        self.arch_opt.zero_grad(set_to_none=False)
+        total = 0.0
+        for j in ctx.micro_indices():
+            x, y = ctx.valid.get(step, j)
+            weights = self._weights(self.alphas, step, j, Purpose.ARCH_MIX)
+            # the bare module: no DeepSpeed backward hooks, and gradients flow into the alphas alone
+            with ctx.keyed(step, j, Purpose.ARCH_FORWARD):
+                loss = self.engine.module(x.to(ctx.device), y.to(ctx.device), weights=weights)[1]
+            (loss / ctx.cfg.grad_accum_steps).backward(inputs=alphas)
+            total += loss.item() / ctx.cfg.grad_accum_steps
+        if ctx.world > 1:
+            flat = torch.cat([a.grad.reshape(-1) for a in alphas])
+            dist.all_reduce(flat)
+            flat /= ctx.world
+            torch.nn.utils.vector_to_parameters(flat, [a.grad for a in alphas])
+        torch.nn.utils.clip_grad_norm_(alphas, ctx.cfg.arch_optimizer.grad_clip)
+        self.arch_opt.step()
+        return ctx.mean_over_ranks(total)
+
+    def _assert_alphas_agree(self, step: int) -> None:
+        flat = torch.cat([a.detach().reshape(-1) for a in self.alphas.values()])
+        gathered = [torch.empty_like(flat) for _ in range(self.ctx.world)]
+        dist.all_gather(gathered, flat)
+        if not all(torch.equal(g, flat) for g in gathered):
+            raise RuntimeError(f"architecture parameters differ between ranks at step {step}")
+
+    def reported_arch(self) -> Arch:
+        return self.ctx.space.arch_from_weights(self.alphas)
+
+    def progress(self) -> dict[str, Any]:
+        probs = {k: torch.softmax(a.detach().float().cpu(), -1).tolist() for k, a in self.alphas.items()}
+        return {"arch_entropy": entropy(self.alphas), "alphas": probs}
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        opt = self.arch_opt.state_dict()
+        tensors = {f"alphas.{k}": a for k, a in self.alphas.items()}
+        tensors |= {f"arch_opt.{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()}
+        keys = {i: list(s) for i, s in opt["state"].items()}
+        return {"arch_opt_groups": opt["param_groups"], "arch_opt_keys": keys}, tensors
+
+    def load_state(self, state: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+        for name, alpha in self.alphas.items():
+            alpha.data.copy_(tensors[f"alphas.{name}"].to(self.ctx.device))
+        opt_state = {int(i): {k: tensors[f"arch_opt.{i}.{k}"] for k in keys}
+                     for i, keys in state["arch_opt_keys"].items()}
+        self.arch_opt.load_state_dict({"state": opt_state, "param_groups": state["arch_opt_groups"]})
