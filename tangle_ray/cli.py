@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from tangle_ray.errors import ConfigError, shorten, write_fault
-from tangle_ray.methods import METHODS, Method
+from tangle_ray.methods import METHODS, method_for
 
 DEMO_COMMON = [  # run by the search command's method (TangleNAS)
     "mixer=drnas", "steps=80", "scaling.num_workers=2", "zero_stage=2", "log_every=10",
@@ -56,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     for method in METHODS.values():  # one command per training method
         method.add_arguments(_train_parser(sub, method.command, method.help))
+
+    campaign = sub.add_parser("campaign", help="TangleNAS against SPOS+RS and SPOS+ES over paired seeds: every "
+                              "stage on Ray, the paper's statistics, a report")
+    campaign.add_argument("campaign_file", help="YAML campaign file (see recipes/campaigns/)")
+    campaign.add_argument("overrides", nargs="*", help="settings as key=value, e.g. seeds=[0,1,2] "
+                          "stages.search.settings.steps=100")
+    campaign.add_argument("--out", help="campaign folder (default campaigns/<name>); a rerun resumes it")
+    campaign.add_argument("--dry-run", action="store_true", help="print the stages, resources and estimated "
+                          "device-hours; start nothing")
+    campaign.add_argument("--address", help="Ray cluster address (default: attach to a running cluster or start one)")
+    _verbose(campaign)
 
     export = sub.add_parser("export", help="consolidate a run's checkpoint: full weights, extracted model, arch.json")
     export.add_argument("run_dir")
@@ -114,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    from tangle_ray.campaign.run import CampaignStopped
     from tangle_ray.train.runner import RunStopped
 
     if not getattr(args, "verbose", False):
@@ -126,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"tangle-ray: error: {e}", file=sys.stderr)
         return 2
-    except RunStopped as e:
+    except (RunStopped, CampaignStopped) as e:
         print(f"tangle-ray: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a write the machine refused (a full disk) outside the checked places: one line too
@@ -153,13 +165,9 @@ def _check_options(args: argparse.Namespace) -> None:
 # ===================================================================== commands
 
 
-def _method_of(command: str) -> type[Method]:
-    return next(m for m in METHODS.values() if m.command == command)
-
-
 def cmd_train(args) -> int:
     """A training command: the method it runs decides; a run file or setting naming another is refused."""
-    method = _method_of(args.command)
+    method = method_for(args.command)
     return _train(args, method.name, method.settings_from(args))
 
 
@@ -231,7 +239,7 @@ def cmd_demo(args) -> int:
     else:
         data = out / "images"  # prepared from data.source by the run's preflight
     # the run is named by its settings (run.name unset): OUT/<run name>/, and a rerun resumes it
-    cfg = load_config(None, [f"method={_method_of('search').name}", *DEMO_COMMON, *DEMOS[kind], f"data.dir={data}",
+    cfg = load_config(None, [f"method={method_for('search').name}", *DEMO_COMMON, *DEMOS[kind], f"data.dir={data}",
                              f"run.storage_path={out}", *overrides])
     connect("local", num_cpus=max(2, cfg.scaling.num_workers), verbose=args.verbose)
     try:
@@ -239,6 +247,26 @@ def cmd_demo(args) -> int:
     finally:
         ray.shutdown()
     _print_result(result)
+    return 0
+
+
+def cmd_campaign(args) -> int:
+    from tangle_ray.campaign.config import load_campaign
+    from tangle_ray.campaign.plan import build_plan
+    from tangle_ray.campaign.run import campaign_dir, dry_run, run_campaign
+
+    config, base = load_campaign(args.campaign_file, args.overrides)
+    plan = build_plan(config, base, args.campaign_file)
+    out = campaign_dir(config, args.out)
+    if args.dry_run:
+        print(dry_run(config, plan, out))
+        return 0
+    result = run_campaign(config, plan, out, address=args.address, verbose=args.verbose)
+    print(f"\ncampaign folder: {out}\nreport:          {out / 'report.md'}")
+    for c in result["comparisons"]:
+        if c["stage"] == "retrain" and c["metric"] == plan.objective:
+            print(f"{c['method']} vs {c['baseline']} (test {c['metric']} after retraining): mean difference "
+                  f"{c['mean_diff']:+.4g}, 95% CI [{c['ci_low']:.4g}, {c['ci_high']:.4g}], {c['verdict']}")
     return 0
 
 
@@ -317,8 +345,8 @@ def _count(n: int) -> str:
 
 
 COMMANDS = {
-    "demo": cmd_demo, "export": cmd_export, "evaluate": cmd_evaluate, "tune": cmd_tune, "data": cmd_data,
-    "spaces": cmd_spaces, **{m.command: cmd_train for m in METHODS.values()},
+    "demo": cmd_demo, "campaign": cmd_campaign, "export": cmd_export, "evaluate": cmd_evaluate, "tune": cmd_tune,
+    "data": cmd_data, "spaces": cmd_spaces, **{m.command: cmd_train for m in METHODS.values()},
 }
 
 if __name__ == "__main__":

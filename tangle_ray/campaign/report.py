@@ -56,11 +56,10 @@ def _colours(methods: Sequence[str]) -> dict[str, str]:
 
 
 def _mean_band(seeds: Sequence[Sequence[tuple[float, float]]]) -> tuple[np.ndarray, ...]:
-    """x grid, mean, min and max over the seeds' curves, linearly interpolated on the overlap of their x ranges."""
+    """x grid, mean, min and max over the seeds' curves, linearly interpolated from the latest start on; a
+    curve that ended holds its last score (a method keeps the architecture it has, once its stages are done)."""
     curves = [np.asarray(sorted(s), np.float64).reshape(-1, 2) for s in seeds]
-    lo, hi = max(c[0, 0] for c in curves), min(c[-1, 0] for c in curves)
-    if lo > hi:
-        raise ValueError(f"the seeds' x ranges do not overlap ({lo} > {hi})")
+    lo, hi = max(c[0, 0] for c in curves), max(c[-1, 0] for c in curves)
     x = np.unique(np.concatenate([c[:, 0] for c in curves]))
     x = x[(x >= lo) & (x <= hi)]
     y = np.stack([np.interp(x, c[:, 0], c[:, 1]) for c in curves])
@@ -200,7 +199,8 @@ def write_report(out_dir: str | Path, title: str, summary: Sequence[Mapping[str,
              "## Comparisons", "",
              f"Differences are reference − baseline in each metric's units, over the seeds both methods have, with "
              f"a {level:.0%} percentile bootstrap interval over those seeds. No method is called better (or worse) "
-             f"where the interval covers zero: the verdict there is 'indistinguishable', whatever the p-values. "
+             f"where the interval covers zero, nor where the paired test's p is {1 - level:.2g} or more (with a few "
+             f"seeds a bootstrap interval is too narrow to decide alone): the verdict there is 'indistinguishable'. "
              f"Welch's test treats the seeds as independent samples; the paired test is a paired t-test below 6 "
              f"seeds and Wilcoxon's signed-rank test from 6. Where a t-test is undefined, identical samples give "
              f"p = 1 and a constant non-zero difference p = 0.", "",

@@ -118,6 +118,8 @@ def _compare_one(ref: dict[int, float], base: dict[int, float], direction: str, 
     paired_p, paired_test = _paired_p(a, b)
     test = f"paired percentile bootstrap over {len(d)} seeds, {resamples} resamples"
     verdict = _oriented(float(d.mean()), low, high, direction, level, len(d), test).verdict
+    if paired_p >= 1 - level:  # a bootstrap over a handful of seeds is too narrow to stand alone
+        verdict = "indistinguishable"
     return {"n": len(d), "mean_diff": float(d.mean()), "ci_low": low, "ci_high": high, "welch_p": _welch_p(a, b),
             "paired_p": paired_p, "paired_test": paired_test, "verdict": verdict}
 
@@ -128,7 +130,9 @@ def compare(rows: Iterable[Row], directions: Mapping[str, str], reference: str =
 
     ``mean_diff`` is the mean of (reference - baseline) in the metric's units, with its percentile bootstrap
     interval over the paired seeds (a fresh generator seeded by ``seed`` per comparison, so a comparison does
-    not depend on the others); ``verdict`` says whether the reference is better. ``welch_p`` treats the paired
+    not depend on the others); ``verdict`` says whether the reference is better: 'better' or 'worse' only where
+    the interval excludes zero and the paired test's p is below ``1 - level`` (with 2 or 3 seeds a percentile
+    bootstrap has only 3 or 10 distinct resamples and is far too narrow to decide alone). ``welch_p`` treats the paired
     seeds' values as two independent samples. Pairs without a common seed are left out. Sorted by metric,
     stage, baseline.
     """

@@ -44,6 +44,11 @@ def get_method(name: object, source: str = "run config") -> type[Method]:
     return METHODS[name]
 
 
+def method_for(command: str) -> type[Method]:
+    """The method that ``tangle-ray COMMAND`` runs."""
+    return next(m for m in METHODS.values() if m.command == command)
+
+
 @dataclass
 class Context:
     """What every method needs to know about the run and this rank."""

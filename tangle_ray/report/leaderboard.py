@@ -28,6 +28,7 @@ class TrialRecord:
     params: int
     flops: int
     units: int  # tokens (or images) the score rests on
+    finished_at: float | None = None  # when the trial reported (Unix time): the any-time curve of a search
 
 
 def ranked(records: Sequence[TrialRecord], objective: Metric) -> list[TrialRecord]:

@@ -90,6 +90,7 @@ class TrainConfig:
     log_every: int = field(default=10, metadata=VOLATILE)
     eval_every: int = field(default=250, metadata=VOLATILE)  # any-time curve: the reported architecture's score
     eval_samples: int = 64  # evaluation samples of the any-time curve (windows of text, images)
+    test_samples: int = field(default=256, metadata=VOLATILE)  # a trained architecture's test-split score
     seed: int = 0
     dropout: float | None = None  # None keeps the space's training dropout
     compile: bool = field(default=False, metadata=VOLATILE)  # torch.compile the superposition or fixed model
@@ -112,7 +113,7 @@ class TrainConfig:
             raise ConfigError(
                 f"{source}: zero_stage = {shorten(self.zero_stage)} does not exist; allowed: [0, 1, 2, 3]")
         for name in ("steps", "global_batch_size", "micro_batch_size", "log_every", "checkpoint_every",
-                     "eval_every", "eval_samples"):
+                     "eval_every", "eval_samples", "test_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{source}: {name} = {getattr(self, name)} must be at least 1")
         workers = self.scaling.num_workers

@@ -38,6 +38,7 @@ class TrainResult:
     test_scores: dict[str, Any] | None = None  # a run of one architecture: its exported model on the test split
     against_random: dict[str, Any] | None = None  # a run that chooses: the choice against random architectures
     active_arch: dict[str, Any] | None = None  # ``arch`` without the layers beyond its depth (as arch.json)
+    plan: RunPlan | None = None  # what the run ran: config (paths resolved), space, task
 
 
 def preflight(cfg: TrainConfig) -> RunPlan:
@@ -143,7 +144,7 @@ def run_training(cfg: TrainConfig, address: str | None = None, export: bool = Tr
                       if export_dir is not None and method.chooses_arch else None)
     write_run_report(run_dir, plan, history, arch, export_dir, test_scores, against_random)
     return TrainResult(run_dir, checkpoint, arch, history, export_dir, time.time() - start, test_scores,
-                       against_random, plan.space.active(arch) if arch is not None else None)
+                       against_random, plan.space.active(arch) if arch is not None else None, plan)
 
 
 def _stopped_message(run_dir: Path, error: Exception) -> str:
@@ -189,9 +190,13 @@ def compare_with_random(plan: RunPlan, supernet_dir: Path, arch: dict[str, Any],
 
 
 def score_test_split(plan: RunPlan, export_dir: Path) -> dict[str, Any]:
-    """The exported model of a fixed-architecture run on the held-out test split (``test_scores.json``)."""
+    """The exported model of a fixed-architecture run on ``test_samples`` of the held-out test split, with the
+    time the pass took per sample (``test_scores.json``)."""
     from tangle_ray.evaluate import evaluate_on_split
 
-    scores = evaluate_on_split(plan.config.data.dir, "test", model=export_dir / "model", seed=plan.config.seed)
+    cfg, start = plan.config, time.perf_counter()
+    scores = evaluate_on_split(cfg.data.dir, "test", model=export_dir / "model", num_samples=cfg.test_samples,
+                               seed=cfg.seed)
+    scores["ms_per_sample"] = 1e3 * (time.perf_counter() - start) / scores["samples"]
     (plan.run_dir / "test_scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     return scores

@@ -258,6 +258,7 @@ def _record(config: dict, metrics: dict, task: Task) -> TrialRecord:
         params=metrics["params"],
         flops=metrics["flops"],
         units=metrics["units"],
+        finished_at=metrics.get("timestamp"),
     )
 
 

@@ -92,13 +92,14 @@ def test_the_anytime_plot_is_labelled_with_a_line_and_band_per_method(tmp_path):
         assert path.read_bytes()[:8] == PNG and path.stat().st_size > 1000
 
 
-def test_the_anytime_band_lies_on_the_overlap_of_the_seeds():
+def test_the_anytime_band_starts_where_every_seed_has_a_score_and_ended_curves_hold_their_last():
     fig = anytime_figure({"a": [[(0.0, 1.0), (10.0, 0.0)], [(2.0, 2.0), (6.0, 2.0), (20.0, 0.0)]]}, "x", "y")
     line = fig.axes[0].get_lines()[0]
-    assert list(line.get_xdata()) == [2.0, 6.0, 10.0]
-    assert list(line.get_ydata()) == pytest.approx([(0.8 + 2.0) / 2, (0.4 + 2.0) / 2, (0.0 + 2 - 2 * 4 / 14) / 2])
-    with pytest.raises(ValueError, match="do not overlap"):
-        anytime_figure({"a": [[(0.0, 1.0), (1.0, 1.0)], [(2.0, 1.0), (3.0, 1.0)]]}, "x", "y")
+    assert list(line.get_xdata()) == [2.0, 6.0, 10.0, 20.0]
+    assert list(line.get_ydata()) == pytest.approx([(0.8 + 2.0) / 2, (0.4 + 2.0) / 2, (0.0 + 2 - 2 * 4 / 14) / 2,
+                                                    0.0])
+    apart = anytime_figure({"a": [[(0.0, 1.0), (1.0, 1.0)], [(2.0, 3.0), (3.0, 3.0)]]}, "x", "y")
+    assert list(apart.axes[0].get_lines()[0].get_ydata()) == [2.0, 2.0]
 
 
 def test_the_score_vs_params_plot_has_a_marker_per_method_and_the_pareto_front(tmp_path):

@@ -141,3 +141,12 @@ def test_a_per_sample_paired_test_over_evaluation_samples():
     assert per_sample_paired(a, a, higher_is_better=False)["p"] == 1.0
     with pytest.raises(ValueError, match="equal-length"):
         per_sample_paired(a, b[:-1], higher_is_better=False)
+
+
+def test_two_seeds_whose_bootstrap_excludes_zero_are_not_called_better_without_the_paired_test():
+    rng = np.random.default_rng(5)
+    gap = rng.uniform(0.5, 1.5)
+    # differences 1x and 3x the gap: both resampled means are negative, but a paired t over 2 seeds gives p ~ 0.3
+    values = {"tanglenas": [1.0 - gap, 2.0 - 3 * gap], "spos-random": [1.0, 2.0]}
+    c = _one(compare(_rows(values), DIRECTIONS), "spos-random")
+    assert c["ci_high"] < 0 and c["paired_p"] > 0.05 and c["verdict"] == "indistinguishable"

@@ -1,0 +1,205 @@
+"""Stages: one workflow step (a training run or a Tune search, then its scores on the test split) as a function
+of typed inputs, with an identity derived from those inputs and a folder that says whether it is done,
+resumable or new.
+
+A stage is data: its kind, its settings (a run file's or a search file's mapping), and links that fill settings
+from the records of the stages it needs (``Ref``: the architecture a search chose, the supernet it exported).
+Its identity hashes its settings and the identities of what it links to, never their outputs, so a changed
+setting changes the identity of that stage and of every stage downstream, and nothing else. A finished stage
+writes ``stage.json`` (its record); an unfinished folder resumes through Ray Train's or Tune's own restore.
+Campaigns and scaling grids compose stages; the CLI commands run the same functions one at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tangle_ray.configs import read_json, set_dotted
+from tangle_ray.errors import ConfigError
+
+STAGE_FILE = "stage.json"
+KINDS = ("train", "tune")
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A value another stage's record holds: ``records[stage][key]``."""
+
+    stage: str
+    key: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step: ``kind`` (train: ``tangle_ray.train``; tune: ``tangle_ray.tune``), its settings as a run or
+    search file would hold them, and ``links``: dotted setting -> the ``Ref`` that fills it at run time."""
+
+    name: str
+    kind: str
+    settings: dict[str, Any]
+    links: dict[str, Ref] = field(default_factory=dict)
+    devices: tuple[str, float] = ("CPU", 1.0)  # what the stage holds while it runs: device kind and count
+    work: float = 0.0  # the units (tokens, images) it processes, for estimates of its cost
+    test_samples: int = 256  # the test-split samples its architecture is scored on
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"stage {self.name}: kind {self.kind!r}; allowed: {list(KINDS)}")
+
+    @property
+    def needs(self) -> set[str]:
+        return {ref.stage for ref in self.links.values()}
+
+    def identity(self, upstream: dict[str, str]) -> str:
+        """A hash of the kind, the settings and the identities of the linked stages (``upstream``: name -> id)."""
+        links = {key: [upstream[ref.stage], ref.key] for key, ref in sorted(self.links.items())}
+        text = json.dumps({"kind": self.kind, "settings": self.settings, "links": links,
+                           "test_samples": self.test_samples}, sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+    def resolved(self, records: dict[str, dict[str, Any]], folder: Path) -> dict[str, Any]:
+        """The settings with links filled from ``records`` and the output placed in ``folder``."""
+        raw = copy.deepcopy(self.settings)
+        for key, ref in self.links.items():
+            set_dotted(raw, key, records[ref.stage][ref.key])
+        raw["run"] = {**raw.get("run", {}), "storage_path": str(folder), "name": OUTPUT[self.kind]}
+        return raw
+
+
+OUTPUT = {"train": "run", "tune": "search"}  # the Ray Train run or the Tune experiment inside a stage's folder
+
+
+def stage_status(folder: Path, identity: str) -> str:
+    """'done' (its record is written), 'resumable' (started, not finished) or 'new'."""
+    record = folder / STAGE_FILE
+    if record.is_file() and read_json(record, "stage record").get("identity") == identity:
+        return "done"
+    return "resumable" if folder.exists() and any(folder.iterdir()) else "new"
+
+
+def read_record(folder: Path) -> dict[str, Any]:
+    return read_json(folder / STAGE_FILE, "stage record")
+
+
+def run_stage(stage: Stage, identity: str, folder: Path, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Run (or resume) ``stage`` in ``folder``, score what it produced on the test split, write its record."""
+    folder.mkdir(parents=True, exist_ok=True)
+    raw, start = stage.resolved(records, folder), time.time()
+    run = _train if stage.kind == "train" else _tune
+    out = run(raw, stage.name, stage.test_samples)
+    end = time.time()
+    kind, count = stage.devices
+    record = {"name": stage.name, "kind": stage.kind, "identity": identity, "folder": str(folder),
+              "started_at": start, "finished_at": end, "wall_s": end - start, "device": kind, "devices": count,
+              "device_hours": count * (end - start) / 3600, **out}
+    tmp = folder / f".{STAGE_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, folder / STAGE_FILE)
+    return record
+
+
+def _train(raw: dict[str, Any], name: str, test_samples: int) -> dict[str, Any]:
+    from tangle_ray.train.config import from_dict
+    from tangle_ray.train.runner import run_training
+
+    cfg = from_dict({**raw, "test_samples": test_samples}, f"stage {name}")
+    result = run_training(cfg, export=True)
+    task, space, data = result.plan.task, result.plan.space, result.plan.config.data.dir
+    out: dict[str, Any] = {"objective": task.objective.key, "data": data, "run_dir": str(result.run_dir),
+                           "anytime": _anytime(result.history, task.objective.key)}
+    if not cfg.method_class.trains_supernet:
+        scores = result.test_scores
+        out |= {"model": str(result.export_dir / "model"), "arch": result.arch, "test": _metrics(scores),
+                "inference_ms": scores["ms_per_sample"]}
+    else:
+        out["supernet"] = str(result.export_dir / "supernet")
+        if result.arch is not None:
+            out |= {"arch": result.arch, **_inherited_scores(data, out["supernet"], result.arch, test_samples,
+                                                             cfg.seed)}
+    if "arch" in out:
+        out |= {"params": space.param_count(out["arch"]), "macs": space.flops(out["arch"]) / 2}
+    return out
+
+
+def _tune(raw: dict[str, Any], name: str, test_samples: int) -> dict[str, Any]:
+    from tangle_ray.tune.config import search_config_from_dict
+    from tangle_ray.tune.tuner import run_search
+
+    cfg = search_config_from_dict(raw, f"stage {name}")
+    start = time.time()
+    result = run_search(cfg)
+    best, key, sign = None, result.task.objective.key, 1 if result.task.objective.mode == "min" else -1
+    anytime = []
+    for trial in sorted(result.trials, key=lambda t: t.finished_at or 0.0):
+        score = trial.metrics[key]
+        best = score if best is None or sign * score < sign * best else best
+        anytime.append([max(0.0, (trial.finished_at or start) - start), best])
+    arch = result.best_arch
+    supernet = _supernet_of(cfg.supernet)
+    return {"objective": key, "data": cfg.data.dir, "supernet": cfg.supernet, "arch": arch, "anytime": anytime,
+            "trials": len(result.trials), "params": supernet.space.param_count(arch),
+            "macs": supernet.space.flops(arch) / 2,
+            **_inherited_scores(cfg.data.dir, cfg.supernet, arch, test_samples, cfg.seed)}
+
+
+def _supernet_of(folder: str):
+    from tangle_ray.folders import load_supernet
+
+    return load_supernet(folder)
+
+
+def _inherited_scores(data: str, supernet: str, arch: dict[str, Any], samples: int, seed: int) -> dict[str, Any]:
+    from tangle_ray.evaluate import evaluate_on_split
+
+    scores = evaluate_on_split(data, "test", supernet=supernet, arch=arch, num_samples=samples, seed=seed)
+    return {"test": _metrics(scores)}
+
+
+def _metrics(scores: dict[str, Any]) -> dict[str, float]:
+    """The task's scores (floats), without the timing."""
+    return {k: float(v) for k, v in scores.items() if isinstance(v, float) and k != "ms_per_sample"}
+
+
+def _anytime(history: dict[str, list], key: str) -> list[list[float]]:
+    """The any-time curve of a run: (seconds since the run started, validation score of the architecture it
+    followed), the step of each any-time record placed in time by the progress records around it."""
+    rows = [r for r in history["anytime"] if f"valid_{key}" in r]
+    timed = [(r["step"], r["elapsed_s"]) for r in history["metrics"] if "elapsed_s" in r]
+    if not rows or not timed:
+        return []
+    steps, seconds = zip(*sorted(timed))
+    return [[float(np.interp(r["step"], (0, *steps), (0.0, *seconds))), float(r[f"valid_{key}"])] for r in rows]
+
+
+def check_graph(stages: list[Stage]) -> None:
+    """Refuse a graph with an unknown or circular link (a programming error, named)."""
+    names = {s.name for s in stages}
+    for s in stages:
+        if missing := s.needs - names:
+            raise ConfigError(f"stage {s.name} links to unknown stage(s) {sorted(missing)}")
+    order = topological(stages)
+    if len(order) != len(stages):
+        raise ConfigError(f"stages {sorted(names - {s.name for s in order})} link in a circle")
+
+
+def topological(stages: list[Stage]) -> list[Stage]:
+    """Stages in an order where every stage follows those it needs (stable in the given order)."""
+    placed: dict[str, Stage] = {}
+    remaining = list(stages)
+    while remaining:
+        ready = [s for s in remaining if s.needs <= set(placed)]
+        if not ready:
+            break
+        for s in ready:
+            placed[s.name] = s
+        remaining = [s for s in remaining if s.name not in placed]
+    return list(placed.values())
