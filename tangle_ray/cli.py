@@ -28,8 +28,19 @@ DEMOS = {  # what each demo searches: a tiny space and a small dataset this mach
 }
 
 
+def _settings_epilog() -> str:
+    """The run settings a training command accepts, with their defaults (from ``TrainConfig`` itself)."""
+    from tangle_ray.configs import settings_table
+    from tangle_ray.train.config import TrainConfig
+
+    rows = [f"  {name} = {json.dumps(value) if value is not None else 'null'}"
+            for name, value in settings_table(TrainConfig) if name != "data"]
+    return ("settings (key=value, or in the run file), with their defaults:\n" + "\n".join(rows)
+            + "\n  data.* = the data section of the space's task (docs/data.md)")
+
+
 def _train_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help)
+    p = sub.add_parser(name, help=help, epilog=_settings_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_file", nargs="?", help="YAML run file (see recipes/runs/)")
     p.add_argument("overrides", nargs="*", help="settings as key=value, e.g. steps=100 optimizer.lr=1e-3")
     p.add_argument("--address", help="Ray cluster address (default: attach to a running cluster or start one)")
@@ -56,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     for method in METHODS.values():  # one command per training method
         method.add_arguments(_train_parser(sub, method.command, method.help))
+
+    config = sub.add_parser("config", help="show the resolved run config of a run file and settings")
+    config.add_argument("action", choices=["show"])
+    config.add_argument("run_file", nargs="?", help="YAML run file (see recipes/runs/)")
+    config.add_argument("overrides", nargs="*", help="settings as key=value")
 
     campaign = sub.add_parser("campaign", help="TangleNAS against SPOS+RS and SPOS+ES over paired seeds: every "
                               "stage on Ray, the paper's statistics, a report")
@@ -250,6 +266,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    import yaml
+
+    from tangle_ray.configs import to_dict
+    from tangle_ray.train.config import load_config
+
+    run_file, overrides = args.run_file, list(args.overrides)
+    if run_file and "=" in run_file and not _is_file(run_file):
+        run_file, overrides = None, [run_file, *overrides]
+    cfg = load_config(run_file, overrides)
+    print(yaml.safe_dump({**to_dict(cfg), "run": {**to_dict(cfg.run), "name": cfg.run_name()}}, sort_keys=False),
+          end="")
+    return 0
+
+
 def cmd_campaign(args) -> int:
     from tangle_ray.campaign.config import load_campaign
     from tangle_ray.campaign.plan import build_plan
@@ -345,8 +376,9 @@ def _count(n: int) -> str:
 
 
 COMMANDS = {
-    "demo": cmd_demo, "campaign": cmd_campaign, "export": cmd_export, "evaluate": cmd_evaluate, "tune": cmd_tune,
-    "data": cmd_data, "spaces": cmd_spaces, **{m.command: cmd_train for m in METHODS.values()},
+    "demo": cmd_demo, "config": cmd_config, "campaign": cmd_campaign, "export": cmd_export,
+    "evaluate": cmd_evaluate, "tune": cmd_tune, "data": cmd_data, "spaces": cmd_spaces,
+    **{m.command: cmd_train for m in METHODS.values()},
 }
 
 if __name__ == "__main__":

@@ -192,6 +192,21 @@ def to_dict(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
+def settings_table(cls: type, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every setting of a config dataclass as (dotted name, default), nested configs flattened; ``MISSING``
+    defaults show as 'required'."""
+    rows = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += settings_table(hints[f.name], f"{prefix}{f.name}.")
+            continue
+        default = (f.default if f.default is not dataclasses.MISSING
+                   else f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        rows.append((prefix + f.name, default))
+    return rows
+
+
 def identity(config: Any) -> dict[str, Any]:
     """The settings that make a run what it is, as JSON-able data: every field not marked ``VOLATILE``,
     nested configs by their own identity. A rerun with an equal identity resumes the run."""

@@ -8,7 +8,7 @@ depend on the number of workers, gradient accumulation, restarts or data-loader 
   architecture phases (``keyed_generator``);
 - ``Purpose.WEIGHT_FORWARD`` / ``ARCH_FORWARD``: everything torch draws inside a micro-batch's forward
   (dropout, attention dropout, drop path), under ``keyed_rng``;
-- SPOS paths: ``(seed, step, path key)`` (``train/methods.py``);
+- SPOS paths: ``(seed, step, path key)`` (``methods/spos.py``);
 - text windows and images: ``(seed, name_key(split), step, micro index)`` (``data/sampler.py``,
   ``data/image_batches.py``).
 """

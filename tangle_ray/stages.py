@@ -48,6 +48,7 @@ class Stage:
     settings: dict[str, Any]
     links: dict[str, Ref] = field(default_factory=dict)
     devices: tuple[str, float] = ("CPU", 1.0)  # what the stage holds while it runs: device kind and count
+    workers: int = 1  # ``devices`` are held by this many equal workers (Ray Train workers, Tune trials)
     work: float = 0.0  # the units (tokens, images) it processes, for estimates of its cost
     test_samples: int = 256  # the test-split samples its architecture is scored on
 

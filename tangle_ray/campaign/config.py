@@ -41,7 +41,7 @@ class CampaignStages:
 class CampaignConfig:
     name: str
     space: str
-    data: dict[str, Any]  # every run's data section; the searches read its ``dir``
+    data: dict[str, Any]  # over every run's data section (a stage's own settings may still change it)
     methods: list[str] = field(default_factory=lambda: ["tanglenas", "spos-random", "spos-evolution"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     reference: str = "tanglenas"  # the method every other is compared with
@@ -83,8 +83,9 @@ def load_campaign(path: str | Path, overrides: list[str] | None = None) -> tuple
     return build(CampaignConfig, raw, source, "campaign config"), Path(path).resolve().parent
 
 
-def stage_settings(config: CampaignConfig, kind: str, base: Path, source: str) -> dict[str, Any]:
-    """A stage kind's settings: its file (relative to ``base``), then ``settings`` on top, as one mapping."""
+def stage_settings(config: CampaignConfig, kind: str, base: Path, source: str, data: bool = True) -> dict[str, Any]:
+    """A stage kind's settings: its file (relative to ``base``), the campaign's ``data`` (unless ``data`` is
+    false), then the stage's ``settings`` on top (a stage may keep its own data folder), as one mapping."""
     entry: StageSettings = getattr(config.stages, kind)
     raw: dict[str, Any] = {}
     if entry.file is not None:
@@ -95,6 +96,8 @@ def stage_settings(config: CampaignConfig, kind: str, base: Path, source: str) -
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a {kind} file must be a mapping of settings")
         raw = loaded
+    for key, value in config.data.items() if data else ():
+        set_dotted(raw, f"data.{key}", value)
     for key, value in _flat(entry.settings):
         set_dotted(raw, key, value, f"stages.{kind}.settings.{key}")
     return raw

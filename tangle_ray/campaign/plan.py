@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from tangle_ray.campaign.config import CampaignConfig, stage_settings
-from tangle_ray.configs import set_dotted
 from tangle_ray.errors import ConfigError
 from tangle_ray.methods import method_for
 from tangle_ray.models import load_space
@@ -85,8 +84,6 @@ def build_plan(config: CampaignConfig, base: Path, source: str) -> Plan:
 def _common(config: CampaignConfig, raw: dict[str, Any], seed: int) -> dict[str, Any]:
     raw.pop("run", None)  # where results go is the campaign's business
     raw["space"], raw["seed"] = config.space, seed
-    for key, value in config.data.items():
-        set_dotted(raw, f"data.{key}", value)
     return raw
 
 
@@ -110,25 +107,26 @@ def _train_stage(config: CampaignConfig, base: Path, source: str, kind: str, nam
     per_worker = (s.resources_per_worker or {}).get("GPU" if s.use_gpu else "CPU", 1.0)
     passes = 2 if cfg.method_class.chooses_arch else 1  # a bilevel step reads a weight and an architecture batch
     work = cfg.steps * cfg.global_batch_size * get_task(space.family.task).units_per_sample(space.fixed) * passes
-    return Stage(name, "train", raw, links, ("GPU" if s.use_gpu else "CPU", s.num_workers * per_worker), work,
-                 config.test_samples)
+    return Stage(name, "train", raw, links, ("GPU" if s.use_gpu else "CPU", s.num_workers * per_worker),
+                 s.num_workers, work, config.test_samples)
 
 
 def _tune_stage(config: CampaignConfig, base: Path, source: str, kind: str, name: str, seed: int,
                 supernet: Ref) -> Stage:
     from tangle_ray.tune.config import search_config_from_dict
 
-    raw = stage_settings(config, kind, base, source)
+    raw = stage_settings(config, kind, base, source, data=False)
     raw.pop("run", None)
     raw["space"], raw["seed"], raw["algorithm"] = config.space, seed, kind
-    raw["data"] = {"dir": config.data["dir"]}
+    own = getattr(config.stages, kind).settings
+    raw["data"] = {"dir": own.get("data.dir", own.get("data", {}).get("dir", config.data["dir"]))}
     raw.pop("supernet", None)
     cfg = search_config_from_dict({**raw, "supernet": PLACEHOLDER}, f"{source}: stages.{kind}")
     r, space = cfg.resources, load_space(config.space)
     device, per_trial = ("GPU", r.gpus_per_trial) if r.gpus_per_trial else ("CPU", r.cpus_per_trial)
     work = cfg.total_trials * cfg.eval.samples * get_task(space.family.task).units_per_sample(space.fixed)
-    return Stage(name, "tune", raw, {"supernet": supernet}, (device, r.max_concurrent_trials * per_trial), work,
-                 config.test_samples)
+    return Stage(name, "tune", raw, {"supernet": supernet}, (device, r.max_concurrent_trials * per_trial),
+                 r.max_concurrent_trials, work, config.test_samples)
 
 
 def arch_id(arch: dict[str, Any]) -> str:

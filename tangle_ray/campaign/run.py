@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,8 +79,7 @@ def run_campaign(config: CampaignConfig, plan: Plan, out: Path, address: str | N
     connect(address, num_cpus=num_cpus, verbose=verbose)
     for p in placed:  # every request must fit the cluster before anything starts
         kind, count = p.stage.devices
-        check_resources(1, {kind: count}, f"stage {p.name} ({kind} held at once)")
-    start = time.time()
+        check_resources(p.stage.workers, {kind: count / p.stage.workers}, f"stage {p.name}")
     records = {p.name: read_record(p.folder) for p in placed if stage_status(p.folder, p.identity) == "done"}
     remote = ray.remote(num_cpus=0, max_retries=0)(run_stage)
     running: dict[Any, Placed] = {}
@@ -111,7 +109,7 @@ def run_campaign(config: CampaignConfig, plan: Plan, out: Path, address: str | N
     if failures:
         raise CampaignStopped(f"campaign {config.name}: {len(failures)} stage(s) failed, {len(records)} of "
                               f"{len(placed)} done; first: {failures[0]}; rerun the same command to resume")
-    return write_results(config, plan, placed, records, time.time() - start, out)
+    return write_results(config, plan, placed, records, out)
 
 
 class _Room:
@@ -136,8 +134,9 @@ class _Room:
 
 
 def write_results(config: CampaignConfig, plan: Plan, placed: list[Placed], records: dict[str, dict[str, Any]],
-                  wall_s: float, out: Path) -> dict[str, Any]:
-    """``results.csv``, ``comparisons.csv``, ``campaign.json``, the plots and ``report.md``."""
+                  out: Path) -> dict[str, Any]:
+    """``results.csv``, ``comparisons.csv``, ``campaign.json``, the plots and ``report.md``. The campaign's wall
+    time is the span from its first stage's start to its last stage's end (over every run of the driver)."""
     rows = result_rows(plan, records)
     comparisons = statistics.compare(rows, plan.directions, reference=config.reference)
     summary = statistics.summarize(rows)
@@ -146,6 +145,7 @@ def write_results(config: CampaignConfig, plan: Plan, placed: list[Placed], reco
                **{k: records[p.name][k] for k in ("kind", "started_at", "finished_at", "wall_s", "device",
                                                    "devices", "device_hours")}} for p in placed]
     plots = _plots(plan, records, rows, out)
+    wall_s = max(s["finished_at"] for s in stages) - min(s["started_at"] for s in stages)
     report.write_report(out, f"Campaign `{config.name}`: {', '.join(config.methods)} on `{config.space}`, "
                         f"seeds {config.seeds}", summary, comparisons, stages, plots, wall_s)
     result = {"name": config.name, "space": config.space, "methods": config.methods, "seeds": config.seeds,
