@@ -27,8 +27,9 @@ DEFAULT_BATCH_SIZE = 16
 
 
 def score(model: nn.Module, output_of: Callable[[Tensor], Tensor], task: Task, x: Tensor, y: Tensor,
-          batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, Any]:
-    """The task's metrics of ``output_of`` (a function of ``model``) on (x, y), in eval mode, without gradients."""
+          batch_size: int = DEFAULT_BATCH_SIZE, per_sample: bool = False) -> dict[str, Any]:
+    """The task's metrics of ``output_of`` (a function of ``model``) on (x, y), in eval mode, without gradients;
+    ``per_sample`` adds ``sample_losses`` (each sample's loss, in order)."""
     if len(x) == 0 or len(x) != len(y):
         raise ValueError(f"expected equal non-empty inputs and targets, got {tuple(x.shape)}, {tuple(y.shape)}")
     if batch_size < 1:
@@ -38,21 +39,24 @@ def score(model: nn.Module, output_of: Callable[[Tensor], Tensor], task: Task, x
     model.eval()
     try:
         with torch.no_grad():
-            return task.evaluate(lambda xb: output_of(xb.to(device)), x, y, batch_size)
+            scores = task.evaluate(lambda xb: output_of(xb.to(device)), x, y, batch_size)
+            if per_sample:
+                scores["sample_losses"] = task.sample_losses(lambda xb: output_of(xb.to(device)), x, y, batch_size)
+            return scores
     finally:
         model.train(was_training)
 
 
 def evaluate_arch(net: nn.Module, arch: Arch, task: Task, x: Tensor, y: Tensor,
-                  batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, Any]:
+                  batch_size: int = DEFAULT_BATCH_SIZE, per_sample: bool = False) -> dict[str, Any]:
     """The single path ``arch`` of a supernet (a ``Supernet`` or its ``net``) with inherited weights."""
-    return score(net, lambda xb: net(xb, None, arch=arch)[0], task, x, y, batch_size)
+    return score(net, lambda xb: net(xb, None, arch=arch)[0], task, x, y, batch_size, per_sample)
 
 
 def evaluate_model(model: nn.Module, task: Task, x: Tensor, y: Tensor,
-                   batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, Any]:
+                   batch_size: int = DEFAULT_BATCH_SIZE, per_sample: bool = False) -> dict[str, Any]:
     """A standalone model (e.g. an extracted one), scored as ``evaluate_arch`` scores a path."""
-    return score(model, lambda xb: model(xb)[0], task, x, y, batch_size)
+    return score(model, lambda xb: model(xb)[0], task, x, y, batch_size, per_sample)
 
 
 def evaluate_on_split(
@@ -64,6 +68,7 @@ def evaluate_on_split(
     num_samples: int = 256,
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    per_sample: bool = False,
 ) -> dict[str, Any]:
     """The task's metrics on ``num_samples`` fixed samples of ``split``: ``arch`` (a dict or an arch.json;
     default the supernet's argmax) with a supernet folder's inherited weights, or an exported ``model``.
@@ -79,7 +84,7 @@ def evaluate_on_split(
         net = family.load_model(Path(model))
         task = get_task(family.task)
         x, y = task.eval_set(task.data_config(dir=str(data_dir)), family.model_settings(net), split, num_samples, seed)
-        scores, params = evaluate_model(net, task, x, y, batch_size), net.num_parameters()
+        scores, params = evaluate_model(net, task, x, y, batch_size, per_sample), net.num_parameters()
     else:
         sn = load_supernet(supernet)
         space, task = sn.space, get_task(sn.space.family.task)
@@ -88,6 +93,6 @@ def evaluate_on_split(
             arch = read_arch(arch)
         arch = space.validate(sn.argmax_arch() if arch is None else arch, source)
         x, y = task.eval_set(task.data_config(dir=str(data_dir)), space.fixed, split, num_samples, seed)
-        scores, params = evaluate_arch(sn, arch, task, x, y, batch_size), space.param_count(arch)
+        scores, params = evaluate_arch(sn, arch, task, x, y, batch_size, per_sample), space.param_count(arch)
     return {"split": split, "asked": num_samples, **scores, "params": params, "arch": arch}
 

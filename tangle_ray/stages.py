@@ -118,9 +118,10 @@ def _train(raw: dict[str, Any], name: str, test_samples: int) -> dict[str, Any]:
     out: dict[str, Any] = {"objective": task.objective.key, "data": data, "run_dir": str(result.run_dir),
                            "anytime": _anytime(result.history, task.objective.key)}
     if not cfg.method_class.trains_supernet:
-        scores = result.test_scores
-        out |= {"model": str(result.export_dir / "model"), "arch": result.arch, "test": _metrics(scores),
-                "inference_ms": scores["ms_per_sample"]}
+        scores, model = result.test_scores, result.export_dir / "model"
+        out |= {"model": str(model), "arch": result.arch, "test": _metrics(scores),
+                "inference_ms": scores["ms_per_sample"], "sample_losses": _sample_losses(data, model, test_samples,
+                                                                                         cfg.seed)}
     else:
         out["supernet"] = str(result.export_dir / "supernet")
         if result.arch is not None:
@@ -163,6 +164,14 @@ def _inherited_scores(data: str, supernet: str, arch: dict[str, Any], samples: i
 
     scores = evaluate_on_split(data, "test", supernet=supernet, arch=arch, num_samples=samples, seed=seed)
     return {"test": _metrics(scores)}
+
+
+def _sample_losses(data: str, model: Path, samples: int, seed: int) -> list[float]:
+    """Each test sample's loss under the trained model: the campaign pairs architectures over them."""
+    from tangle_ray.evaluate import evaluate_on_split
+
+    return evaluate_on_split(data, "test", model=model, num_samples=samples, seed=seed, per_sample=True)[
+        "sample_losses"]
 
 
 def _metrics(scores: dict[str, Any]) -> dict[str, float]:

@@ -183,14 +183,43 @@ def _link(path: str | Path, out_dir: Path) -> str:
     return Path(os.path.relpath(p, out_dir)).as_posix() if p.is_absolute() else p.as_posix()
 
 
+def _rank_lines(ranks: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not ranks:
+        return []
+    seeds = sorted({r["seed"] for r in ranks})
+    methods = sorted({r["method"] for r in ranks})
+    rank = {(r["method"], r["seed"]): r["rank"] for r in ranks}
+    r0 = ranks[0]
+    body = [[m, *(f"{rank[(m, s)]:g}" if (m, s) in rank else "–" for s in seeds)] for m in methods]
+    return [f"Rank of each method per seed by test {r0['metric']} after {r0['stage']} (1 = best):", "",
+            *_table(["method", *(f"seed {s}" for s in seeds)], body), ""]
+
+
+def _per_sample_lines(rows: Sequence[Mapping[str, Any]], level: float) -> list[str]:
+    if not rows:
+        return []
+    body = [[str(r["seed"]), f"{r['method']} − {r['baseline']}", str(r["n"]), _num(r["mean_diff"]),
+             f"[{_num(r['ci_low'])}, {_num(r['ci_high'])}]", _num(r["p"]), r["verdict"]] for r in rows]
+    return ["### Per-sample paired tests (architectures, not methods)", "",
+            "Within one seed, the two retrained architectures' losses on the same test samples, paired sample by "
+            "sample (paired t-test, two-tailed; bootstrap interval over the samples). This says whether two fixed "
+            "architectures differ on this test set, which is what a p-value as small as the paper's Table 8 "
+            "needs; it says nothing about how a method does across seeds (the table above does).", "",
+            *_table(["seed", "difference", "samples", "mean difference", f"{level:.0%} CI", "paired t p",
+                     "verdict"], body), ""]
+
+
 def write_report(out_dir: str | Path, title: str, summary: Sequence[Mapping[str, Any]],
                  comparisons: Sequence[Mapping[str, Any]], stages: Sequence[Mapping[str, Any]],
                  plots: Mapping[str, str | Path], wall_s: float, stage_wall_s: float | None = None,
-                 level: float = 0.95) -> Path:
+                 level: float = 0.95, per_sample: Sequence[Mapping[str, Any]] = (),
+                 ranks: Sequence[Mapping[str, Any]] = ()) -> Path:
     """``report.md`` in ``out_dir``: summary, comparisons, stages and overlap, plots (``caption -> path``).
 
     ``summary`` comes from ``statistics.summarize``, ``comparisons`` from ``statistics.compare``; ``stages``
-    are dicts with name, status, wall_s and device_hours; ``stage_wall_s`` defaults to the sum of their wall_s.
+    are dicts with name, status, wall_s and device_hours; ``stage_wall_s`` defaults to the sum of their wall_s;
+    ``per_sample``: per seed, two retrained architectures paired over the same test samples; ``ranks``: each
+    method's rank per seed.
     """
     out = Path(out_dir)
     if stage_wall_s is None:
@@ -204,7 +233,7 @@ def write_report(out_dir: str | Path, title: str, summary: Sequence[Mapping[str,
              f"Welch's test treats the seeds as independent samples; the paired test is a paired t-test below 6 "
              f"seeds and Wilcoxon's signed-rank test from 6. Where a t-test is undefined, identical samples give "
              f"p = 1 and a constant non-zero difference p = 0.", "",
-             *_comparison_table(comparisons, level), "",
+             *_comparison_table(comparisons, level), "", *_rank_lines(ranks), *_per_sample_lines(per_sample, level),
              "## Stages", "", *_stage_table(stages), "", _overlap(wall_s, stage_wall_s), ""]
     if plots:
         lines += ["## Plots", ""]

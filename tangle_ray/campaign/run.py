@@ -146,15 +146,32 @@ def write_results(config: CampaignConfig, plan: Plan, placed: list[Placed], reco
                                                    "devices", "device_hours")}} for p in placed]
     plots = _plots(plan, records, rows, out)
     wall_s = max(s["finished_at"] for s in stages) - min(s["started_at"] for s in stages)
+    per_sample = _per_sample(config, plan, records)
+    ranks = statistics.ranks(rows, plan.directions, "retrain", plan.objective)
     report.write_report(out, f"Campaign `{config.name}`: {', '.join(config.methods)} on `{config.space}`, "
-                        f"seeds {config.seeds}", summary, comparisons, stages, plots, wall_s)
+                        f"seeds {config.seeds}", summary, comparisons, stages, plots, wall_s,
+                        per_sample=per_sample, ranks=ranks)
     result = {"name": config.name, "space": config.space, "methods": config.methods, "seeds": config.seeds,
               "reference": config.reference, "wall_s": wall_s, "stage_wall_s": sum(s["wall_s"] for s in stages),
-              "stages": stages, "summary": summary, "comparisons": comparisons}
+              "stages": stages, "summary": summary, "comparisons": comparisons, "ranks": ranks,
+              "per_sample": per_sample}
     tmp = out / ".campaign.json.tmp"
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, out / "campaign.json")
     return result
+
+
+def _per_sample(config: CampaignConfig, plan: Plan, records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per seed and baseline: the reference's and the baseline's retrained models paired over the test samples."""
+    out = []
+    for (method, seed), chain in plan.chains.items():
+        if method == config.reference:
+            continue
+        ref = records[plan.chains[(config.reference, seed)]["retrain"]]["sample_losses"]
+        base = records[chain["retrain"]]["sample_losses"]
+        out.append({"seed": seed, "method": config.reference, "baseline": method,
+                    **statistics.per_sample_paired(ref, base, higher_is_better=False, seed=seed)})
+    return out
 
 
 def _plots(plan: Plan, records: dict[str, dict[str, Any]], rows: list[dict[str, Any]], out: Path) -> dict[str, Path]:

@@ -132,11 +132,6 @@ class Method:
         return []
 
     @classmethod
-    def mixer_name(cls, cfg: TrainConfig) -> str:
-        """The mixer (``mixers.py``) that turns architecture parameters into mixing weights."""
-        return "argmax"
-
-    @classmethod
     def run_tag(cls, cfg: TrainConfig) -> str:
         """The method's part of a derived run name."""
         return cls.name

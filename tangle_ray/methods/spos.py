@@ -44,10 +44,6 @@ class SPOS(Method):
                               "methods under ZeRO stages 0-2): a single path is a different graph every step and "
                               "would recompile each step; set compile: false")
 
-    @classmethod
-    def mixer_name(cls, cfg: TrainConfig) -> str:
-        return "spos"
-
     def build(self) -> nn.Module:
         return self.ctx.space.build_supernet(**self.ctx.model_overrides()).net
 

@@ -42,10 +42,6 @@ class TangleNAS(Method):
                               f"allowed: {list(MIXERS)}")
 
     @classmethod
-    def mixer_name(cls, cfg: TrainConfig) -> str:
-        return cfg.mixer
-
-    @classmethod
     def run_tag(cls, cfg: TrainConfig) -> str:
         return cfg.mixer
 

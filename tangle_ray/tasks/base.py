@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from tangle_ray.space import SearchSpace
@@ -73,3 +74,15 @@ class Task:
     def evaluate(self, output_of: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, batch_size: int) -> dict[str, Any]:
         """Every metric of ``self.metrics`` on (x, y), plus the number of samples and units it rests on."""
         raise NotImplementedError
+
+    def sample_losses(self, output_of: Callable[[Tensor], Tensor], x: Tensor, y: Tensor,
+                      batch_size: int) -> list[float]:
+        """The cross-entropy of each sample (a text window's mean over its tokens; an image's own), for tests
+        that pair two models over the same samples. ``y``: class or token indices."""
+        losses: list[float] = []
+        for start in range(0, len(x), batch_size):
+            logits = output_of(x[start:start + batch_size]).float()
+            yb = y[start:start + batch_size].to(logits.device)
+            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), yb.reshape(-1), reduction="none")
+            losses.extend(nll.view(len(yb), -1).mean(1).double().cpu().tolist())
+        return losses

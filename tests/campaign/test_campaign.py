@@ -101,10 +101,13 @@ def test_campaign_on_two_nodes_overlaps_stages_reports_and_resumes(tokens, tmp_p
             assert c["ci_low"] <= c["mean_diff"] <= c["ci_high"]
             if c["ci_low"] <= 0 <= c["ci_high"]:
                 assert c["verdict"] == "indistinguishable"
+        assert len(result["per_sample"]) == 4 and all(0 <= t["p"] <= 1 and t["n"] == 16 for t in result["per_sample"])
+        assert sorted(r["rank"] for r in result["ranks"] if r["seed"] == 0) in ([1, 2, 3], [1, 2.5, 2.5], [1.5, 1.5, 3],
+                                                                                [2, 2, 2])
         report = (out / "report.md").read_text()
         for png in ("anytime_wall.png", "anytime_device.png", "score_vs_params.png"):
             assert (out / png).stat().st_size > 10_000 and f"]({png})" in report
-        assert "mean ± std" in report and "overlap" in report
+        assert "mean ± std" in report and "overlap" in report and "Per-sample paired tests" in report
 
         records = {p: p.stat().st_mtime_ns for p in out.glob("stages/*/stage.json")}
         start = time.time()
