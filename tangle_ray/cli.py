@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     for method in METHODS.values():  # one command per training method
         method.add_arguments(_train_parser(sub, method.command, method.help))
 
+    cluster = sub.add_parser("cluster", help="check a Ray cluster before a run: versions, GPUs, disk and storage "
+                             "on every node, and whether the run's workers fit")
+    cluster.add_argument("action", choices=["check"])
+    cluster.add_argument("run_file", nargs="?", help="YAML run file whose storage, data and workers to check")
+    cluster.add_argument("overrides", nargs="*", help="settings as key=value")
+    cluster.add_argument("--address", help="Ray cluster address (default: attach to a running cluster or start one)")
+
     config = sub.add_parser("config", help="show the resolved run config of a run file and settings")
     config.add_argument("action", choices=["show"])
     config.add_argument("run_file", nargs="?", help="YAML run file (see recipes/runs/)")
@@ -268,6 +275,22 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_cluster(args) -> int:
+    from tangle_ray.cluster import connect
+    from tangle_ray.cluster_check import check_cluster, paths_of_run
+
+    run_file, overrides = args.run_file, list(args.overrides)
+    if run_file and "=" in run_file and not _is_file(run_file):
+        run_file, overrides = None, [run_file, *overrides]
+    paths, workers, per_worker, placement = (paths_of_run(run_file, overrides) if run_file or overrides
+                                             else ([], 0, {}, "PACK"))
+    connect(args.address)
+    report = check_cluster(paths, workers, per_worker, placement)
+    print(report.table())
+    print(report.verdict)
+    return 1 if report.problems else 0
+
+
 def cmd_config(args) -> int:
     import yaml
 
@@ -378,7 +401,7 @@ def _count(n: int) -> str:
 
 
 COMMANDS = {
-    "demo": cmd_demo, "config": cmd_config, "campaign": cmd_campaign, "export": cmd_export,
+    "demo": cmd_demo, "cluster": cmd_cluster, "config": cmd_config, "campaign": cmd_campaign, "export": cmd_export,
     "evaluate": cmd_evaluate, "tune": cmd_tune, "data": cmd_data, "spaces": cmd_spaces,
     **{m.command: cmd_train for m in METHODS.values()},
 }

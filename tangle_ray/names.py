@@ -41,6 +41,17 @@ def check_relative(path: object, what: str) -> PurePosixPath:
     return PurePosixPath(path)
 
 
+def check_not_uri(path: str, what: str) -> str:
+    """``path`` if it is a file-system path: an object-store URI (``s3://``, ``gs://``) is refused, since
+    tangle_ray writes its run folders, exports and reports as files (resolving one as a local path would
+    silently write to ``./s3:/...`` on each node)."""
+    if "://" in path:
+        raise ConfigError(f"{what} = {shorten(path)} is an object-store URI; tangle_ray writes runs and reads data "
+                          "as files: use a folder that every node mounts at the same path (NFS, EFS, Filestore, "
+                          "Lustre), e.g. /shared/runs (docs/cluster.md)")
+    return path
+
+
 def check_output_dir(path: str | Path, what: str) -> Path:
     """``path`` resolved, if it can be an output folder: not ``/``, not under /proc, /sys or /dev, not an
     existing file, below an existing folder that is writable. Creates nothing."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tangle_ray.campaign.pipelines import PIPELINES
 from tangle_ray.configs import INT64, build, check_range, read_settings, read_yaml, set_dotted
 from tangle_ray.errors import ConfigError, shorten
 from tangle_ray.names import check_name
@@ -50,8 +51,6 @@ class CampaignConfig:
     throughput: float | None = None  # units (tokens, images) per second per device, for --dry-run estimates
 
     def __post_init__(self) -> None:
-        from tangle_ray.campaign.plan import PIPELINES
-
         check_name(self.name, "campaign config: name")
         if not self.methods or any(not isinstance(m, str) or m not in PIPELINES for m in self.methods):
             raise ConfigError(f"campaign config: methods = {shorten(self.methods)}; allowed: a non-empty list of "

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tangle_ray.campaign.config import CampaignConfig, stage_settings
+from tangle_ray.campaign.pipelines import PIPELINES
 from tangle_ray.errors import ConfigError
 from tangle_ray.methods import method_for
 from tangle_ray.models import load_space
@@ -22,23 +23,6 @@ from tangle_ray.tasks import get_task
 
 COSTS = {"params": "min", "macs": "min", "device_hours": "min", "wall_s": "min", "inference_ms": "min"}
 PLACEHOLDER = "<linked at run time>"
-
-
-@dataclass(frozen=True)
-class Pipeline:
-    """How a campaign method reaches an architecture: a training stage of ``train`` kind (the command
-    ``search`` or ``supernet`` names its method), then a Tune stage of ``search`` kind, or none when the
-    training stage chooses by itself."""
-
-    train: str
-    search: str | None = None
-
-
-PIPELINES = {
-    "tanglenas": Pipeline(train="search"),
-    "spos-random": Pipeline(train="supernet", search="random"),
-    "spos-evolution": Pipeline(train="supernet", search="evolution"),
-}
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from tangle_ray.errors import ConfigError, shorten
 from tangle_ray.methods import Method, get_method
 from tangle_ray.mixers import GDAS_SCHEDULES
 from tangle_ray.models import load_space
-from tangle_ray.names import check_name
+from tangle_ray.names import check_name, check_not_uri
 from tangle_ray.space import Arch, SearchSpace, read_arch
 from tangle_ray.tasks import Task, get_task
 
@@ -165,6 +165,9 @@ class TrainConfig:
         for name, value in (("space", self.space), ("run.storage_path", self.run.storage_path)):
             if not value.strip():
                 raise ConfigError(f"{source}: {name} must not be empty")
+        check_not_uri(self.run.storage_path, f"{source}: run.storage_path")
+        if isinstance(getattr(self.data, "dir", None), str):
+            check_not_uri(self.data.dir, f"{source}: data.dir")
         if self.run.name is not None:
             check_name(self.run.name, f"{source}: run.name")
         else:
@@ -231,11 +234,6 @@ class RunPlan:
     arch: Arch | None  # the validated architecture of a run that trains one
     identity: dict[str, Any]
     verbose: bool = False  # workers print to the terminal instead of RUN/logs/
-
-    @property
-    def local(self) -> bool:
-        """The run folder is on a file system this machine sees (not a URI such as s3://)."""
-        return "://" not in self.config.run.storage_path
 
     @property
     def run_dir(self) -> Path:

@@ -38,21 +38,17 @@ class Progress:
     """What rank 0 tells a person (the other ranks stay quiet): progress lines and TensorBoard events, both
     in the run's own folder."""
 
-    def __init__(self, run_dir: Path, rank: int, space: SearchSpace, unit: str, steps: int, local: bool):
+    def __init__(self, run_dir: Path, rank: int, space: SearchSpace, unit: str, steps: int):
         self.rank, self.space, self.unit, self.steps = rank, space, unit, steps
         self.writer = self.lines = None
-        if rank == 0 and local:
+        if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
             self.lines = (run_dir / PROGRESS_FILE).open("a")
 
     def log(self, message: str) -> None:
-        if self.rank != 0:
-            return
-        if self.lines is None:  # remote storage: the driver cannot follow a file, print instead
-            print(f"{PREFIX} {message}", file=sys.__stderr__, flush=True)
-        else:
+        if self.lines is not None:  # rank 0
             self.lines.write(f"{PREFIX} {message}\n")
             self.lines.flush()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import re
@@ -128,7 +127,7 @@ def run_training(cfg: TrainConfig, address: str | None = None, export: bool = Tr
     )
     start = time.time()
     try:
-        with follow(run_dir / PROGRESS_FILE) if plan.local else contextlib.nullcontext():
+        with follow(run_dir / PROGRESS_FILE):
             result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise RunStopped(_stopped_message(run_dir, e)) from e

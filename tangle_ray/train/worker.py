@@ -31,7 +31,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     plan: RunPlan = loop_config["plan"]
     if not plan.config.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if plan.local and not plan.verbose:
+    if not plan.verbose:
         quiet_worker(plan.run_dir, ray.train.get_context().get_world_rank())
     Worker(plan).run()
 
@@ -62,7 +62,7 @@ class Worker:
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg))
         self.method.attach(self.engine)
         self.nodes = self._gather_node_ids()
-        self.progress = Progress(plan.run_dir, rank, plan.space, task.unit, cfg.steps, plan.local)
+        self.progress = Progress(plan.run_dir, rank, plan.space, task.unit, cfg.steps)
         self.history: dict[str, list] = {"alphas": [], "metrics": [], "anytime": []}
         self.step = 0
         self._restore()

@@ -17,7 +17,7 @@ from typing import Any
 
 from tangle_ray.configs import INT64, VOLATILE, build, check_range, identity, read_settings
 from tangle_ray.errors import ConfigError, shorten
-from tangle_ray.names import check_name
+from tangle_ray.names import check_name, check_not_uri
 from tangle_ray.space import Arch, SearchSpace
 
 ALGORITHMS = ("random", "evolution")
@@ -144,6 +144,9 @@ class SearchConfig:
                 f"resources.gpus_per_trial = {r.gpus_per_trial}: must be >= 0 and not both 0"
             )
         check_name(self.run.name, "search config: run.name")
+        for name, value in (("supernet", self.supernet), ("data.dir", self.data.dir),
+                            ("run.storage_path", self.run.storage_path)):
+            check_not_uri(value, f"search config: {name}")
         for name, value in (("supernet", self.supernet), ("data.dir", self.data.dir),
                             ("run.storage_path", self.run.storage_path), ("eval.split", self.eval.split)):
             if not value.strip():

@@ -44,6 +44,9 @@ def test_defaults_are_the_tanglenas_lm_settings():
         (["compile=true", "method=spos"], ["compile", "'spos'", "ZeRO stages 0-2"]),
         (["compile=true", "zero_stage=3"], ["compile", "zero_stage 3"]),
         (["steps"], ["key=value"]),
+        (["run.storage_path=s3://bucket/runs"], ["run.storage_path = 's3://bucket/runs'", "object-store URI", "NFS"]),
+        (["data.dir=gs://bucket/tokens"], ["data.dir = 'gs://bucket/tokens'", "object-store URI"]),
+        (["arch={n_layer: 2}"], ["arch is set", "would ignore it", "tangle-ray retrain --arch"]),
     ],
 )
 def test_bad_settings_name_field_value_and_allowed(overrides, words):
