@@ -145,18 +145,10 @@ def _tune(raw: dict[str, Any], name: str, test_samples: int) -> dict[str, Any]:
         score = trial.metrics[key]
         best = score if best is None or sign * score < sign * best else best
         anytime.append([max(0.0, (trial.finished_at or start) - start), best])
-    arch = result.best_arch
-    supernet = _supernet_of(cfg.supernet)
-    return {"objective": key, "data": cfg.data.dir, "supernet": cfg.supernet, "arch": arch, "anytime": anytime,
-            "trials": len(result.trials), "params": supernet.space.param_count(arch),
-            "macs": supernet.space.flops(arch) / 2,
-            **_inherited_scores(cfg.data.dir, cfg.supernet, arch, test_samples, cfg.seed)}
-
-
-def _supernet_of(folder: str):
-    from tangle_ray.folders import load_supernet
-
-    return load_supernet(folder)
+    best = result.best  # its trial counted the parameters and FLOPs
+    return {"objective": key, "data": cfg.data.dir, "supernet": cfg.supernet, "arch": best.arch, "anytime": anytime,
+            "trials": len(result.trials), "params": best.params, "macs": best.flops / 2,
+            **_inherited_scores(cfg.data.dir, cfg.supernet, best.arch, test_samples, cfg.seed)}
 
 
 def _inherited_scores(data: str, supernet: str, arch: dict[str, Any], samples: int, seed: int) -> dict[str, Any]:

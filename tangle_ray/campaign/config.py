@@ -43,7 +43,7 @@ class CampaignConfig:
     name: str
     space: str
     data: dict[str, Any]  # over every run's data section (a stage's own settings may still change it)
-    methods: list[str] = field(default_factory=lambda: ["tanglenas", "spos-random", "spos-evolution"])
+    methods: list[str] = field(default_factory=lambda: list(PIPELINES))  # every pipeline
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     reference: str = "tanglenas"  # the method every other is compared with
     stages: CampaignStages = field(default_factory=CampaignStages)

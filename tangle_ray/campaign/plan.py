@@ -18,6 +18,7 @@ from tangle_ray.campaign.pipelines import PIPELINES
 from tangle_ray.errors import ConfigError
 from tangle_ray.methods import method_for
 from tangle_ray.models import load_space
+from tangle_ray.space import SearchSpace
 from tangle_ray.stages import Ref, Stage, check_graph
 from tangle_ray.tasks import get_task
 
@@ -40,24 +41,26 @@ def build_plan(config: CampaignConfig, base: Path, source: str) -> Plan:
     """Every stage of ``config`` (validated as its run or search file would be), before anything runs."""
     space = load_space(config.space)
     task = get_task(space.family.task)
+    units = task.units_per_sample(space.fixed)
     stages: dict[str, Stage] = {}
     chains: dict[tuple[str, int], dict[str, str]] = {}
     for seed in config.seeds:
         for method in config.methods:
             pipe = PIPELINES[method]
             train = f"s{seed}-{pipe.train}"
-            stages.setdefault(train, _train_stage(config, base, source, pipe.train, train, seed, {}))
+            stages.setdefault(train, _train_stage(config, base, source, pipe.train, train, seed, {}, space, units))
             choose = train
             if pipe.search is not None:
                 choose = f"s{seed}-{pipe.search}"
-                stages[choose] = _tune_stage(config, base, source, pipe.search, choose, seed, Ref(train, "supernet"))
+                stages[choose] = _tune_stage(config, base, source, pipe.search, choose, seed, Ref(train, "supernet"),
+                                             units)
             chain = {"train": train, "choose": choose}
             for kind in ("finetune", "retrain"):
                 links = {"arch": Ref(choose, "arch")}
                 if kind == "finetune":
                     links["init_from"] = Ref(train, "supernet")
                 name = chain[kind] = f"s{seed}-{method}-{kind}"
-                stages[name] = _train_stage(config, base, source, kind, name, seed, links)
+                stages[name] = _train_stage(config, base, source, kind, name, seed, links, space, units)
             chains[(method, seed)] = chain
     ordered = list(stages.values())
     check_graph(ordered)
@@ -72,7 +75,7 @@ def _common(config: CampaignConfig, raw: dict[str, Any], seed: int) -> dict[str,
 
 
 def _train_stage(config: CampaignConfig, base: Path, source: str, kind: str, name: str, seed: int,
-                 links: dict[str, Ref]) -> Stage:
+                 links: dict[str, Ref], space: SearchSpace, units: int) -> Stage:
     from tangle_ray.train.config import from_dict
 
     raw = _common(config, stage_settings(config, kind, base, source), seed)
@@ -83,20 +86,20 @@ def _train_stage(config: CampaignConfig, base: Path, source: str, kind: str, nam
         raw.pop(key, None)
     check = dict(raw)  # validated now, with the linked values stood in for
     if "arch" in links:
-        check["arch"] = load_space(config.space).largest()
+        check["arch"] = space.largest()
     if "init_from" in links:
         check["init_from"] = PLACEHOLDER
     cfg = from_dict(check, f"{source}: stages.{kind}")
-    s, space = cfg.scaling, load_space(config.space)
+    s = cfg.scaling
     per_worker = (s.resources_per_worker or {}).get("GPU" if s.use_gpu else "CPU", 1.0)
     passes = 2 if cfg.method_class.chooses_arch else 1  # a bilevel step reads a weight and an architecture batch
-    work = cfg.steps * cfg.global_batch_size * get_task(space.family.task).units_per_sample(space.fixed) * passes
+    work = cfg.steps * cfg.global_batch_size * units * passes
     return Stage(name, "train", raw, links, ("GPU" if s.use_gpu else "CPU", s.num_workers * per_worker),
                  s.num_workers, work, config.test_samples)
 
 
 def _tune_stage(config: CampaignConfig, base: Path, source: str, kind: str, name: str, seed: int,
-                supernet: Ref) -> Stage:
+                supernet: Ref, units: int) -> Stage:
     from tangle_ray.tune.config import search_config_from_dict
 
     raw = stage_settings(config, kind, base, source, data=False)
@@ -106,11 +109,16 @@ def _tune_stage(config: CampaignConfig, base: Path, source: str, kind: str, name
     raw["data"] = {"dir": own.get("data.dir", own.get("data", {}).get("dir", config.data["dir"]))}
     raw.pop("supernet", None)
     cfg = search_config_from_dict({**raw, "supernet": PLACEHOLDER}, f"{source}: stages.{kind}")
-    r, space = cfg.resources, load_space(config.space)
+    r = cfg.resources
     device, per_trial = ("GPU", r.gpus_per_trial) if r.gpus_per_trial else ("CPU", r.cpus_per_trial)
-    work = cfg.total_trials * cfg.eval.samples * get_task(space.family.task).units_per_sample(space.fixed)
+    work = cfg.total_trials * cfg.eval.samples * units
     return Stage(name, "tune", raw, {"supernet": supernet}, (device, r.max_concurrent_trials * per_trial),
                  r.max_concurrent_trials, work, config.test_samples)
+
+
+def _searching(chain: dict[str, str]) -> list[str]:
+    """The stages a method spends before it holds its architecture: training, then choosing (if separate)."""
+    return [chain["train"]] + ([chain["choose"]] if chain["choose"] != chain["train"] else [])
 
 
 def arch_id(arch: dict[str, Any]) -> str:
@@ -130,7 +138,7 @@ def result_rows(plan: Plan, records: dict[str, dict[str, Any]]) -> list[dict[str
             rows.append({"method": method, "seed": seed, "stage": stage, "arch_id": aid, "metric": metric,
                          "value": float(value)})
 
-        searched = [records[chain["train"]]] + ([chose] if chain["choose"] != chain["train"] else [])
+        searched = [records[name] for name in _searching(chain)]
         add("search", "device_hours", sum(r["device_hours"] for r in searched))
         add("search", "wall_s", sum(r["wall_s"] for r in searched))
         add("search", "params", chose["params"])
@@ -153,15 +161,11 @@ def anytime_curves(plan: Plan, records: dict[str, dict[str, Any]]) -> dict[str, 
     search's best so far), against the time and device-hours its stages took."""
     curves: dict[str, dict[str, list]] = {"wall": {}, "device": {}}
     for (method, _seed), chain in plan.chains.items():
-        wall, device, t0, d0 = [], [], 0.0, 0.0
-        names = [chain["train"]] + ([chain["choose"]] if chain["choose"] != chain["train"] else [])
-        for name in names:
-            r = records[name]
-            chooses = name == chain["choose"]
-            for t, score in r["anytime"] if chooses else []:
-                wall.append((t0 + t, score))
-                device.append((d0 + t * r["devices"] / 3600, score))
-            t0, d0 = t0 + r["wall_s"], d0 + r["device_hours"]
+        before = [records[name] for name in _searching(chain)[:-1]]  # a SPOS supernet: no architecture yet
+        t0, d0 = sum(r["wall_s"] for r in before), sum(r["device_hours"] for r in before)
+        chose = records[chain["choose"]]
+        wall = [(t0 + t, score) for t, score in chose["anytime"]]
+        device = [(d0 + t * chose["devices"] / 3600, score) for t, score in chose["anytime"]]
         if wall:
             curves["wall"].setdefault(method, []).append(wall)
             curves["device"].setdefault(method, []).append(device)

@@ -24,7 +24,7 @@ METRIC_ORDER = ("loss", "perplexity", "top1", "top5", "params", "macs", "flops",
                 "wall_s")
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file next to ``path``, then move it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -46,8 +46,8 @@ def write_tables(out_dir: str | Path, rows: Sequence[Mapping[str, Any]],
     out = Path(out_dir)
     results = sorted(rows, key=lambda r: tuple(r[c] for c in RESULT_COLUMNS))
     ordered = sorted(comparisons, key=lambda c: (c["metric"], c["stage"], c["method"], c["baseline"]))
-    _write_atomic(out / "results.csv", _csv(results, RESULT_COLUMNS))
-    _write_atomic(out / "comparisons.csv", _csv(ordered, COMPARISON_COLUMNS))
+    write_atomic(out / "results.csv", _csv(results, RESULT_COLUMNS))
+    write_atomic(out / "comparisons.csv", _csv(ordered, COMPARISON_COLUMNS))
 
 
 def _colours(methods: Sequence[str]) -> dict[str, str]:
@@ -240,5 +240,5 @@ def write_report(out_dir: str | Path, title: str, summary: Sequence[Mapping[str,
         for caption, path in plots.items():
             lines += [f"![{caption}]({_link(path, out)})", ""]
     target = out / "report.md"
-    _write_atomic(target, "\n".join(lines))
+    write_atomic(target, "\n".join(lines))
     return target

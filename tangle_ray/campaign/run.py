@@ -155,9 +155,7 @@ def write_results(config: CampaignConfig, plan: Plan, placed: list[Placed], reco
               "reference": config.reference, "wall_s": wall_s, "stage_wall_s": sum(s["wall_s"] for s in stages),
               "stages": stages, "summary": summary, "comparisons": comparisons, "ranks": ranks,
               "per_sample": per_sample}
-    tmp = out / ".campaign.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out / "campaign.json")
+    report.write_atomic(out / "campaign.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
