@@ -2,8 +2,7 @@
 Images: the loader's images per second of one core (decode + augment at 224 x 224) against a training step of
 an AutoFormer-T-size ViT.
 
-    python bench/data.py [--part text|images|all] [--mb 20] [--bpe-file ../shared/data/gpt2.tiktoken] [--repeat 2]
-        [--images 64]
+    python bench/data.py [--part text|images|all] [--mb 20] [--bpe-file FILE] [--repeat 2] [--images 64]
 
 Every figure is the best of ``--repeat`` runs; CPU seconds (this process, its threads and its worker
 processes) give throughput per core even when other work shares the machine. Text preparation is measured end to
@@ -29,14 +28,14 @@ from tangle_ray.data import TextSource, WindowSampler, get_tokenizer, load_split
 from tangle_ray.data.synth import write_demo_corpus
 from tangle_ray.data.tokenizer import BPE_ENV
 
-REPO = Path(__file__).resolve().parents[1]
 CHARS_PER_STORY = 357  # average length of a synthetic story
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process, its threads and its finished child processes (datasets' map workers)."""
+    """CPU time of this process and its threads (to the nanosecond: a few images still take measurable time) and
+    of its finished child processes (datasets' map workers; to the clock tick)."""
     t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+    return time.process_time() + t.children_user + t.children_system
 
 
 def best_of(repeat: int, fn: Callable[[], object]) -> tuple[float, float, object]:
@@ -87,9 +86,10 @@ def run_text(args: argparse.Namespace, tmp: Path) -> None:
         rows.append((f"prepare_text(num_proc={num_proc}), end to end", wall, cpu, tokens))
 
     batch1 = rows[0][3] / rows[0][2]
-    fastest = max(tok / cpu for _, _, cpu, tok in rows[: len(raw)])
+    fastest = max(tok / max(cpu, 1e-9) for _, _, cpu, tok in rows[: len(raw)])
     print(f"{'':48} {'wall s':>6} {'Mtok/s':>7} {'CPU s':>6} {'Mtok/CPU-s':>10} {'vs batch':>8} {'vs best':>8}")
     for name, wall, cpu, tok in rows:
+        cpu = max(cpu, 1e-9)  # a tiny corpus may end within one clock tick of the children's time
         print(
             f"{name:48} {wall:6.2f} {tok / wall / 1e6:7.2f} {cpu:6.2f} {tok / cpu / 1e6:10.2f}"
             f" {tok / cpu / batch1:7.2f}x {tok / cpu / fastest:7.2f}x"
@@ -136,11 +136,18 @@ def train_step_seconds(repeat: int) -> float:
     return best_of(repeat, lambda: [step() for _ in range(5)])[0] / 5
 
 
-def write_jpegs(folder: Path, n: int, classes: int = 8) -> None:
-    """``n`` JPEGs (quality 90) of ImageNet's typical sizes: smooth colour fields plus fine texture."""
+MIN_IMAGES = 4  # one test image, three training images of one class: round(0.2 * 3) = 1 for the valid split
+
+
+def write_jpegs(folder: Path, n: int) -> None:
+    """``n`` JPEGs (quality 90) of ImageNet's typical sizes: smooth colour fields plus fine texture; up to 8
+    classes of at least 8 images each, the first image of each class and every 8th after it in ``val/``."""
     import numpy as np
     from PIL import Image
 
+    if n < MIN_IMAGES:
+        raise ValueError(f"{n} images: at least {MIN_IMAGES} make a train, valid and test split")
+    classes = max(1, min(8, n // 8))
     rng = np.random.default_rng(0)
     for i in range(n):
         width, height = int(rng.choice([500, 500, 375, 400, 333])), int(rng.choice([375, 333, 500, 300]))
@@ -195,7 +202,7 @@ def run_images(args: argparse.Namespace, tmp: Path) -> None:
     loader = rows[2][1] / rows[2][2]  # CPU seconds per image, full recipe
 
     ahead = PrefetchedBatches(ImageBatches(store, "train", 8, 0, 224, 3, store.num_classes, Augment()), 2)
-    steps = args.images // 8
+    steps = max(1, args.images // 8)
     for step in range(2 + steps):
         if step == 2:  # steps 0 and 1 teach it the order and start the workers
             start = time.perf_counter()
@@ -241,16 +248,34 @@ def vit_step_seconds(repeat: int) -> tuple[float, float, str]:
     return wall, cpu, f"the AutoFormer-T space's ViT (12 layers, E=240, 4 heads of 64, ratio 4; {params:.1f}M)"
 
 
+def at_least(least: int | float, kind: type = int) -> Callable[[str], int | float]:
+    """An argparse type: a number of ``kind`` no smaller than ``least``."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not value >= least:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum, {least}")
+        return value
+
+    return parse
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("text", "images", "all"), default="all")
-    ap.add_argument("--mb", type=float, default=20.0, help="corpus size in MB of text")
-    ap.add_argument("--images", type=int, default=64, help="synthetic JPEGs to time the image loader on")
-    ap.add_argument(
-        "--bpe-file", default=os.environ.get(BPE_ENV, str(REPO / ".." / "shared" / "data" / "gpt2.tiktoken"))
-    )
-    ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=2000, help="sampler batches to time")
+    ap.add_argument("--part", choices=("text", "images", "all"), default="all",
+                    help="which benchmark to run (default: all)")
+    ap.add_argument("--mb", type=at_least(0.01, float), default=20.0,
+                    help="corpus size in MB of text, at least 0.01 (default: 20)")
+    ap.add_argument("--images", type=at_least(MIN_IMAGES), default=64,
+                    help=f"synthetic JPEGs to time the image loader on, at least {MIN_IMAGES} (default: 64)")
+    ap.add_argument("--bpe-file", default=os.environ.get(BPE_ENV),
+                    help=f"a GPT-2 BPE file (default: ${BPE_ENV}, else the copy shipped with tangle_ray)")
+    ap.add_argument("--repeat", type=at_least(1), default=2, help="runs of each measurement; the best counts "
+                    "(default: 2)")
+    ap.add_argument("--steps", type=at_least(1), default=2000, help="sampler batches to time (default: 2000)")
     args = ap.parse_args()
     datasets.disable_progress_bars()
     print(

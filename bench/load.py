@@ -61,8 +61,9 @@ def search(work: Path, settings: dict, address: str) -> dict:
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"search {run['name']} exited with {proc.returncode}; see {work / run['name']}.err")
+    if proc.returncode:  # the work folder goes with the benchmark: quote the driver's last lines
+        tail = "".join((work / f"{run['name']}.err").read_text().splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"search {run['name']} exited with {proc.returncode}; its last lines:\n{tail}")
     folders = list((Path(run["storage_path"]) / run["name"]).glob("trial_*"))
     pids = {json.loads((f / "result.json").read_text())["pid"] for f in folders}
     half = len(stamps) // 2
@@ -73,16 +74,59 @@ def search(work: Path, settings: dict, address: str) -> dict:
     }
 
 
+MIN_TRIALS = 3  # the steady rate needs two results after the first half
+
+
+def counts(least: int):
+    """An argparse type: a non-empty comma-separated list of integers, each at least ``least``."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(w) for w in text.split(",") if w.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+        if not values:
+            raise argparse.ArgumentTypeError("give at least one value")
+        if min(values) < least:
+            raise argparse.ArgumentTypeError(f"{min(values)} is below the minimum, {least}")
+        return values
+
+    return parse
+
+
+def at_least(least: int):
+    """An argparse type: one integer no smaller than ``least``."""
+
+    def parse(text: str) -> int:
+        values = counts(least)(text)
+        if len(values) != 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: give one integer")
+        return values[0]
+
+    return parse
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trials", default="50,100,300", help="search sizes, comma-separated")
-    p.add_argument("--concurrency", default="2", help="max_concurrent_trials values, comma-separated")
-    p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local cluster")
-    p.add_argument("--samples", type=int, default=8, help="eval.samples (windows of 16 tokens) per trial")
+    p.add_argument("--trials", type=counts(MIN_TRIALS), default="50,100,300",
+                   help=f"search sizes, comma-separated, each at least {MIN_TRIALS} (default: 50,100,300)")
+    p.add_argument("--concurrency", type=counts(1), default="2",
+                   help="max_concurrent_trials values, comma-separated (default: 2)")
+    p.add_argument("--cpus", type=at_least(1), default=os.cpu_count(),
+                   help=f"CPUs of the local cluster (default: this machine's, {os.cpu_count()})")
+    p.add_argument("--samples", type=at_least(1), default=8,
+                   help="eval.samples (windows of 16 tokens) per trial (default: 8)")
     args = p.parse_args()
-    sizes, levels = [int(n) for n in args.trials.split(",")], [int(c) for c in args.concurrency.split(",")]
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    work = Path(tempfile.mkdtemp(prefix="bench-load-"))
+    with tempfile.TemporaryDirectory(prefix="bench-load-") as work:
+        try:
+            bench(args, Path(work))
+        finally:
+            ray.shutdown()
+
+
+def bench(args: argparse.Namespace, work: Path) -> None:
+    sizes, levels = args.trials, args.concurrency
     space = load_space(SPACE)
     torch.manual_seed(0)
     supernet = save_supernet(space.build_supernet(), work / "supernet")
@@ -108,7 +152,6 @@ def main() -> None:
             print(f"{c:>3}{cpus:>10g}{r['trials']:>8}{r['wall']:>8.1f}{r['trials'] / r['wall']:>9.2f}"
                   f"{r['span']:>8.1f}{(r['trials'] - 1) / r['span']:>8.1f}{r['steady']:>9.1f}{r['workers']:>8}"
                   f"{r['cpu']:>13.1f}{r['rss']:>9.0f}{r['rss'] / first:>9.3f}{r['load']:>6.1f}", flush=True)
-    ray.shutdown()
     print("(span: first result to last; steady: trials/s over the second half of the results; "
           "workers: processes that ran trials; vs first: peak RSS over the first size's at this concurrency)")
 

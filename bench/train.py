@@ -33,21 +33,55 @@ def run(base: list[str], *extra: str):
     return result, wall, metrics
 
 
+def at_least(least: int):
+    """An argparse type: an integer no smaller than ``least``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum, {least}")
+        return value
+
+    return parse
+
+
+def zero_stages(text: str) -> list[int]:
+    """An argparse type: a non-empty comma-separated list of ZeRO stages (0 to 3)."""
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    if not words:
+        raise argparse.ArgumentTypeError("give at least one ZeRO stage, e.g. 0,2")
+    if any(w not in ("0", "1", "2", "3") for w in words):
+        raise argparse.ArgumentTypeError(f"{text!r}: ZeRO stages are 0, 1, 2 and 3")
+    return [int(w) for w in words]
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--space", default="gpt-nano")
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--space", default="gpt-nano", help="a GPT space (default: gpt-nano)")
+    parser.add_argument("--steps", type=at_least(2), default=12, help="training steps of the throughput runs, at "
+                        "least 2: tokens/s is taken over the second half (default: 12)")
+    parser.add_argument("--micro-batch", type=at_least(1), default=8, help="windows per micro-batch (default: 8)")
+    parser.add_argument("--workers", type=at_least(1), default=2, help="Ray Train workers (default: 2)")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16")
-    parser.add_argument("--stages", default="0,1,2,3", help="ZeRO stages for the optimizer-state comparison")
+    parser.add_argument("--stages", type=zero_stages, default="0,1,2,3",
+                        help="ZeRO stages for the optimizer-state comparison, comma-separated (default: 0,1,2,3)")
     parser.add_argument("--compile", action="store_true", help="also time both steps with torch.compile")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        ray.init(address="local", num_cpus=max(2, args.workers), include_dashboard=False, log_to_driver=False)
+        try:
+            bench(args, Path(tmp))
+        finally:
+            ray.shutdown()
+
+
+def bench(args: argparse.Namespace, tmp: Path) -> None:
     tokens = prepare_text(TextSource(kind="jsonl", path=str(write_demo_corpus(tmp / "raw", n_train=1000))), tmp / "tok")
-    ray.init(address="local", num_cpus=max(2, args.workers), include_dashboard=False, log_to_driver=False)
     space = load_space(args.space)
     W = args.workers
     base = [f"space={args.space}", f"data.dir={tokens}", f"steps={args.steps}", f"micro_batch_size={args.micro_batch}",
@@ -76,7 +110,7 @@ def main() -> None:
 
     print(f"2. optimizer-state bytes per rank ({W} workers, TangleNAS)")
     state = {}
-    for stage in [int(v) for v in args.stages.split(",") if v]:
+    for stage in args.stages:
         _, _, m = run(base, "method=tanglenas", f"zero_stage={stage}", f"run.name=zero{stage}", f"steps={2}",
                       "log_every=1")
         state[stage] = m[-1]["optimizer_state_bytes"]
@@ -89,7 +123,6 @@ def main() -> None:
     loop = tangle[-1]["elapsed_s"]
     print("3. Ray Train start-up and tear-down")
     print(f"   fit() wall {wall:.1f} s, training loop {loop:.1f} s, overhead {wall - loop:.1f} s")
-    ray.shutdown()
 
 
 if __name__ == "__main__":

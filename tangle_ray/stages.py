@@ -27,7 +27,7 @@ from tangle_ray.configs import read_json, set_dotted
 from tangle_ray.errors import ConfigError
 
 STAGE_FILE = "stage.json"
-KINDS = ("train", "tune")
+KINDS = ("train", "tune", "measure")
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,8 @@ class Ref:
 
 @dataclass(frozen=True)
 class Stage:
-    """One step: ``kind`` (train: ``tangle_ray.train``; tune: ``tangle_ray.tune``), its settings as a run or
-    search file would hold them, and ``links``: dotted setting -> the ``Ref`` that fills it at run time."""
+    """One step: ``kind`` (train: ``tangle_ray.train``; tune: ``tangle_ray.tune``; measure: a training run kept
+    for its measurements, without export or scores), its settings as a run or search file would hold them, and ``links``: dotted setting -> the ``Ref`` that fills it at run time."""
 
     name: str
     kind: str
@@ -76,7 +76,7 @@ class Stage:
         return raw
 
 
-OUTPUT = {"train": "run", "tune": "search"}  # the Ray Train run or the Tune experiment inside a stage's folder
+OUTPUT = {"train": "run", "tune": "search", "measure": "run"}  # the Ray Train run or the Tune experiment inside a stage's folder
 
 
 def stage_status(folder: Path, identity: str) -> str:
@@ -95,17 +95,28 @@ def run_stage(stage: Stage, identity: str, folder: Path, records: dict[str, dict
     """Run (or resume) ``stage`` in ``folder``, score what it produced on the test split, write its record."""
     folder.mkdir(parents=True, exist_ok=True)
     raw, start = stage.resolved(records, folder), time.time()
-    run = _train if stage.kind == "train" else _tune
+    run = {"train": _train, "tune": _tune, "measure": _measure}[stage.kind]
     out = run(raw, stage.name, stage.test_samples)
+    return write_record(stage, identity, folder, start, out)
+
+
+def write_record(stage: Stage, identity: str, folder: Path, started_at: float, out: dict[str, Any]) -> dict[str, Any]:
+    """Write a finished stage's record (``out`` plus when, where and on what it ran); the stage is then done."""
     end = time.time()
     kind, count = stage.devices
     record = {"name": stage.name, "kind": stage.kind, "identity": identity, "folder": str(folder),
-              "started_at": start, "finished_at": end, "wall_s": end - start, "device": kind, "devices": count,
-              "device_hours": count * (end - start) / 3600, **out}
-    tmp = folder / f".{STAGE_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, folder / STAGE_FILE)
+              "started_at": started_at, "finished_at": end, "wall_s": end - started_at, "device": kind,
+              "devices": count, "device_hours": count * (end - started_at) / 3600, **out}
+    write_atomic(folder / STAGE_FILE, json.dumps(record, indent=2) + "\n")
     return record
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file next to ``path``, then move it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _train(raw: dict[str, Any], name: str, test_samples: int) -> dict[str, Any]:
@@ -130,6 +141,18 @@ def _train(raw: dict[str, Any], name: str, test_samples: int) -> dict[str, Any]:
     if "arch" in out:
         out |= {"params": space.param_count(out["arch"]), "macs": space.flops(out["arch"]) / 2}
     return out
+
+
+def _measure(raw: dict[str, Any], name: str, test_samples: int) -> dict[str, Any]:
+    """A training run for what it measured: its history (losses, throughput, each rank's memory and timers)
+    and the architecture it ended on."""
+    from tangle_ray.train.config import from_dict
+    from tangle_ray.train.runner import run_training
+
+    result = run_training(from_dict(raw, f"stage {name}"), export=False)
+    h = result.history
+    return {"run_dir": str(result.run_dir), "arch": result.arch,
+            "history": {"metrics": h["metrics"], "anytime": h["anytime"], "resources": h.get("resources", [])}}
 
 
 def _tune(raw: dict[str, Any], name: str, test_samples: int) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from tangle_ray.report.plots import new_axes, save
+from tangle_ray.stages import write_atomic
 
 RESULT_COLUMNS = ("method", "seed", "stage", "arch_id", "metric", "value")
 COMPARISON_COLUMNS = ("metric", "stage", "method", "baseline", "n", "mean_diff", "ci_low", "ci_high", "welch_p",
@@ -22,14 +23,6 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 # the paper-style table's column order; other metrics follow, sorted
 METRIC_ORDER = ("loss", "perplexity", "top1", "top5", "params", "macs", "flops", "inference_s", "device_hours",
                 "wall_s")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:

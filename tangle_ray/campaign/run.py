@@ -21,7 +21,7 @@ from tangle_ray.campaign.plan import Plan, anytime_curves, result_rows
 from tangle_ray.cluster import check_resources, connect
 from tangle_ray.errors import ConfigError
 from tangle_ray.names import check_not_uri, check_output_dir
-from tangle_ray.stages import Stage, read_record, run_stage, stage_status
+from tangle_ray.stages import Stage, read_record, run_stage, stage_status, write_atomic
 
 
 class CampaignStopped(RuntimeError):
@@ -155,7 +155,7 @@ def write_results(config: CampaignConfig, plan: Plan, placed: list[Placed], reco
               "reference": config.reference, "wall_s": wall_s, "stage_wall_s": sum(s["wall_s"] for s in stages),
               "stages": stages, "summary": summary, "comparisons": comparisons, "ranks": ranks,
               "per_sample": per_sample}
-    report.write_atomic(out / "campaign.json", json.dumps(result, indent=2) + "\n")
+    write_atomic(out / "campaign.json", json.dumps(result, indent=2) + "\n")
     return result
 
 

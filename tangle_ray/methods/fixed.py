@@ -34,9 +34,13 @@ class Fixed(Method):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--arch", required=True, help="arch.json of the architecture")
-        parser.add_argument("--init", choices=["scratch", "inherit"], default="scratch")
-        parser.add_argument("--supernet", help="supernet folder (from export) for --init inherit")
+        parser.add_argument("--arch", required=True, help="arch.json of the architecture to train (a search's "
+                            "RUN/export/arch.json, a Tune search's best_arch.json)")
+        parser.add_argument("--init", choices=["scratch", "inherit"], default="scratch",
+                            help="scratch: fresh weights; inherit: fine-tune from the weights the architecture "
+                            "inherits from --supernet (this option overrides a run file's init)")
+        parser.add_argument("--supernet", help="supernet folder (RUN/export/supernet, from `tangle-ray export`) "
+                            "whose weights --init inherit starts from (default: none; --init inherit needs it)")
 
     @classmethod
     def settings_from(cls, args: argparse.Namespace) -> list[str]:

@@ -343,3 +343,21 @@ class GPTFamily(ModelFamily):
             matmul += 4 * e * e + 2 * e * hidden_width(e, arch["mlp_ratio"][i])
         attention = 4 * arch["n_layer"] * seq_len * seq_len * e  # q k^T and att v
         return 2 * matmul * seq_len + attention
+
+    def superposed_flops(self, space: SearchSpace, samples: int, backward: bool = False) -> int:
+        """The largest architecture's matmuls, one attention at the largest width per head-count choice (softmax
+        is not linear), and the products that build each weight mask from the mixing weights (once per pass; a
+        mask that only scales the input or the output is a vector, left out). The backward pass doubles the
+        matmuls (input and weight gradients) and repeats each mask product once (only the mixing weights need
+        its gradient)."""
+        f, dims = space.fixed, space.dims
+        T, V, L = f["block_size"], f["padded_vocab_size"], space.max_layers
+        widths, ratios, heads = dims["n_embd"].values, dims["mlp_ratio"].values, dims["n_head"].values
+        D, tokens, k = max(widths), samples * T, len(widths)
+        per_sample = self.flops(space, space.largest()) + (len(heads) - 1) * 4 * L * T * T * D
+        hid = hidden_width(D, max(ratios))
+        layer_masks = 2 * (k * len(ratios)) * 2 * hid * D  # the MLP's two layers: (width, ratio) pairs
+        layer_masks += 2 * k * 3 * D * D * (tokens >= 3 * D)  # c_attn masks its input's columns below 3D tokens
+        layer_masks += 2 * k * D * D * (tokens >= D)  # the attention's c_proj masks its output below D tokens
+        masks = L * layer_masks + 2 * k * V * D * (tokens >= V)  # and lm_head
+        return (3 if backward else 1) * samples * per_sample + (2 if backward else 1) * masks

@@ -131,6 +131,11 @@ class ModelFamily:
         """Forward FLOPs (2 per multiply-add) of one sample: a sequence of the full context, or one image."""
         raise NotImplementedError
 
+    def superposed_flops(self, space: SearchSpace, samples: int, backward: bool = False) -> int:
+        """FLOPs of one superposed pass of the supernet over ``samples`` samples, forward (and ``backward``):
+        what a TangleNAS step computes, against ``flops`` of the architecture it chooses (the scaling command's two MFUs)."""
+        raise NotImplementedError(f"the {self.name} family does not count its superposed FLOPs")
+
     def no_weight_decay(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
         """Whether the weight optimizer exempts a parameter (biases, norms, embeddings by default)."""
         return param.ndim < 2 or isinstance(module, (nn.Embedding, nn.LayerNorm))

@@ -96,6 +96,7 @@ class TrainConfig:
     compile: bool = field(default=False, metadata=VOLATILE)  # torch.compile the superposition or fixed model
     debug_checks: bool = field(default=False, metadata=VOLATILE)  # assert each step that alphas agree on ranks
     inject_failure_at_step: int | None = field(default=None, metadata=VOLATILE)  # drill: rank 0 raises once
+    memory_limit_gb: float | None = field(default=None, metadata=VOLATILE)  # a worker's peak over it: out of memory
 
     def __post_init__(self) -> None:
         self.validate()
@@ -147,6 +148,8 @@ class TrainConfig:
         check_range(self.max_failures, f"{source}: max_failures (-1: retry without end)", -1)
         if self.inject_failure_at_step is not None:
             check_range(self.inject_failure_at_step, f"{source}: inject_failure_at_step", 0)
+        if self.memory_limit_gb is not None:
+            check_range(self.memory_limit_gb, f"{source}: memory_limit_gb (GiB per worker)", 0, 2**20, lo_open=True)
         if self.dropout is not None:
             check_range(self.dropout, f"{source}: dropout", 0, 1, hi_open=True)
         if self.gdas_schedule not in GDAS_SCHEDULES:

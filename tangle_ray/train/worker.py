@@ -23,6 +23,7 @@ from tangle_ray.train import checkpoint as ckpt
 from tangle_ray.train.config import RunPlan
 from tangle_ray.train.deepspeed import deepspeed_config, lr_factor, weight_optimizer
 from tangle_ray.train.progress import Progress, quiet_worker
+from tangle_ray.train.resources import MemoryMeter, snapshot
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -52,6 +53,7 @@ class Worker:
         )
         self.eval_x, self.eval_y = task.eval_set(cfg.data, fixed, "valid", cfg.eval_samples, cfg.seed)
         self.method = cfg.method_class(ctx)
+        self.meter = MemoryMeter(ctx.device, cfg.memory_limit_gb)  # before the model exists
         torch.manual_seed(cfg.seed)  # the same initial weights and architecture parameters on every rank
         module = self.method.build().to(ctx.device)
         if cfg.compile:
@@ -61,9 +63,10 @@ class Worker:
         self.engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg))
         self.method.attach(self.engine)
+        self.meter.check(0)
         self.nodes = self._gather_node_ids()
         self.progress = Progress(plan.run_dir, rank, plan.space, task.unit, cfg.steps)
-        self.history: dict[str, list] = {"alphas": [], "metrics": [], "anytime": []}
+        self.history: dict[str, list] = {"alphas": [], "metrics": [], "anytime": [], "resources": []}
         self.step = 0
         self._restore()
 
@@ -81,6 +84,7 @@ class Worker:
                 raise RuntimeError(f"injected failure at step {self.step} (inject_failure_at_step)")
             window.append(self.method.step(self.step))
             self.step += 1
+            self.meter.check(self.step)
             log = self.step % cfg.log_every == 0 or self.step == cfg.steps
             if log:
                 now = time.time()
@@ -98,8 +102,10 @@ class Worker:
         means = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
         arch = self.method.reported_arch()
         extra = self.method.progress()
+        ranks = self._gather(snapshot(self.engine, self.meter))
+        self.history.setdefault("resources", []).append({"step": self.step, "ranks": ranks})
         row = {"step": self.step, **means, f"{self.ctx.task.unit}_per_s": units_per_s, "lr": self.engine.get_lr()[0],
-               "elapsed_s": elapsed_s, "optimizer_state_bytes": self._optimizer_state_bytes()}
+               "elapsed_s": elapsed_s, "optimizer_state_bytes": ranks[0]["optimizer_state_bytes"]}
         if arch is not None:
             row["arch_params"] = self.ctx.space.param_count(arch)
         if "arch_entropy" in extra:
@@ -119,12 +125,6 @@ class Worker:
                "arch": self.method.eval_arch()}
         self.history["anytime"].append(row)
         self.progress.scalar("anytime_valid_loss", scores["loss"], self.step)
-
-    def _optimizer_state_bytes(self) -> int:
-        """Bytes of the weight optimizer's state (Adam moments) held by this rank: what ZeRO partitions."""
-        optimizer = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # ZeRO wraps torch's
-        return sum(t.numel() * t.element_size() for state in optimizer.state.values()
-                   for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
 
     # ---------------------------------------------------------------- checkpoints
     def _checkpoint(self) -> None:
@@ -170,9 +170,12 @@ class Worker:
         """The Ray node of every rank, in rank order (shown in trainer_state.json)."""
         import ray
 
-        node = ray.get_runtime_context().get_node_id()
+        return self._gather(ray.get_runtime_context().get_node_id())
+
+    def _gather(self, value: Any) -> list[Any]:
+        """``value`` of every rank, in rank order."""
         if self.ctx.world == 1:
-            return [node]
-        nodes: list[str] = [""] * self.ctx.world
-        dist.all_gather_object(nodes, node)
-        return nodes
+            return [value]
+        out: list[Any] = [None] * self.ctx.world
+        dist.all_gather_object(out, value)
+        return out

@@ -1,0 +1,1 @@
+"""Scaling experiments: a grid of short training runs with predicted and measured throughput and memory."""
