@@ -96,15 +96,17 @@ def read_yaml(path: str | Path, what: str) -> Any:
     return parse_yaml(read_text(path, what), str(path))
 
 
-def read_json(path: str | Path, what: str) -> Any:
-    """The data of a JSON file (architecture, config.json, meta.json), bounded, without NaN or Infinity."""
-    text = read_text(path, what)
+def read_json(path: str | Path, what: str, limit: int = MAX_FILE_BYTES, plain: bool = True) -> Any:
+    """The data of a JSON file of at most ``limit`` bytes; every problem a ConfigError naming it. ``plain``:
+    checked as plain data (no NaN or Infinity, bounded nesting), for what a person can hand over (architecture,
+    config.json, meta.json); files tangle_ray writes for itself (checkpoint states, manifests, searcher states)
+    are read with ``plain=False``, since a diverged loss is recorded as it was."""
+    text = read_text(path, what, limit)
     try:
-        data = json.loads(text, parse_constant=_no_constant)
+        data = json.loads(text, parse_constant=_no_constant) if plain else json.loads(text)
     except (ValueError, RecursionError) as e:
         raise ConfigError(f"{what} {_path_text(path)}: not valid JSON ({clip(str(e), 200)})") from None
-    check_plain(data, f"{what} {_path_text(path)}")
-    return data
+    return check_plain(data, f"{what} {_path_text(path)}") if plain else data
 
 
 def _no_constant(name: str) -> None:

@@ -40,8 +40,8 @@ def score(model: nn.Module, output_of: Callable[[Tensor], Tensor], task: Task, x
     try:
         with torch.no_grad():
             scores = task.evaluate(lambda xb: output_of(xb.to(device)), x, y, batch_size)
-            if per_sample:
-                scores["sample_losses"] = task.sample_losses(lambda xb: output_of(xb.to(device)), x, y, batch_size)
+            if not per_sample:
+                del scores["sample_losses"]
             return scores
     finally:
         model.train(was_training)

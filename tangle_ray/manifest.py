@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tangle_ray.configs import read_json
 from tangle_ray.errors import ConfigError, clip, shorten
 from tangle_ray.names import check_relative
 
@@ -143,9 +144,9 @@ def _read_manifests(root: Path, where: str) -> dict[str, dict[str, Any]]:
 
 def _read_one(path: Path, where: str) -> dict[str, Any]:
     try:
-        if path.is_symlink() or path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise ValueError("a symbolic link or too large")
-        body = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constant)
+        if path.is_symlink():
+            raise ValueError("a symbolic link")
+        body = read_json(path, "manifest", MAX_MANIFEST_BYTES, plain=False)
         ok = (isinstance(body, dict) and body.get("format") == FORMAT and isinstance(body.get("files"), dict)
               and all(isinstance(body.get(k), int) and not isinstance(body.get(k), bool) for k in ("part", "parts"))
               and 0 <= body["part"] < body["parts"] <= 1 << 16)
@@ -159,10 +160,6 @@ def _read_one(path: Path, where: str) -> dict[str, Any]:
     except (OSError, ValueError, RecursionError, ConfigError) as e:
         raise ConfigError(f"{where}: cannot read {path.name} ({clip(str(e), 200)})") from None
     return body
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _is_manifest(name: str) -> bool:

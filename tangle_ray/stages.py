@@ -41,7 +41,8 @@ class Ref:
 @dataclass(frozen=True)
 class Stage:
     """One step: ``kind`` (train: ``tangle_ray.train``; tune: ``tangle_ray.tune``; measure: a training run kept
-    for its measurements, without export or scores), its settings as a run or search file would hold them, and ``links``: dotted setting -> the ``Ref`` that fills it at run time."""
+    for its measurements, without export or scores), its settings as a run or search file would hold them, and
+    ``links``: dotted setting -> the ``Ref`` that fills it at run time."""
 
     name: str
     kind: str
@@ -76,7 +77,8 @@ class Stage:
         return raw
 
 
-OUTPUT = {"train": "run", "tune": "search", "measure": "run"}  # the Ray Train run or the Tune experiment inside a stage's folder
+# the Ray Train run or the Tune experiment inside a stage's folder
+OUTPUT = {"train": "run", "tune": "search", "measure": "run"}
 
 
 def stage_status(folder: Path, identity: str) -> str:
@@ -131,8 +133,7 @@ def _train(raw: dict[str, Any], name: str, test_samples: int) -> dict[str, Any]:
     if not cfg.method_class.trains_supernet:
         scores, model = result.test_scores, result.export_dir / "model"
         out |= {"model": str(model), "arch": result.arch, "test": _metrics(scores),
-                "inference_ms": scores["ms_per_sample"], "sample_losses": _sample_losses(data, model, test_samples,
-                                                                                         cfg.seed)}
+                "inference_ms": scores["ms_per_sample"], "sample_losses": result.test_sample_losses}
     else:
         out["supernet"] = str(result.export_dir / "supernet")
         if result.arch is not None:
@@ -162,11 +163,11 @@ def _tune(raw: dict[str, Any], name: str, test_samples: int) -> dict[str, Any]:
     cfg = search_config_from_dict(raw, f"stage {name}")
     start = time.time()
     result = run_search(cfg)
-    best, key, sign = None, result.task.objective.key, 1 if result.task.objective.mode == "min" else -1
-    anytime = []
+    best, objective = None, result.task.objective
+    key, anytime = objective.key, []
     for trial in sorted(result.trials, key=lambda t: t.finished_at or 0.0):
         score = trial.metrics[key]
-        best = score if best is None or sign * score < sign * best else best
+        best = score if objective.better(score, best) else best
         anytime.append([max(0.0, (trial.finished_at or start) - start), best])
     best = result.best  # its trial counted the parameters and FLOPs
     return {"objective": key, "data": cfg.data.dir, "supernet": cfg.supernet, "arch": best.arch, "anytime": anytime,
@@ -179,14 +180,6 @@ def _inherited_scores(data: str, supernet: str, arch: dict[str, Any], samples: i
 
     scores = evaluate_on_split(data, "test", supernet=supernet, arch=arch, num_samples=samples, seed=seed)
     return {"test": _metrics(scores)}
-
-
-def _sample_losses(data: str, model: Path, samples: int, seed: int) -> list[float]:
-    """Each test sample's loss under the trained model: the campaign pairs architectures over them."""
-    from tangle_ray.evaluate import evaluate_on_split
-
-    return evaluate_on_split(data, "test", model=model, num_samples=samples, seed=seed, per_sample=True)[
-        "sample_losses"]
 
 
 def _metrics(scores: dict[str, Any]) -> dict[str, float]:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from tangle_ray.configs import read_json
 from tangle_ray.data.images import ImageSource, OpenedSource, open_source, split_balanced
 from tangle_ray.errors import ConfigError
 
@@ -41,8 +42,8 @@ def read_image_meta(data_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{str(path)!r} is missing: {str(data_dir)!r} is not a prepared image folder")
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        meta = read_json(path, META)
+    except ConfigError as e:
         raise ConfigError(f"{str(path)!r} is corrupt ({e}): prepare again") from None
     if not isinstance(meta, dict) or meta.get("kind") != "images":
         kind = meta.get("kind") if isinstance(meta, dict) else None

@@ -22,9 +22,10 @@ import numpy as np
 from datasets import Dataset, DatasetDict, Features, List, Value
 from datasets.utils import tqdm  # honours datasets.disable_progress_bars()
 
+from tangle_ray.configs import read_json
 from tangle_ray.data.sources import TextSource, load_text_source, loaded_hash, source_hash
 from tangle_ray.data.tokenizer import Tokenizer, get_tokenizer
-from tangle_ray.errors import ConfigError, clip, shorten
+from tangle_ray.errors import ConfigError, shorten
 from tangle_ray.names import check_name
 
 FORMAT_VERSION = 1
@@ -81,11 +82,9 @@ def read_meta(data_dir: str | Path) -> dict:
             "(run the data preparation first)"
         )
     try:
-        if path.stat().st_size > MAX_META_BYTES:
-            raise ValueError(f"larger than {MAX_META_BYTES} bytes")
-        meta = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as e:
-        raise ConfigError(f"{str(path)!r} is corrupt ({clip(str(e), 200)}): prepare again") from None
+        meta = read_json(path, META, MAX_META_BYTES)
+    except ConfigError as e:
+        raise ConfigError(f"{str(path)!r} is corrupt ({e}): prepare again") from None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise ConfigError(f"{str(path)!r} has format {shorten(version)}, not {FORMAT_VERSION}: prepare again")

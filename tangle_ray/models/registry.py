@@ -133,7 +133,8 @@ class ModelFamily:
 
     def superposed_flops(self, space: SearchSpace, samples: int, backward: bool = False) -> int:
         """FLOPs of one superposed pass of the supernet over ``samples`` samples, forward (and ``backward``):
-        what a TangleNAS step computes, against ``flops`` of the architecture it chooses (the scaling command's two MFUs)."""
+        what a TangleNAS step computes, against ``flops`` of the architecture it chooses (the scaling command's
+        two MFUs)."""
         raise NotImplementedError(f"the {self.name} family does not count its superposed FLOPs")
 
     def no_weight_decay(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:

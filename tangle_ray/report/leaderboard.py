@@ -33,13 +33,12 @@ class TrialRecord:
 
 def ranked(records: Sequence[TrialRecord], objective: Metric) -> list[TrialRecord]:
     """Best first by ``objective``; ties by proposal order."""
-    sign = 1.0 if objective.mode == "min" else -1.0
-    return sorted(records, key=lambda r: (sign * r.metrics[objective.key], r.index))
+    return sorted(records, key=lambda r: (objective.sign * r.metrics[objective.key], r.index))
 
 
 def pareto_front(records: Sequence[TrialRecord], objective: Metric) -> list[TrialRecord]:
     """Trials no other trial beats on both the objective and parameters, by increasing parameter count."""
-    sign = 1.0 if objective.mode == "min" else -1.0
+    sign = objective.sign
     front: list[TrialRecord] = []
     for r in sorted(records, key=lambda r: (r.params, sign * r.metrics[objective.key], r.index)):
         if not front or sign * r.metrics[objective.key] < sign * front[-1].metrics[objective.key]:

@@ -149,7 +149,7 @@ def _confidence_lines(history: dict[str, list], space: SearchSpace, arch: Arch) 
 
 def _random_lines(result: dict[str, Any], task) -> list[str]:
     objective = next(m for m in task.metrics if m.key == result["metric"])
-    randoms = sorted(result["random"], reverse=objective.mode == "max")
+    randoms = sorted(result["random"], key=lambda v: objective.sign * v)
     k = len(randoms)
     return ["## Against random architectures", "",
             f"With the supernet's inherited weights, on {result['samples']:,} held-out test samples, the chosen "

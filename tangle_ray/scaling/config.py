@@ -20,6 +20,7 @@ from tangle_ray.names import check_name
 MODES = ("weak", "strong")
 # dense bf16 tensor-core peaks per device (NVIDIA data sheets, SXM where there are two forms), FLOP/s
 PEAK_BF16_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l4": 121e12}
+MEMORY_GB = {"h100": 80.0, "h200": 141.0, "a100": 80.0, "l4": 24.0}  # per device (A100: the 80 GB form)
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Grid:
 class Device:
     """The device each worker holds: ``name`` (a GPU of ``PEAK_BF16_FLOPS``, or ``cpu``), its peak FLOP/s
     (default: the table's; none on CPUs, whose reports give FLOP/s instead of MFU) and the memory a worker may
-    use (GiB; a point over it is recorded as out of memory; default: no limit on CPUs, the GPU's own)."""
+    use (GiB; a point over it is recorded as out of memory; default: the GPU's own, no limit on CPUs)."""
 
     name: str = "cpu"
     peak_flops: float | None = None
@@ -47,6 +48,11 @@ class Device:
     @property
     def peak(self) -> float | None:
         return self.peak_flops if self.peak_flops is not None else PEAK_BF16_FLOPS.get(self.name)
+
+    @property
+    def memory(self) -> float | None:
+        """GiB a worker may hold: ``memory_gb``, else the GPU's (none on CPUs)."""
+        return self.memory_gb if self.memory_gb is not None else MEMORY_GB.get(self.name)
 
 
 @dataclass(frozen=True)

@@ -192,7 +192,10 @@ def _report(config: ScaleConfig, rows: list[dict[str, Any]], plots: dict[str, Pa
              "FLOPs are what the step computes (TangleNAS: the superposed supernet forward and backward on the "
              "weight and the architecture batch); arch FLOPs are those of training the chosen architecture alone. "
              f"{mfu_note}. Memory: peak per worker (CPU: growth of the resident set; GPU: reserved), predicted "
-             "from the model states and the traced activations.", "",
+             "from the model states and the traced activations."
+             + (" On CPUs the step-time split is not measured (DeepSpeed's timers use device events), and the "
+                "resident set also holds allocator and DeepSpeed buffers the prediction leaves out (a few hundred "
+                "MiB per process), which dominate tiny models." if not peak else ""), "",
              "| point | tokens/s | per worker | efficiency | step ms (fwd+bwd / comm / optim) | peak MiB "
              "(pred., error) | params MiB meas./pred. | optim. MiB meas./pred. | loss | chosen M | "
              + ("MFU step / arch |" if peak else "GFLOP/s step / arch per worker |"),
@@ -203,7 +206,8 @@ def _report(config: ScaleConfig, rows: list[dict[str, Any]], plots: dict[str, Pa
         if r["oom"]:
             lines.append(f"| `{r['point_id']}` | oom | | | | (pred. {_fmt(p['peak_bytes'], mib)}) | | | | | |")
             continue
-        split = " / ".join(_fmt(m.get(k)) for k in ("forward_backward_ms", "communication_ms", "optimizer_ms"))
+        parts = [m.get(k) for k in ("forward_backward_ms", "communication_ms", "optimizer_ms")]
+        split = f" ({' / '.join(_fmt(v) for v in parts)})" if any(v is not None for v in parts) else ""
         opt_m, opt_p = m["optimizer_state_bytes"] + m["master_bytes"], p["optimizer_state_bytes"] + p["master_bytes"]
         eff = m.get("efficiency")
         use = (f"{m['mfu']:.1%} / {m['arch_mfu']:.1%}" if peak else
@@ -211,9 +215,10 @@ def _report(config: ScaleConfig, rows: list[dict[str, Any]], plots: dict[str, Pa
                f"{_fmt(m['arch_flops_per_s'] / r['grid']['workers'], 1e9)}")
         lines.append(
             f"| `{r['point_id']}` | {m['tokens_per_s']:,.0f} | {m['tokens_per_s_per_worker']:,.0f} | "
-            f"{f'{eff:.2f}' if eff is not None else 'n/a'} | {_fmt(m['step_ms'])} ({split}) | "
+            f"{f'{eff:.2f}' if eff is not None else 'n/a'} | {_fmt(m['step_ms'])}{split} | "
             f"{_fmt(m['peak_bytes'], mib)} ({_fmt(p['peak_bytes'], mib)}, {r['memory_error']:+.0%}) | "
-            f"{_fmt(m['param_bytes'], mib)} / {_fmt(p['param_bytes'], mib)} | {_fmt(opt_m, mib)} / {_fmt(opt_p, mib)} | "
+            f"{_fmt(m['param_bytes'], mib)} / {_fmt(p['param_bytes'], mib)} | "
+            f"{_fmt(opt_m, mib)} / {_fmt(opt_p, mib)} | "
             f"{_fmt(m.get('valid_loss', m['train_loss']), digits=4)} | {_fmt(m.get('arch_params'), 1e6)} | {use} |")
     lines += ["", "Loss: validation loss of the chosen architecture (SPOS: training loss of its random paths). "
               "Optimizer memory: Adam's moments plus the optimizer's fp32 copy of the weights. Out-of-memory points "

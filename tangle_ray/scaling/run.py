@@ -50,7 +50,7 @@ def dry_run(config: ScaleConfig, points: list[PlannedPoint], out: Path) -> str:
     placed = place(points, out)
     done = [(p.planned, read_record(p.folder)) for p in placed if stage_status(p.folder, p.identity) == "done"]
     calibration = config.calibration_flops_per_s or measure.calibration(done)
-    limit = config.device.memory_gb
+    limit = config.device.memory
     unit, size = ("GiB", GIB) if max(p.planned.predicted["peak_bytes"] for p in placed) >= GIB else ("MiB", 2**20)
     lines = [f"scaling {config.name}: {len(placed)} points ({config.mode} scaling), in {out}",
              f"memory per worker in {unit}: weights / gradients / optimizer states / fp32 copy / activations = peak; "
@@ -80,8 +80,8 @@ def run_scale(config: ScaleConfig, points: list[PlannedPoint], out: Path, addres
     placed = place(points, out)
     connect(address, verbose=verbose)
     for p in placed:  # every point must fit the cluster before the first starts
-        kind, count = p.planned.stage.devices
-        check_resources(p.planned.point.workers, {kind: count / p.planned.point.workers}, f"point {p.planned.point.key}")
+        point, (kind, count) = p.planned.point, p.planned.stage.devices
+        check_resources(point.workers, {kind: count / point.workers}, f"point {point.key}")
     records = {p.planned.point.key: read_record(p.folder) for p in placed
                if stage_status(p.folder, p.identity) == "done"}
     todo = [p for p in placed if p.planned.point.key not in records]

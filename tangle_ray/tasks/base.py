@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from tangle_ray.space import SearchSpace
@@ -33,6 +32,19 @@ class Metric:
     label: str
     mode: str  # "min" or "max"
     fmt: str = ".4f"
+
+    @property
+    def sign(self) -> float:
+        """+1 for a metric to minimise, -1 for one to maximise: ``sign * value`` is smaller when better."""
+        return 1.0 if self.mode == "min" else -1.0
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.mode == "max"
+
+    def better(self, a: float, b: float | None) -> bool:
+        """Whether ``a`` is strictly better than ``b`` (anything beats ``None``)."""
+        return b is None or self.sign * a < self.sign * b
 
 
 class Task:
@@ -72,17 +84,7 @@ class Task:
         raise NotImplementedError
 
     def evaluate(self, output_of: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, batch_size: int) -> dict[str, Any]:
-        """Every metric of ``self.metrics`` on (x, y), plus the number of samples and units it rests on."""
+        """Every metric of ``self.metrics`` on (x, y), the number of samples and units it rests on, and
+        ``sample_losses``: each sample's cross-entropy in order (a text window's mean over its tokens), for tests
+        that pair two models over the same samples."""
         raise NotImplementedError
-
-    def sample_losses(self, output_of: Callable[[Tensor], Tensor], x: Tensor, y: Tensor,
-                      batch_size: int) -> list[float]:
-        """The cross-entropy of each sample (a text window's mean over its tokens; an image's own), for tests
-        that pair two models over the same samples. ``y``: class or token indices."""
-        losses: list[float] = []
-        for start in range(0, len(x), batch_size):
-            logits = output_of(x[start:start + batch_size]).float()
-            yb = y[start:start + batch_size].to(logits.device)
-            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), yb.reshape(-1), reduction="none")
-            losses.extend(nll.view(len(yb), -1).mean(1).double().cpu().tolist())
-        return losses

@@ -176,4 +176,5 @@ class ClassifyTask(Task):
             top1 += int(hits[:, 0].sum())
             top5 += int(hits.any(dim=-1).sum())
         n = len(y)
-        return {"top1": top1 / n, "top5": top5 / n, "loss": math.fsum(losses) / n, "samples": n, "images": n}
+        return {"top1": top1 / n, "top5": top5 / n, "loss": math.fsum(losses) / n, "samples": n, "images": n,
+                "sample_losses": losses}

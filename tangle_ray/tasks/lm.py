@@ -111,10 +111,13 @@ class LanguageModelling(Task):
         a function of the logits only, so the same batch size reproduces it bit for bit (another batch size
         can change the logits at float32 round-off: kernels differ with the number of rows)."""
         losses: list[float] = []
+        windows: list[float] = []  # each window's mean loss, for tests that pair two models over the samples
         for start in range(0, len(x), batch_size):
             logits = output_of(x[start:start + batch_size])
             yb = y[start:start + batch_size].to(logits.device)
             nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), yb.reshape(-1), reduction="none")
             losses.extend(nll.double().cpu().tolist())
+            windows.extend(nll.view(len(yb), -1).mean(1).double().cpu().tolist())
         loss = math.fsum(losses) / len(losses)
-        return {"loss": loss, "perplexity": math.exp(loss), "samples": len(x), "tokens": len(losses)}
+        return {"loss": loss, "perplexity": math.exp(loss), "samples": len(x), "tokens": len(losses),
+                "sample_losses": windows}

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from tangle_ray.configs import read_json
 from tangle_ray.errors import ConfigError, clip
 from tangle_ray.manifest import check_manifest, write_manifest
 from tangle_ray.names import check_name
@@ -219,15 +220,10 @@ def _read_json(checkpoint: Path, name: str) -> dict[str, Any]:
 
 def _read_json_file(path: Path) -> dict[str, Any]:
     """A JSON object tangle_ray or Ray wrote (NaN allowed: a diverged loss is recorded as it was)."""
-    try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise ValueError(f"larger than {MAX_JSON_BYTES} bytes")
-        data = json.loads(path.read_bytes().decode("utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        return data
-    except (OSError, ValueError, RecursionError) as e:
-        raise ConfigError(clip(str(e), 200)) from None
+    data = read_json(path, path.name, MAX_JSON_BYTES, plain=False)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.name} is not a JSON object")
+    return data
 
 
 def _require(state: dict[str, Any], checkpoint: str | Path, name: str, **types_: type) -> None:

@@ -38,6 +38,7 @@ class TrainResult:
     against_random: dict[str, Any] | None = None  # a run that chooses: the choice against random architectures
     active_arch: dict[str, Any] | None = None  # ``arch`` without the layers beyond its depth (as arch.json)
     plan: RunPlan | None = None  # what the run ran: config (paths resolved), space, task
+    test_sample_losses: list[float] | None = None  # with ``test_scores``: each test sample's loss, in order
 
 
 def preflight(cfg: TrainConfig) -> RunPlan:
@@ -138,12 +139,12 @@ def run_training(cfg: TrainConfig, address: str | None = None, export: bool = Tr
 
     method = cfg.method_class
     export_dir = export_run(run_dir) if export or not method.trains_supernet else None
-    test_scores = None if method.trains_supernet else score_test_split(plan, export_dir)
+    test_scores, sample_losses = (None, None) if method.trains_supernet else score_test_split(plan, export_dir)
     against_random = (compare_with_random(plan, export_dir / "supernet", arch)
                       if export_dir is not None and method.chooses_arch else None)
     write_run_report(run_dir, plan, history, arch, export_dir, test_scores, against_random)
     return TrainResult(run_dir, checkpoint, arch, history, export_dir, time.time() - start, test_scores,
-                       against_random, plan.space.active(arch) if arch is not None else None, plan)
+                       against_random, plan.space.active(arch) if arch is not None else None, plan, sample_losses)
 
 
 def _stopped_message(run_dir: Path, error: Exception) -> str:
@@ -177,25 +178,25 @@ def compare_with_random(plan: RunPlan, supernet_dir: Path, arch: dict[str, Any],
     batches = [(x[i:i + b], y[i:i + b]) for i in range(0, len(x) - b + 1, b)] or [(x, y)]  # equal sizes
     per_batch = [[evaluate_arch(supernet, a, task, xb, yb, b)[key] for xb, yb in batches] for a in archs]
     scores = [sum(p) / len(p) for p in per_batch]
-    sign = 1 if task.objective.mode == "min" else -1
     result = {"metric": key, "samples": sum(len(yb) for _, yb in batches), "chosen": scores[0],
               "random": scores[1:], "random_archs": archs[1:],
-              "beaten": sum(sign * scores[0] < sign * s for s in scores[1:])}
+              "beaten": sum(task.objective.better(scores[0], s) for s in scores[1:])}
     if len(batches) >= 2:
-        diff = against_median(per_batch[0], per_batch[1:], task.objective.mode == "max", seed=cfg.seed)
+        diff = against_median(per_batch[0], per_batch[1:], task.objective.higher_is_better, seed=cfg.seed)
         result["against_median"] = diff.to_dict()
     (plan.run_dir / "against_random.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def score_test_split(plan: RunPlan, export_dir: Path) -> dict[str, Any]:
+def score_test_split(plan: RunPlan, export_dir: Path) -> tuple[dict[str, Any], list[float]]:
     """The exported model of a fixed-architecture run on ``test_samples`` of the held-out test split, with the
-    time the pass took per sample (``test_scores.json``)."""
+    time the pass took per sample (``test_scores.json``); and each sample's loss, in order."""
     from tangle_ray.evaluate import evaluate_on_split
 
     cfg, start = plan.config, time.perf_counter()
     scores = evaluate_on_split(cfg.data.dir, "test", model=export_dir / "model", num_samples=cfg.test_samples,
-                               seed=cfg.seed)
+                               seed=cfg.seed, per_sample=True)
     scores["ms_per_sample"] = 1e3 * (time.perf_counter() - start) / scores["samples"]
+    sample_losses = scores.pop("sample_losses")
     (plan.run_dir / "test_scores.json").write_text(json.dumps(scores, indent=2) + "\n")
-    return scores
+    return scores, sample_losses

@@ -29,6 +29,7 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
+from tangle_ray.configs import read_json
 from tangle_ray.errors import ConfigError, clip
 from tangle_ray.space import Arch, SearchSpace
 from tangle_ray.tune.config import Constraints, EvolutionConfig, SearchConfig
@@ -288,15 +289,13 @@ class EvolutionSearcher(ArchSearcher):
 def read_searcher_state(path: str | Path) -> dict[str, Any]:
     """A searcher state file written by ``ArchSearcher.save`` (JSON; nothing in it runs code)."""
     try:
-        if Path(path).stat().st_size > MAX_STATE_BYTES:
-            raise ValueError(f"larger than {MAX_STATE_BYTES} bytes")
-        state = json.loads(Path(path).read_bytes().decode("utf-8"), parse_constant=_no_constant)
+        state = read_json(path, "state", MAX_STATE_BYTES, plain=False)
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a {STATE_FORMAT} file")
         for key, typ in (("kind", str), ("archs", list), ("results", list), ("suggested", int), ("trials", dict)):
             if not isinstance(state.get(key), typ):
                 raise ValueError(f"{key} must be a {typ.__name__}")
-    except (OSError, ValueError, RecursionError) as e:
+    except (ConfigError, ValueError) as e:
         raise ConfigError(f"searcher state {path} cannot be read ({clip(str(e), 200)}); it was not written by "
                           "this tangle_ray (older searches saved pickles): start the search under a new name") from None
     return state
@@ -318,10 +317,6 @@ def _decode(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"result {value!r} is not a number")
     return float(value)
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
 
 
 def make_searcher(config: SearchConfig, space: SearchSpace, metric: str, mode: str) -> ArchSearcher:

@@ -176,9 +176,13 @@ def test_evaluate_counts_are_exact_and_the_loss_is_round_off_for_any_batch_size(
 
     results = [TASK.evaluate(output_of, x, y, batch_size=b) for b in (1, 4, 23, 50)]
     assert TASK.evaluate(output_of, x, y, batch_size=4) == results[1]
+    measured = ("loss", "sample_losses")
     for r in results:
-        assert {k: v for k, v in r.items() if k != "loss"} == {k: v for k, v in results[0].items() if k != "loss"}
+        assert {k: v for k, v in r.items() if k not in measured} == {
+            k: v for k, v in results[0].items() if k not in measured}
         assert math.isclose(r["loss"], results[0]["loss"], rel_tol=1e-6)
+        assert r["sample_losses"] == pytest.approx(results[0]["sample_losses"], rel=1e-5, abs=1e-6)
+    assert math.isclose(math.fsum(results[0]["sample_losses"]) / 23, results[0]["loss"], rel_tol=1e-12)
     logits = output_of(x)
     top5 = int((logits.topk(min(5, classes), -1).indices == y[:, None]).any(-1).sum())
     assert results[0]["top1"] == int((logits.argmax(-1) == y).sum()) / 23 and results[0]["top5"] == top5 / 23
