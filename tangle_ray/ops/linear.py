@@ -21,6 +21,46 @@ def select(t: Tensor, dim: int, sel: Selection) -> Tensor:
     return t.narrow(dim, 0, sel) if isinstance(sel, int) else t.index_select(dim, sel)
 
 
+class MaskedLinear(torch.autograd.Function):
+    """``F.linear(x, weight * M, bias * m)`` with the superposition mask ``M = out_ind^T diag(w) in_ind`` and its
+    row sums ``m = w @ out_ind``, keeping neither ``M`` nor the masked weight for the backward pass: both are
+    rebuilt there from ``weight`` and the mixing weights ``w`` (a k x out x in product), so the step holds the
+    layer's input and weight as a plain linear layer does instead of two more weight-sized tensors."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, w: Tensor, out_ind: Tensor,
+                in_ind: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight, bias, w, out_ind, in_ind)
+        y = F.linear(x, weight * _mask(w, out_ind, in_ind))
+        return y if bias is None else y + bias * (w @ out_ind)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        x, weight, bias, w, out_ind, in_ind = ctx.saved_tensors
+        mask = _mask(w, out_ind, in_ind)
+        grad_x = grad_weight = grad_bias = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ (weight * mask)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+            grad_masked = grad_y.reshape(-1, grad_y.size(-1)).t() @ x.reshape(-1, x.size(-1))  # d loss / d (W * M)
+            if ctx.needs_input_grad[3]:  # d loss / d w_c: the sum of (grad * W) over choice c's block
+                grad_w = ((out_ind @ (grad_masked * weight)) * in_ind).sum(-1)
+            if ctx.needs_input_grad[1]:
+                grad_weight = grad_masked.mul_(mask)
+        if bias is not None:
+            grad_rows = grad_y.reshape(-1, grad_y.size(-1)).sum(0)
+            if ctx.needs_input_grad[2]:
+                grad_bias = grad_rows * (w @ out_ind)
+            if ctx.needs_input_grad[3]:
+                grad_w = out_ind @ (grad_rows * bias) + (0 if grad_w is None else grad_w)
+        return grad_x, grad_weight, grad_bias, grad_w, None, None
+
+
+def _mask(w: Tensor, out_ind: Tensor, in_ind: Tensor) -> Tensor:
+    """sum_c w_c 1[i < out_c] 1[j < in_c]."""
+    return out_ind.t() @ (w[:, None] * in_ind)
+
+
 class EntangledLinear(nn.Linear):
     """``nn.Linear`` of the largest shape; choice ``c`` uses ``weight[:out_c, :in_c]``.
 
@@ -53,21 +93,15 @@ class EntangledLinear(nn.Linear):
             return F.linear(x, *self.sliced(out, inp))
         return self._output_mix(x, w) if output_mix else self._superpose(x, w)
 
-    def mask(self, w: Tensor) -> Tensor:
-        """sum_c w_c 1[i < out_c] 1[j < in_c]: the weight superposition as a mask on ``weight``."""
-        ind_in = self.in_ind.to(w.dtype)
-        return self.out_ind.to(w.dtype).t() @ (w[:, None] * ind_in)
-
     def _superpose(self, x: Tensor, w: Tensor) -> Tensor:
         w = w.to(self.weight.dtype)
         activations_smaller = x.numel() < self.weight.numel()
         if self.all_rows and activations_smaller:
             return F.linear(x * (w @ self.in_ind.to(w.dtype)), self.weight, self.bias)
-        out_mask = w @ self.out_ind.to(w.dtype)
+        out_ind, in_ind = self.out_ind.to(w.dtype), self.in_ind.to(w.dtype)
         if self.all_cols and activations_smaller:
-            return F.linear(x, self.weight, self.bias) * out_mask
-        bias = None if self.bias is None else self.bias * out_mask
-        return F.linear(x, self.weight * self.mask(w), bias)
+            return F.linear(x, self.weight, self.bias) * (w @ out_ind)
+        return MaskedLinear.apply(x, self.weight, self.bias, w, out_ind, in_ind)
 
     def _output_mix(self, x: Tensor, w: Tensor) -> Tensor:
         """Weight-sharing baseline: one matmul per choice on its own slice, outputs padded and mixed."""

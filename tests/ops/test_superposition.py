@@ -182,3 +182,29 @@ def test_compiled_superposition_equals_eager(space):
     lb.backward()
     for (name, p), q in zip(eager.net.named_parameters(), compiled.net.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("bias, seed", [(True, 0), (False, 1), (True, 2)])
+def test_masked_linear_gradients_match_finite_differences_and_autograd(bias, seed):
+    """The masked linear keeps neither the mask nor the masked weight for backward and rebuilds both there: its
+    gradients (input, weight, bias, mixing weights) against float64 finite differences and against autograd
+    through the plain expression ``F.linear(x, W * M, b * m)``."""
+    from tangle_ray.ops.linear import EntangledLinear, MaskedLinear
+
+    torch.manual_seed(seed)
+    combos = [(hid, e) for e in (3, 5, 7) for hid in (4, 6)]  # (width, ratio) pairs: never rank one
+    layer = EntangledLinear(7, 6, bias, combos).double()
+    out_ind, in_ind = layer.out_ind.double(), layer.in_ind.double()
+    x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.softmax(torch.randn(len(combos), dtype=torch.float64), 0).requires_grad_()
+    inputs = (x, layer.weight, layer.bias, w)
+    assert torch.autograd.gradcheck(lambda x, W, b, w: MaskedLinear.apply(x, W, b, w, out_ind, in_ind), inputs)
+
+    grad_out = torch.randn(2, 3, 6, dtype=torch.float64)
+    ours = torch.autograd.grad(MaskedLinear.apply(x, layer.weight, layer.bias, w, out_ind, in_ind), [
+        t for t in inputs if t is not None], grad_out)
+    mask = out_ind.t() @ (w[:, None] * in_ind)
+    plain = torch.nn.functional.linear(x, layer.weight * mask, None if layer.bias is None else layer.bias * (w @ out_ind))
+    reference = torch.autograd.grad(plain, [t for t in inputs if t is not None], grad_out)
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
