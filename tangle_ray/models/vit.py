@@ -124,7 +124,7 @@ class Attention(nn.Module):
         self.rel_v = RelativePosition2D(*rel) if c.relative_position else None
 
     def forward(self, x: Tensor) -> Tensor:
-        rel = None if self.rel_k is None else (self.rel_k(x.size(1)), self.rel_v(x.size(1)))
+        rel = None if self.rel_k is None else (self.rel_k, self.rel_v)
         return self.c_proj(fixed_head_attention(self.c_attn(x), self.head_dim, causal=False, rel=rel))
 
 
@@ -436,16 +436,17 @@ class ViTFamily(ModelFamily):
 
     def flops(self, space: SearchSpace, arch: Arch) -> int:
         """One image: 2 per multiply-add of the patch projection, every block's linear layers and attention
-        products (q k^T and a v; with relative positions also q R_k and a R_v) and the classifier; norms,
-        softmax and elementwise operations are not counted."""
+        products (q k^T and a v; with relative positions also the queries against both tables of R_k and the
+        per-offset sums of the attention weights against both tables of R_v, 2 max_distance + 2 rows each) and
+        the classifier; norms, softmax, gathers and elementwise operations are not counted."""
         f = space.fixed
         e, d, patches = arch["embed_dim"], f["head_dim"], (f["img_size"] // f["patch_size"]) ** 2
-        T = 1 + patches
+        T, rows = 1 + patches, 2 * f["max_relative_position"] + 2
         macs = patches * f["in_chans"] * f["patch_size"] ** 2 * e + e * f["num_classes"]
         for i in range(arch["depth"]):
             q, hid = arch["num_heads"][i] * d, hidden_width(e, arch["mlp_ratio"][i])
             macs += T * (3 * q * e + q * e + 2 * e * hid)
-            macs += (4 if f["relative_position"] else 2) * T * T * q
+            macs += 2 * T * T * q + (4 * T * rows * q if f["relative_position"] else 0)
         return 2 * macs
 
     def no_weight_decay(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:

@@ -39,23 +39,23 @@ def head_layout(max_width: int, n_head: int, width: int, device=None) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, dropout: float = 0.0, scale: float | None = None,
-              rel: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """softmax(q k^T scale) v over [B, heads, T, d]. With ``rel = (R_k, R_v)`` ([T, T, d] each; Shaw et al. as in
-    AutoFormer) the logits gain ``q_i . R_k[i, j]`` (scaled alike) and the output ``sum_j a_ij R_v[i, j]``."""
+              rel: tuple[RelativePosition2D, RelativePosition2D] | None = None) -> Tensor:
+    """softmax(q k^T scale) v over [B, heads, T, d]. With ``rel = (R_k, R_v)`` (Shaw et al. as in AutoFormer) the
+    logits gain ``q_i . R_k[i, j]`` (scaled alike) and the output ``sum_j a_ij R_v[i, j]``."""
     if rel is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal, scale=scale)
     r_k, r_v = rel
     scale = q.size(-1) ** -0.5 if scale is None else scale
-    logits = (q @ k.transpose(-2, -1) + torch.einsum("bhid,ijd->bhij", q, r_k)) * scale
+    logits = (q @ k.transpose(-2, -1) + r_k(q)) * scale
     if causal:
         T = q.size(-2)
         logits = logits.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     a = F.dropout(logits.softmax(-1), dropout)
-    return a @ v + torch.einsum("bhij,ijd->bhid", a, r_v)
+    return a @ v + r_v(a, values=True)
 
 
 def fixed_head_attention(qkv: Tensor, head_dim: int, *, causal: bool, dropout: float = 0.0,
-                         rel: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                         rel: tuple[RelativePosition2D, RelativePosition2D] | None = None) -> Tensor:
     """Attention of heads ``head_dim`` wide from ``qkv`` [B, T, 3 h head_dim], rows in (head, q/k/v, feature)
     order; returns [B, T, h head_dim] (head-major), scaled by 1/sqrt(head_dim)."""
     B, T, C = qkv.shape
@@ -70,8 +70,8 @@ class RelativePosition2D(nn.Module):
 
     Two tables of (2 max_distance + 2) x head_dim: one for the vertical and one for the horizontal offset between
     two patches (key minus query, clipped to +-max_distance, stored at 1 .. 2 max_distance + 1); index 0 serves
-    every pair that involves the class token. ``forward(n)`` returns the [n, n, head_dim] embeddings of the first
-    ``n`` tokens (the sum of the two tables' rows).
+    every pair that involves the class token. The [n, n, head_dim] embeddings ``R[i, j]`` (the sum of the two
+    tables' rows) are never built: ``forward`` works against the tables (see there).
     """
 
     def __init__(self, head_dim: int, grid: int, max_distance: int):
@@ -88,8 +88,21 @@ class RelativePosition2D(nn.Module):
         self.register_buffer("index_v", index(patch // grid), False)
         self.register_buffer("index_h", index(patch % grid), False)
 
-    def forward(self, n: int) -> Tensor:
-        return self.table_v[self.index_v[:n, :n]] + self.table_h[self.index_h[:n, :n]]
+    def forward(self, x: Tensor, values: bool = False) -> Tensor:
+        """Keys: the logits ``q_i . R[i, j]`` of queries ``x`` [..., n, d], as [..., n, n]: ``x`` times each table,
+        gathered by offset. Values (``values``): ``sum_j a_ij R[i, j]`` of attention weights ``x`` [..., n, n], as
+        [..., n, d]: the weights summed per offset (a scatter-add), times each table. Equal to the products with
+        the [n, n, d] embeddings up to the order of float additions; n x rows products instead of n x n x d."""
+        n = x.size(-2)
+        out = None
+        for table, index in ((self.table_v, self.index_v), (self.table_h, self.index_h)):
+            idx = index[:n, :n].expand(*x.shape[:-2], n, n)
+            if values:
+                part = x.new_zeros(*x.shape[:-1], table.size(0)).scatter_add_(-1, idx, x) @ table
+            else:
+                part = (x @ table.t()).gather(-1, idx)
+            out = part if out is None else out + part
+        return out
 
 
 def _as_bits(values: list) -> Tensor:
@@ -164,7 +177,7 @@ class EntangledAttention(nn.Module):
         return y.transpose(1, 2).reshape(B, T, C)
 
     def _fixed_heads(self, qkv: Tensor) -> Tensor:
-        rel = None if self.rel_k is None else (self.rel_k(qkv.size(1)), self.rel_v(qkv.size(1)))
+        rel = None if self.rel_k is None else (self.rel_k, self.rel_v)
         p = self.dropout if self.training else 0.0
         return fixed_head_attention(qkv, self.head_dim, causal=self.causal, dropout=p, rel=rel)
 

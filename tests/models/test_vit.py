@@ -102,7 +102,7 @@ def test_one_attention_serves_every_head_count(space, net):
     w_e = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
     w_h = torch.tensor([0.6, 0.1, 0.3], dtype=torch.float64)
     qkv = attn.c_attn(x, torch.outer(w_e, w_h).flatten())
-    rel = (attn.rel_k(17), attn.rel_v(17))
+    rel = (attn.rel_k, attn.rel_v)
     inner = max(attn.heads) * d
     z = sum(wh * F.pad(fixed_head_attention(qkv[..., : 3 * h * d], d, causal=False, rel=rel), (0, inner - h * d))
             for wh, h in zip(w_h, attn.heads))
@@ -209,3 +209,29 @@ def test_weight_decay_spares_tokens_tables_norms_and_biases(space, net):
     decayed = sorted(k for k, (p, mod) in params.items() if not space.family.no_weight_decay(k, p, mod))
     assert decayed and all(k.endswith("weight") and "norm" not in k for k in decayed)
     assert not any(k.endswith(("cls_token", "pos_embed", "table_v", "table_h")) for k in decayed)
+
+
+@pytest.mark.parametrize("name, n", [("vit-micro", 17), ("vit-micro", 9), ("vit-tiny", 50)])
+def test_relative_positions_against_the_tables_equal_the_embeddings(name, n):
+    """Logits and values computed against the two tables (a gather, a scatter-add) equal the products with the
+    materialised [n, n, d] embeddings R[i, j] = T_v[index_v[i, j]] + T_h[index_h[i, j]], gradients included, to
+    float64 round-off (the sums run in another order)."""
+    from tangle_ray.ops.attention import RelativePosition2D
+
+    space = load_space(name)
+    f = space.fixed
+    grid = f["img_size"] // f["patch_size"]
+    torch.manual_seed(n)
+    rel = RelativePosition2D(f["head_dim"], grid, f["max_relative_position"]).double()
+    with torch.no_grad():
+        for p in rel.parameters():
+            p.normal_()
+    q = torch.randn(2, 3, n, f["head_dim"], dtype=torch.float64, requires_grad=True)
+    a = torch.softmax(torch.randn(2, 3, n, n, dtype=torch.float64), -1).requires_grad_()
+    R = rel.table_v[rel.index_v[:n, :n]] + rel.table_h[rel.index_h[:n, :n]]
+    ours = rel(q).sum() * 1.3 + rel(a, values=True).square().sum()
+    reference = torch.einsum("bhid,ijd->bhij", q, R).sum() * 1.3 + torch.einsum("bhij,ijd->bhid", a, R).square().sum()
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    inputs = [q, a, rel.table_v, rel.table_h]
+    for g, h in zip(torch.autograd.grad(ours, inputs), torch.autograd.grad(reference, inputs), strict=True):
+        torch.testing.assert_close(g, h, rtol=1e-12, atol=1e-12)
