@@ -85,3 +85,13 @@ def _has_surrogates(text: str) -> bool:
     except UnicodeEncodeError:
         return True
     return False
+
+
+def output_folder(out: str | None, default: Path, what: str = "--out") -> Path:
+    """The folder a command writes to: ``out`` if given (a file-system path, not empty), else ``default``,
+    resolved."""
+    if out is not None and not out.strip():
+        raise ConfigError(f"{what} must not be empty")
+    if out is not None:
+        check_not_uri(out, what)
+    return Path(out or default).resolve()

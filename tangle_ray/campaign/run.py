@@ -19,8 +19,7 @@ from tangle_ray.campaign import report, statistics
 from tangle_ray.campaign.config import CampaignConfig
 from tangle_ray.campaign.plan import Plan, anytime_curves, result_rows
 from tangle_ray.cluster import check_resources, connect
-from tangle_ray.errors import ConfigError
-from tangle_ray.names import check_not_uri, check_output_dir
+from tangle_ray.names import check_output_dir, output_folder
 from tangle_ray.stages import Stage, read_record, run_stage, stage_status, write_atomic
 
 
@@ -204,8 +203,4 @@ def _last_line(error: Exception) -> str:
 
 
 def campaign_dir(config: CampaignConfig, out: str | None) -> Path:
-    if out is not None and not out.strip():
-        raise ConfigError("--out must not be empty")
-    if out is not None:
-        check_not_uri(out, "--out")
-    return Path(out or Path("campaigns") / config.name).resolve()
+    return output_folder(out, Path("campaigns") / config.name)

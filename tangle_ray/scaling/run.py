@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tangle_ray.cluster import check_resources, connect
-from tangle_ray.errors import ConfigError
-from tangle_ray.names import check_not_uri, check_output_dir
+from tangle_ray.names import check_output_dir, output_folder
 from tangle_ray.scaling import measure, report
 from tangle_ray.scaling.config import ScaleConfig
 from tangle_ray.scaling.plan import PlannedPoint
@@ -111,8 +110,4 @@ def _progress(event: str) -> None:
 
 
 def scale_dir(config: ScaleConfig, out: str | None) -> Path:
-    if out is not None and not out.strip():
-        raise ConfigError("--out must not be empty")
-    if out is not None:
-        check_not_uri(out, "--out")
-    return Path(out or Path("scaling") / config.name).resolve()
+    return output_folder(out, Path("scaling") / config.name)
