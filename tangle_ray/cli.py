@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -82,9 +83,10 @@ VERBOSE = {  # what --verbose prints, and where that output goes without it
     "run": "print the workers' own output (DeepSpeed's, torch's) and Ray's messages here too (default: off: each "
            "worker's goes to RUN/logs/rank<r>.log, Ray's to its session logs, by default "
            "/tmp/ray/session_latest/logs/)",
-    "tune": "print the trial workers' output and Ray's messages here too (default: off: they stay in Ray's session "
-            "logs, by default /tmp/ray/session_latest/logs/ on each node; a search folder has no logs/). Tune's "
-            "own progress tables are the search file's setting verbose=1..3, not this option",
+    "tune": "print the trial workers' output, Ray's messages and Ray Tune's start banner here too (default: off: "
+            "they stay in Ray's session logs, by default /tmp/ray/session_latest/logs/ on each node; a search folder "
+            "has no logs/; the banner is dropped). Tune's own progress tables are the search file's setting "
+            "verbose=1..3, not this option",
     "scale": "print each point's workers' output and Ray's messages here too (default: off: each point's workers "
              "write to SCALE_DIR/points/<point>/run/logs/, Ray's messages to its session logs)",
     "campaign": "print the stage tasks' output and Ray's messages here too (default: off: they stay in Ray's "
@@ -218,8 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--seed", type=int, default=0, help="seed that draws the valid split's images")
     synth = data_sub.add_parser("synth", help="write the offline demo corpus of synthetic stories")
     synth.add_argument("--out", required=True, help="output folder: train.jsonl (--stories stories) and "
-                       "validation.jsonl (200 stories), one {\"text\": story} a line")
+                       "validation.jsonl (--valid-stories stories), one {\"text\": story} a line")
     synth.add_argument("--stories", type=int, default=2000, help="how many training stories to write")
+    synth.add_argument("--valid-stories", type=int, help="how many validation stories to write (the test split of "
+                       "`tangle-ray data prepare`) (default: a tenth of --stories, at least 10: 200 for 2000)")
 
     sub.add_parser("spaces", help="list the known search spaces")
     return parser
@@ -242,13 +246,22 @@ def main(argv: list[str] | None = None) -> int:
         datasets.disable_progress_bars()
     try:
         _check_options(args)
-        return COMMANDS[args.command](args) or 0
+        code = COMMANDS[args.command](args) or 0
+        sys.stdout.flush()  # a reader that went away (`| head`) shows here, not as a traceback at exit
+        return code
     except ConfigError as e:
         print(f"tangle-ray: error: {e}", file=sys.stderr)
         return 2
     except (RunStopped, CampaignStopped, ScaleStopped) as e:
         print(f"tangle-ray: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl+C: one line, what was saved and how to go on
+        print(f"tangle-ray: {_interrupted(args, argv, e)}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader of stdout went away (`tangle-ray evaluate ... | head`): end quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit finds no pipe either
+        return 141
     except OSError as e:  # a write the machine refused (a full disk) outside the checked places: one line too
         fault = write_fault(e, Path.cwd())
         if fault is None:
@@ -257,13 +270,33 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl+C, with what was saved (a search's finished trials)."""
+
+
+RESUMED_BY_RERUN = ("demo", "tune", "campaign", "scale", *(m.command for m in METHODS.values()))
+
+
+def _interrupted(args: argparse.Namespace, argv: list[str] | None, error: KeyboardInterrupt) -> str:
+    """The line an interrupted command ends with: what was saved, and the command that resumes."""
+    import shlex
+
+    saved = str(error) or "interrupted (Ctrl+C)"
+    if args.command not in RESUMED_BY_RERUN:
+        return saved
+    command = shlex.join(["tangle-ray", *(sys.argv[1:] if argv is None else argv)])
+    return f"{saved}; to resume, run the same command again: {command}"
+
+
 def _check_options(args: argparse.Namespace) -> None:
     """What argparse cannot check: output folders, seeds and counts, before any work starts."""
+    from tangle_ray import storage
     from tangle_ray.names import check_output_dir
 
-    if getattr(args, "out", None) is not None:
-        check_output_dir(args.out, "--out")
-    for option in ("seed", "stories", "samples", "num_proc"):
+    if getattr(args, "out", None) is not None:  # object-store folders are checked where they are used
+        if not storage.is_uri(args.out):
+            check_output_dir(args.out, "--out")
+    for option in ("seed", "stories", "valid_stories", "samples", "num_proc"):
         value = getattr(args, option, None)
         least = 0 if option == "seed" else 1
         if value is not None and value < least:
@@ -287,12 +320,14 @@ def _train(args, method: str, extra: list[str] | None = None) -> int:
     run_file, overrides = args.run_file, list(args.overrides)
     if run_file and "=" in run_file and not _is_file(run_file):  # no run file, only settings
         run_file, overrides = None, [run_file, *overrides]
-    asked = read_settings(run_file, overrides, "run")[0].get("method", method)
+    settings = read_settings(run_file, overrides, "run")[0]
+    asked = settings.get("method", method)
     if asked != method:  # the command decides the method: a file or setting that says otherwise is a mistake
         known = isinstance(asked, str) and asked in METHODS
         hint = f"use `tangle-ray {METHODS[asked].command}`" if known else f"allowed: {sorted(METHODS)}"
         raise ConfigError(f"{run_file or 'settings'}: method = {shorten(asked)}, but `tangle-ray {args.command}` "
                           f"runs {method}; {hint}, or remove method")
+    METHODS[method].check_arguments(args, settings)
     cfg = load_config(run_file, [f"method={method}", *(extra or []), *overrides])
     result = run_training(cfg, address=args.address, export=not args.no_export, verbose=args.verbose)
     _print_result(result)
@@ -401,7 +436,7 @@ def cmd_scale(args) -> int:
         print(dry_run(config, points, out))
         return 0
     run_scale(config, points, out, address=args.address, verbose=args.verbose)
-    print(f"\nscaling folder: {out}\nreport:         {out / 'report.md'}\ntable:          {out / 'points.csv'}")
+    print(f"\nscaling folder: {out}\nreport:         {out}/report.md\ntable:          {out}/points.csv")
     return 0
 
 
@@ -417,7 +452,7 @@ def cmd_campaign(args) -> int:
         print(dry_run(config, plan, out))
         return 0
     result = run_campaign(config, plan, out, address=args.address, verbose=args.verbose)
-    print(f"\ncampaign folder: {out}\nreport:          {out / 'report.md'}")
+    print(f"\ncampaign folder: {out}\nreport:          {out}/report.md")
     for c in result["comparisons"]:
         if c["stage"] == "retrain" and c["metric"] == plan.objective:
             print(f"{c['method']} vs {c['baseline']} (test {c['metric']} after retraining): mean difference "
@@ -448,10 +483,13 @@ def cmd_evaluate(args) -> int:
 
 def cmd_tune(args) -> int:
     from tangle_ray.tune.config import load_search_config
-    from tangle_ray.tune.tuner import run_search
+    from tangle_ray.tune.tuner import SearchInterrupted, run_search
 
-    result = run_search(load_search_config(args.search_file, args.overrides), address=args.address,
-                        verbose=args.verbose)
+    try:
+        result = run_search(load_search_config(args.search_file, args.overrides), address=args.address,
+                            verbose=args.verbose)
+    except SearchInterrupted as e:
+        raise Interrupted(e.saved) from None
     print(f"\nleaderboard: {result.out_dir / 'leaderboard.md'}")
     objective = result.task.objective
     print(f"best arch:   {json.dumps(result.best_arch)} ({objective.label} "
@@ -465,7 +503,9 @@ def cmd_data(args) -> int:
     from tangle_ray.data.synth import write_demo_corpus
 
     if args.data_command == "synth":
-        print(f"wrote synthetic stories to {write_demo_corpus(args.out, n_train=args.stories)}")
+        n_valid = args.valid_stories if args.valid_stories is not None else max(10, args.stories // 10)
+        out = write_demo_corpus(args.out, n_train=args.stories, n_valid=n_valid)
+        print(f"wrote {args.stories:,} training and {n_valid:,} validation stories to {out}")
         return 0
     if args.data_command == "images":
         from tangle_ray.data.image_prepare import prepare_images

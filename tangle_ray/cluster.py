@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
+import _thread
 import logging
 import math
 import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
 from tangle_ray.errors import ConfigError, clip, shorten
 
 CONNECT_TIMEOUT_S = 15.0
+START_TIMEOUT_S = 180.0  # ray.init, starting a local cluster or joining one that answered: a busy 2-core machine
+# starts a local cluster in 5-30 s; past this something hangs (``TANGLE_RAY_START_TIMEOUT_S`` changes it)
 _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, timeout_s: float = CONNECT_TIMEOUT_S,
-            verbose: bool = False) -> None:
+            verbose: bool = False, start_timeout_s: float | None = None) -> None:
     """Join the Ray cluster at ``address`` (or the one running on this machine), or start a local one.
 
     ``address="local"`` always starts a new local cluster (with ``num_cpus``); nothing happens when Ray is
-    already initialised in this process. An address that does not answer as a Ray cluster within
-    ``timeout_s`` is a ConfigError (``ray.init`` itself would wait for minutes). Unless ``verbose``, Ray's own
+    already initialised in this process. Without ``address`` (and ``RAY_ADDRESS``), the cluster Ray's cluster file
+    names (``/tmp/ray/ray_current_cluster``, written by ``ray start``) is joined, or a local one started where
+    there is none. An address that does not answer as a Ray cluster within ``timeout_s`` is a ConfigError
+    (``ray.init`` itself would wait for minutes); so is a cluster file naming an address where nothing answers
+    (a cluster that ended without ``ray stop``), and a ``ray.init`` that has not returned after
+    ``start_timeout_s`` (default ``START_TIMEOUT_S``). Unless ``verbose``, Ray's own
     messages stay in its log files: workers' output is not forwarded here and Ray's loggers report errors only.
     A cluster started here is watched by ``reaper.py``: killed with this process, it leaves nothing behind.
     """
@@ -33,21 +41,104 @@ def connect(address: str | None = None, num_cpus: int | None = None, timeout_s: 
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     target = address or os.environ.get("RAY_ADDRESS") or None
+    origin = f"--address {shorten(target)}" if address else f"RAY_ADDRESS={shorten(target)}"
     if target not in (None, "local"):
-        check_reachable(target, timeout_s)
+        check_reachable(target, timeout_s, where=origin)
+    elif target is None:
+        _check_cluster_file(timeout_s)
     kwargs = {"num_cpus": num_cpus, "include_dashboard": False} if address == "local" else {}
     level = logging.INFO if verbose else logging.ERROR  # Ray's own loggers only: tangle_ray's warnings stay visible
     logging.getLogger("ray").setLevel(level)
     before = _children()
+    limit = start_timeout_s if start_timeout_s is not None else float(
+        os.environ.get("TANGLE_RAY_START_TIMEOUT_S", START_TIMEOUT_S))
+    joining = origin if target is not None else "starting or joining Ray (no --address)"
+    bound = _Bounded(limit)
     try:
-        ray.init(address=address, log_to_driver=verbose, logging_level=level, **kwargs)
+        with bound:
+            ray.init(address=address, log_to_driver=verbose, logging_level=level, **kwargs)
+    except KeyboardInterrupt:
+        if not bound.fired.is_set():  # a person's Ctrl+C
+            raise
+        _end_started(before)
+        how = ("is the cluster healthy (`ray status` on its head node)? Or pass --address local to start a fresh "
+               "local cluster" if target not in (None, "local") else
+               "see Ray's logs (/tmp/ray/session_latest/logs/); `ray stop` ends what an earlier cluster left "
+               "running")
+        raise ConfigError(f"{joining}: Ray did not start or join within {limit:g} s; {how}") from None
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
-        raise ConfigError(f"--address {shorten(target)}: cannot join the Ray cluster ({clip(str(e), 200)})") from None
+        raise ConfigError(f"{joining}: cannot start or join the Ray cluster ({clip(str(e), 200)})") from None
     started = sorted(pid for pid, _ in _children() - before)
     if started:  # this process started a local cluster: its GCS, raylet and helpers are our children
         subprocess.Popen([sys.executable, str(Path(__file__).with_name("reaper.py")), str(os.getpid()),
                           *map(str, started)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+class _Bounded:
+    """A block interrupted (KeyboardInterrupt, with ``fired`` set) when it runs longer than ``limit_s``: a timer
+    interrupts the main thread as Ctrl+C would (Ray's connection loops return to Python every second). Only on the
+    main thread, where that interrupt lands; elsewhere the block is unbounded."""
+
+    def __init__(self, limit_s: float):
+        self.limit_s = limit_s
+        self.fired = threading.Event()
+        self.lock = threading.Lock()
+        self.done = False
+        self.timer: threading.Timer | None = None
+
+    def _expire(self) -> None:
+        with self.lock:
+            if not self.done:
+                self.fired.set()
+                _thread.interrupt_main()
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is threading.main_thread() and self.limit_s > 0:
+            self.timer = threading.Timer(self.limit_s, self._expire)
+            self.timer.daemon = True
+            self.timer.start()
+
+    def __exit__(self, kind, value, traceback) -> bool:
+        with self.lock:
+            self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.fired.is_set() and kind is None:  # it returned as the timer fired: the interrupt is on its way
+            raise KeyboardInterrupt
+        return False
+
+
+def _end_started(before: set[tuple[int, float]]) -> None:
+    """After a start that timed out: disconnect, and end the processes it started."""
+    import psutil
+    import ray
+
+    try:
+        ray.shutdown()
+    except Exception:  # noqa: BLE001 - best effort: the processes are ended below either way
+        pass
+    for pid, _ in _children() - before:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.Error:
+            continue
+
+
+def _check_cluster_file(timeout_s: float) -> None:
+    """Without an address, Ray joins the cluster its cluster file names (written by ``ray start``): a ConfigError
+    when nothing answers there (``ray.init`` would retry for minutes), saying what to do."""
+    try:
+        from ray._private.utils import get_ray_address_file, read_ray_address
+
+        found, where = read_ray_address(None), get_ray_address_file(None)
+    except (ImportError, OSError, AttributeError):
+        return
+    if not found:
+        return
+    hint = (f"a cluster that ended without `ray stop`? Run `ray stop`, or remove {where}, to let tangle-ray start "
+            "a fresh local cluster; or pass --address local (a fresh local cluster) or --address HOST:PORT")
+    check_reachable(found, timeout_s, where=f"the Ray cluster file {where} names {shorten(found)}", hint=hint)
 
 
 def _children() -> set[tuple[int, float]]:
@@ -63,10 +154,12 @@ def _children() -> set[tuple[int, float]]:
     return found
 
 
-def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S, where: str | None = None,
+                    hint: str | None = None) -> None:
     """ConfigError unless ``address`` (``host:port``, ``ray://host:port`` or ``auto``) answers like a Ray
-    cluster (a gRPC server) within ``timeout_s`` seconds."""
-    where = f"--address {shorten(address)}"
+    cluster (a gRPC server) within ``timeout_s`` seconds; ``where`` names the address's origin in the message
+    (default: ``--address``), ``hint`` replaces its advice."""
+    where = where or f"--address {shorten(address)}"
     if address == "auto":
         try:
             from ray._private.services import canonicalize_bootstrap_address_or_die
@@ -85,13 +178,14 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
                 s.sendall(_HTTP2_PREFACE)
                 reply = s.recv(9)  # a gRPC server's first frame is SETTINGS (type 4)
                 if len(reply) < 4 or reply[3] != 4:
-                    raise ConfigError(f"{where}: something answers there, but not a Ray cluster (no gRPC reply)")
+                    raise ConfigError(f"{where}: something answers there, but not a Ray cluster (no gRPC reply)"
+                                      + (f"; {hint}" if hint else ""))
     except (TimeoutError, socket.timeout):
-        raise ConfigError(f"{where}: no answer within {timeout_s:g} s; is the Ray cluster running "
-                          "(`ray status` on its head node) and its port open?") from None
+        raise ConfigError(f"{where}: no answer within {timeout_s:g} s; " + (hint or "is the Ray cluster running "
+                          "(`ray status` on its head node) and its port open?")) from None
     except OSError as e:
-        raise ConfigError(f"{where}: cannot reach it ({e.strerror or e}); is the Ray cluster running "
-                          "(`ray start --head` on its head node)?") from None
+        raise ConfigError(f"{where}: cannot reach it ({e.strerror or e}); " + (hint or "is the Ray cluster "
+                          "running (`ray start --head` on its head node)?")) from None
 
 
 def worker_resources(use_gpu: bool, resources_per_worker: Mapping[str, float] | None) -> dict[str, float]:

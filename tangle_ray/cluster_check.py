@@ -19,6 +19,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tangle_ray import storage
+
 PACKAGES = ("torch", "deepspeed", "ray", "tangle-ray")
 
 
@@ -42,7 +44,12 @@ def node_facts(paths: list[str]) -> dict[str, Any]:
 
 
 def _probe_path(path: str) -> dict[str, Any]:
-    """Free disk under ``path`` and whether a file can be written, read back and deleted there."""
+    """Free disk under ``path`` and whether a file can be written, read back and deleted there (an object, on
+    object storage; the free disk is then the local cache's)."""
+    if storage.is_uri(path):
+        problem = storage.probe(path)
+        cache = next(p for p in (storage.cache_path(path), *storage.cache_path(path).parents) if p.exists())
+        return {"ok": not problem, "free_gb": shutil.disk_usage(cache).free / 2**30, "problem": problem}
     folder = Path(path)
     existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
     free_gb = shutil.disk_usage(existing).free / 2**30
@@ -124,5 +131,5 @@ def paths_of_run(run_file: str | None, overrides: list[str]) -> tuple[list[str],
 
     cfg = load_config(run_file, overrides)
     s = cfg.scaling
-    paths = [os.path.abspath(cfg.run.storage_path), os.path.abspath(cfg.data.dir)]
+    paths = [p if storage.is_uri(p) else os.path.abspath(p) for p in (cfg.run.storage_path, cfg.data.dir)]
     return paths, s.num_workers, worker_resources(s.use_gpu, s.resources_per_worker), s.placement_strategy

@@ -220,13 +220,42 @@ def identity(config: Any) -> dict[str, Any]:
     return out
 
 
+class Source(str):
+    """The name a config's errors start with (its file, or e.g. "run config"), which also knows the settings that
+    command-line overrides set: an error in one of those names the override instead (``of``)."""
+
+    overrides: dict[str, str]
+
+    def __new__(cls, name: str, overrides: dict[str, str] | None = None) -> Source:
+        self = super().__new__(cls, name)
+        self.overrides = dict(overrides or {})
+        return self
+
+    def of(self, dotted: str) -> str:
+        """Where setting ``dotted`` came from: ``override key=value`` when an override set it (or a group above
+        it), else the file."""
+        parts = dotted.split(".")
+        for n in range(len(parts), 0, -1):
+            item = self.overrides.get(".".join(parts[:n]))
+            if item is not None:
+                return f"override {item if len(item) <= 120 and item.isprintable() else shorten(item, 120)}"
+        return str(self)
+
+
+def source_of(source: str, dotted: str) -> str:
+    """``source.of(dotted)`` for a ``Source``; any other source name as it is."""
+    return source.of(dotted) if isinstance(source, Source) else source
+
+
 def read_settings(path: str | Path | None, overrides: list[str] | None, kind: str) -> tuple[dict[str, Any], str]:
     """The mapping of a YAML ``kind`` file (or an empty one) with dotted ``key=value`` overrides applied,
-    and the source name to put in error messages."""
+    and the source name to put in error messages (a ``Source``: errors in a setting an override set name the
+    override)."""
     raw: Any = {}
-    source = f"{kind} config"
+    name = f"{kind} config"
+    set_by: dict[str, str] = {}
     if path is not None:
-        source = str(path)
+        name = str(path)
         raw = read_yaml(path, f"{kind} file")
         if raw is None:
             raw = {}
@@ -240,7 +269,10 @@ def read_settings(path: str | Path | None, overrides: list[str] | None, kind: st
         if not sep or not key.strip():
             raise ConfigError(f"override {shorten(item)}: expected key=value, e.g. optimizer.lr=1e-3")
         set_dotted(raw, key.strip(), parse_yaml(value, f"override {shorten(item)}"), item)
-    return raw, source
+        dotted = key.strip()
+        set_by = {k: v for k, v in set_by.items() if not k.startswith(dotted + ".")}  # a group replaces its keys
+        set_by[dotted] = item
+    return raw, Source(name, set_by)
 
 
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any, what: str = "") -> None:
@@ -270,7 +302,9 @@ def build(cls: type, raw: Any, source: str, generic: str, prefix: str = ""):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ConfigError(f"{source}: unknown setting(s) {shorten([prefix + u for u in unknown], 200)}; "
+        origins = {source_of(source, prefix + u) for u in unknown}
+        where = origins.pop() if len(origins) == 1 else source
+        raise ConfigError(f"{where}: unknown setting(s) {shorten([prefix + u for u in unknown], 200)}; "
                           f"allowed: {[prefix + f for f in fields]}")
     missing = [n for n, f in fields.items()
                if n not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -281,11 +315,17 @@ def build(cls: type, raw: Any, source: str, generic: str, prefix: str = ""):
     for name, value in raw.items():
         typ = hints[name]
         kwargs[name] = (build(typ, value, source, generic, f"{prefix}{name}.") if dataclasses.is_dataclass(typ)
-                        else coerce(value, typ, f"{source}: {prefix}{name}"))
+                        else coerce(value, typ, f"{source_of(source, prefix + name)}: {prefix}{name}"))
     try:
         return cls(**kwargs)
-    except ConfigError as e:  # a check in __post_init__: name the file instead of the generic source
-        raise ConfigError(str(e).replace(generic, source, 1)) from None
+    except ConfigError as e:  # a check in __post_init__: name the file (or the override) instead of the generic
+        text = str(e)
+        if text.startswith(f"{generic}: "):  # "run config: zero_stage = 7 ...": the setting named first
+            first = text[len(generic) + 2:].split(" ", 1)[0].split("[", 1)[0].strip(",:;")
+            if first in fields or "." in first:  # a dotted name is named in full
+                dotted = first if "." in first else prefix + first
+                raise ConfigError(text.replace(generic, source_of(source, dotted), 1)) from None
+        raise ConfigError(text.replace(generic, source, 1)) from None
 
 
 def coerce(value: Any, typ: Any, where: str) -> Any:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tangle_ray import storage
 from tangle_ray.errors import ConfigError
 from tangle_ray.folders import load_supernet
 from tangle_ray.models import get_family
@@ -76,6 +77,9 @@ def evaluate_on_split(
     The result says how many samples were asked and how many the split could give (``samples``)."""
     if (supernet is None) == (model is None):
         raise ConfigError("evaluate: give a supernet folder (optionally with an architecture) or a model folder")
+    data_dir = storage.localize(data_dir, "--data")  # a folder on object storage: its local mirror
+    supernet = None if supernet is None else storage.localize(supernet, "--supernet")
+    model = None if model is None else storage.localize(model, "--model")
     if model is not None:
         if arch is not None:
             raise ConfigError("evaluate: an architecture goes with a supernet folder; a model folder holds its own")
@@ -88,6 +92,8 @@ def evaluate_on_split(
     else:
         sn = load_supernet(supernet)
         space, task = sn.space, get_task(sn.space.family.task)
+        if arch is None:
+            _check_chose(Path(supernet))
         source = str(arch) if isinstance(arch, (str, Path)) else "architecture"
         if isinstance(arch, (str, Path)):
             arch = read_arch(arch)
@@ -96,3 +102,16 @@ def evaluate_on_split(
         scores, params = evaluate_arch(sn, arch, task, x, y, batch_size, per_sample), space.param_count(arch)
     return {"split": split, "asked": num_samples, **scores, "params": params, "arch": arch}
 
+
+def _check_chose(supernet: Path) -> None:
+    """Without an architecture, the supernet's argmax is scored: refused for a supernet whose method chooses none
+    (SPOS: its architecture parameters were never trained, their argmax is noise)."""
+    from tangle_ray.configs import read_json
+    from tangle_ray.methods import METHODS
+
+    meta = read_json(supernet / "meta.json", "supernet meta")
+    method = METHODS.get(meta.get("method")) if isinstance(meta, dict) else None
+    if method is not None and not method.chooses_arch:
+        raise ConfigError(f"evaluate: supernet {supernet} was trained by {method.name}, which chooses no "
+                          f"architecture (its architecture parameters are untrained); pass --arch arch.json (e.g. a "
+                          f"`tangle-ray tune` search's best_arch.json)")

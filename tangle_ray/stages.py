@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from tangle_ray import storage
 from tangle_ray.configs import read_json, set_dotted
 from tangle_ray.errors import ConfigError
 
@@ -68,12 +69,13 @@ class Stage:
                            "test_samples": self.test_samples}, sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:10]
 
-    def resolved(self, records: dict[str, dict[str, Any]], folder: Path) -> dict[str, Any]:
-        """The settings with links filled from ``records`` and the output placed in ``folder``."""
+    def resolved(self, records: dict[str, dict[str, Any]], folder: Path, uri: str | None = None) -> dict[str, Any]:
+        """The settings with links filled from ``records`` and the output placed in ``folder`` (or in ``uri``,
+        the object-store folder that ``folder`` mirrors)."""
         raw = copy.deepcopy(self.settings)
         for key, ref in self.links.items():
             set_dotted(raw, key, records[ref.stage][ref.key])
-        raw["run"] = {**raw.get("run", {}), "storage_path": str(folder), "name": OUTPUT[self.kind]}
+        raw["run"] = {**raw.get("run", {}), "storage_path": uri or str(folder), "name": OUTPUT[self.kind]}
         return raw
 
 
@@ -93,23 +95,29 @@ def read_record(folder: Path) -> dict[str, Any]:
     return read_json(folder / STAGE_FILE, "stage record")
 
 
-def run_stage(stage: Stage, identity: str, folder: Path, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Run (or resume) ``stage`` in ``folder``, score what it produced on the test split, write its record."""
+def run_stage(stage: Stage, identity: str, folder: Path, records: dict[str, dict[str, Any]],
+              uri: str | None = None) -> dict[str, Any]:
+    """Run (or resume) ``stage`` in ``folder`` (the mirror of ``uri`` on object storage, if given), score what it
+    produced on the test split, write its record."""
     folder.mkdir(parents=True, exist_ok=True)
-    raw, start = stage.resolved(records, folder), time.time()
+    raw, start = stage.resolved(records, folder, uri), time.time()
     run = {"train": _train, "tune": _tune, "measure": _measure}[stage.kind]
     out = run(raw, stage.name, stage.test_samples)
-    return write_record(stage, identity, folder, start, out)
+    return write_record(stage, identity, folder, start, out, uri)
 
 
-def write_record(stage: Stage, identity: str, folder: Path, started_at: float, out: dict[str, Any]) -> dict[str, Any]:
-    """Write a finished stage's record (``out`` plus when, where and on what it ran); the stage is then done."""
+def write_record(stage: Stage, identity: str, folder: Path, started_at: float, out: dict[str, Any],
+                 uri: str | None = None) -> dict[str, Any]:
+    """Write a finished stage's record (``out`` plus when, where and on what it ran), next to its outputs in
+    ``uri`` too when the stage lives on object storage; the stage is then done."""
     end = time.time()
     kind, count = stage.devices
     record = {"name": stage.name, "kind": stage.kind, "identity": identity, "folder": str(folder),
               "started_at": started_at, "finished_at": end, "wall_s": end - started_at, "device": kind,
               "devices": count, "device_hours": count * (end - started_at) / 3600, **out}
     write_atomic(folder / STAGE_FILE, json.dumps(record, indent=2) + "\n")
+    if uri:
+        storage.push(folder, uri)
     return record
 
 

@@ -8,7 +8,9 @@ import json
 import math
 import os
 import pickle
+import re
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -42,7 +44,9 @@ from tangle_ray.train.checkpoint import (
 from tangle_ray.train.config import load_config
 from tangle_ray.tune.config import search_config_from_dict
 from tangle_ray.tune.searchers import EvolutionSearcher, RandomSearcher, saved_searcher_state
+from tests.train import conftest as train_fixtures
 
+data_dir, tiny_config = train_fixtures.data_dir, train_fixtures.tiny_config  # the training tests' fixtures
 BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
 
@@ -144,7 +148,7 @@ def test_long_values_are_shortened_in_messages():
 @pytest.mark.parametrize("override, words", [
     ("optimizer.lr=.nan", "optimizer.lr = nan must be a finite number"),
     ("optimizer.lr=.inf", "finite"),
-    ("optimizer.lr=0", "optimizer.lr = 0.0 must be in (0, inf)"),
+    ("optimizer.lr=0", "optimizer.lr = 0.0 must be in (0, 10.0]"),
     ("optimizer.min_lr=1", "optimizer.min_lr"),
     ("optimizer.betas=[0.9, 1.0]", r"optimizer.betas\[1\] = 1.0 must be in \[0, 1\)"),
     ("optimizer.betas=[a, b]", r"optimizer.betas\[0\] = 'a' must be a number"),
@@ -493,3 +497,329 @@ def test_yaml_of_every_shipped_file_is_read_by_the_bounded_reader():
     repo = Path(__file__).resolve().parents[1]
     for path in [*repo.glob("spaces/*.yaml"), *repo.glob("recipes/**/*.yaml")]:
         assert read_yaml(path, "file") == yaml.safe_load(path.read_text()), path
+
+
+# ===================================================================== issue 23: divergence, requests no machine holds
+
+
+def test_learning_rates_and_weight_decays_no_run_could_use_are_refused_and_unusual_ones_warned(caplog):
+    """Adam moves each parameter by about lr per step: above 10 nothing could train; AdamW multiplies decayed
+    weights by 1 - lr x weight_decay each step: a product of 1 or more zeroes or flips them."""
+    for override, words in (("optimizer.lr=1e3", r"optimizer.lr = 1000.0 must be in \(0, 10.0\]"),
+                            ("arch_optimizer.lr=1e18", r"arch_optimizer.lr = 1e\+18 must be in \(0, 10.0\]"),
+                            ("optimizer.weight_decay=1e18", r"optimizer.weight_decay = 1e\+18 must be in \[0, 10.0\]"),
+                            ("arch_optimizer.weight_decay=11", "arch_optimizer.weight_decay"),
+                            ("optimizer.lr=10", r"lr x optimizer.weight_decay = 10 x 0.1 = 1; AdamW"),
+                            ("inject_nan_into=bias", "inject_nan_into"),
+                            ("inject_nan_at_step=0", "inject_nan_at_step")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(None, ["space=gpt-nano", override])
+    with pytest.raises(ConfigError, match="method 'spos' learns no architecture parameters"):
+        load_config(None, ["space=gpt-nano", "method=spos", "inject_nan_into=alphas"])
+    cfg = load_config(None, ["space=gpt-nano", "optimizer.lr=10", "optimizer.weight_decay=0.01",
+                             "arch_optimizer.lr=2"])
+    assert [w.split(" =")[0] for w in cfg.unusual_settings()] == ["optimizer.lr", "arch_optimizer.lr"]
+    assert load_config(None, ["space=gpt-nano"]).unusual_settings() == []
+    assert load_config(None, ["space=gpt-nano", "method=spos", "arch_optimizer.lr=5"]).unusual_settings() == []
+
+
+def test_a_global_batch_no_machine_serves_is_refused(data_dir, tmp_path):
+    from tangle_ray.train.runner import preflight
+
+    with pytest.raises(ConfigError, match="steps x global_batch_size .* 64-bit sample counters"):
+        load_config(None, ["space=gpt-nano", "global_batch_size=1e18", "micro_batch_size=8"])  # 6000 steps
+    base = ["space=gpt-nano", f"data.dir={data_dir}", f"run.storage_path={tmp_path}", "steps=6",
+            "micro_batch_size=8", "scaling.num_workers=2"]
+    with pytest.raises(ConfigError, match=r"global_batch_size = 1,000,000,000,000,000,000 is more than the "
+                                          r"[\d,]+ distinct samples of the weight split .* use at most [\d,]+ "
+                                          r"\(a multiple of scaling.num_workers x micro_batch_size = 16\)"):
+        preflight(load_config(None, [*base, "global_batch_size=1e18"]))
+    assert not any(tmp_path.iterdir()), "refused before the run folder was made"
+    preflight(load_config(None, [*base, "global_batch_size=32"]))
+
+
+def _space_file(tmp_path, name, **changes):
+    d = space_to_dict(load_space(name))
+    for key, value in changes.items():
+        where, k = key.split("__")
+        d[where][k] = value
+    path = tmp_path / f"{name}-{len(list(tmp_path.glob('*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def test_widths_that_round_to_zero_are_refused(tmp_path):
+    for name, key in (("gpt-nano", "per_layer__mlp_ratio"), ("vit-digits", "per_layer__mlp_ratio")):
+        with pytest.raises(ConfigError, match=r"mlp_ratio value 1e-12 times .* gives no MLP width"):
+            load_space(_space_file(tmp_path, name, **{key: [1e-12]}))
+    load_space(_space_file(tmp_path, "gpt-nano", per_layer__mlp_ratio=[0.5, 4]))
+
+
+def test_spaces_whose_supernet_no_machine_here_holds_are_refused_before_ray_starts(tmp_path, data_dir, monkeypatch):
+    """A 3.3e10-parameter space on a 24 GiB machine, AutoFormer with ten million classes or heads of 100,000
+    features: refused by preflight with the numbers (needed, available) and what to change."""
+    import psutil
+
+    from tangle_ray.train import capacity
+    from tangle_ray.train.runner import preflight
+
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(total=24 * 2**30))
+    if "ray" in sys.modules:  # a Ray cluster another test left up is not the machine of this test
+        monkeypatch.setattr(sys.modules["ray"], "is_initialized", lambda: False)
+    huge = _space_file(tmp_path, "gpt-nano", choices__n_layer=[2, 164], choices__n_embd=[32, 4096],
+                       per_layer__n_head=[2], per_layer__mlp_ratio=[4])
+    cfg = load_config(None, [f"space={huge}", f"data.dir={data_dir}", f"run.storage_path={tmp_path / 'runs'}",
+                             "scaling.num_workers=2", "global_batch_size=16", "micro_batch_size=8"])
+    with pytest.raises(ConfigError) as e:
+        preflight(cfg)
+    assert re.search(r"space .*gpt-nano-0.yaml has a supernet of 33,225,216,332 parameters; each of the 2 worker"
+                     r"\(s\) needs at least 371 GiB of memory .*743 GiB in all before activations, but this machine "
+                     r"has 24 GiB .*no number of workers helps .*use a smaller space", str(e.value)), str(e.value)
+    assert "\n" not in str(e.value)
+    for changes, count in (({"fixed__num_classes": 10_000_000}, "2,420,276,"), ({"fixed__head_dim": 100_000},
+                                                                                "5,567,758,")):
+        vit = load_space(_space_file(tmp_path, "autoformer-t", **changes))  # accepted as a space file
+        with pytest.raises(ConfigError, match=f"supernet of {count}.* parameters; .* but this machine has 24 GiB"):
+            capacity.check_memory(cfg, vit, *capacity.nodes_for(cfg))
+    assert not (tmp_path / "runs").exists()
+    # 1.6e9 parameters: 4 B each while built fits a 24 GiB node, 20 B of model states do not; ZeRO-3 over
+    # four such nodes holds them (20 / 4 B each), which is what the message says to do
+    mid = load_space(_space_file(tmp_path, "gpt-nano", choices__n_layer=[2, 30], choices__n_embd=[32, 2048],
+                                 per_layer__n_head=[2], per_layer__mlp_ratio=[4]))
+    node = capacity.Node(24 * 2**30, 1)
+    one = load_config(None, ["space=gpt-nano", "global_batch_size=8", "micro_batch_size=8"])
+    with pytest.raises(ConfigError, match="more nodes with zero_stage: 3"):
+        capacity.check_memory(one, mid, [node], "this machine")
+    four = load_config(None, ["space=gpt-nano", "global_batch_size=32", "micro_batch_size=8", "zero_stage=3",
+                              "scaling.num_workers=4"])
+    capacity.check_memory(four, mid, [node] * 4, "the Ray cluster (4 node(s))")
+    with pytest.raises(ConfigError, match=r"each of the 4 worker\(s\) needs"):
+        capacity.check_memory(four, mid, [capacity.Node(24 * 2**30, 4)], "the Ray cluster (1 node(s))")
+    gpu = [f"{s}={v}" for s, v in (("space", "gpt-nano"), ("scaling.use_gpu", "true"), ("micro_batch_size", 8))]
+    host = 512 * 2**30  # a GPU worker's host holds only the fp32 build; its GPU (16 GiB here) the model states
+    with pytest.raises(ConfigError, match=r"each GPU worker needs at least 30 GiB of GPU memory .* the GPUs of "
+                                          r"this machine have 16 GiB; use zero_stage: 3 with more GPUs"):
+        capacity.check_memory(load_config(None, [*gpu, "global_batch_size=8"]), mid,
+                              [capacity.Node(host, 1, 16 * 2**30)], "this machine")
+    capacity.check_memory(load_config(None, [*gpu, "global_batch_size=64", "zero_stage=3", "scaling.num_workers=8"]),
+                          mid, [capacity.Node(host, 8, 16 * 2**30)], "this machine")
+
+
+def test_empty_checkpoint_folders_left_by_a_cut_write_are_removed_at_the_next_start(tiny_config):
+    """A full disk leaves a folder of zero-length files that Ray never records: gone at the next start; a
+    recorded checkpoint and an unrecorded one holding data stay."""
+    from tangle_ray.train.runner import preflight
+
+    cfg = tiny_config()
+    run = cfg.run_dir()
+    good = run / "checkpoint_2026-01-01_00-00-01.000000"
+    good.mkdir(parents=True)
+    (good / "trainer_state.json").write_text(json.dumps({"step": 2, "world_size": 1, "zero_stage": 2,
+                                                         "method": "tanglenas", "arch": None}))
+    (good / "run_state.json").write_text(json.dumps({"step": 2, "world_size": 1, "history": {},
+                                                     "space": space_to_dict(load_space("gpt-nano"))}))
+    write_manifest(good, part=0, parts=1)
+    cut = run / "checkpoint_2026-01-01_00-00-02.000000"
+    (cut / "ds").mkdir(parents=True)
+    for name in ("trainer_state.json", "manifest.part0.json", "ds/mp_rank_00_model_states.pt"):
+        (cut / name).write_bytes(b"")
+    partial = run / "checkpoint_2026-01-01_00-00-03.000000"
+    partial.mkdir()
+    (partial / "trainer_state.json").write_text("{")
+    (run / RAY_SNAPSHOT).write_text(json.dumps({"checkpoint_results": [{"checkpoint_dir_name": good.name}],
+                                                "latest_checkpoint_result": {"checkpoint_dir_name": good.name}}))
+    (run / "run_config.yaml").write_text(yaml.safe_dump({"identity": cfg.identity()}))
+    preflight(cfg)
+    assert not cut.exists() and good.exists() and partial.exists()
+
+
+# ---- the guard's parts, without Ray
+
+
+def test_the_guard_names_the_first_value_that_shows_divergence():
+    import torch
+
+    from tangle_ray.divergence import LOSS_LIMIT, loss_problem, norm_problem, tensor_problem
+
+    assert 87.3 < LOSS_LIMIT < 87.4  # -ln(float32's smallest normal)
+    assert loss_problem("train_loss", 10.8) is None and loss_problem("train_loss", 87.0) is None
+    assert str(loss_problem("train_loss", float("nan"))) == "train_loss = nan is not finite"
+    assert "is above 87.3 nats" in str(loss_problem("arch_loss", 1487.7))
+    assert norm_problem("weight gradient norm", None, "weights") is None
+    assert str(norm_problem("grad norm", float("inf"), "weights")) == "grad norm = inf is not finite"
+    t = torch.tensor([1.0, float("nan"), 2.0])
+    assert str(tensor_problem("alphas.x", t, "alphas")) == "alphas.x = nan (1 of 3 values not finite)"
+
+
+def test_drnas_alphas_the_mixer_cannot_use_are_caught_before_the_dirichlet_raises():
+    """ELU(alpha) + 1 rounds to 0 in float32 below alpha of about -17: a Dirichlet of it raises inside torch
+    (the 'concentration constraint' error of arch_optimizer.lr = 1e3); the guard names the alpha instead."""
+    import torch
+
+    from tangle_ray.methods.tanglenas import TangleNAS
+
+    method = TangleNAS.__new__(TangleNAS)
+    for mixer, alphas, words in (("drnas", torch.tensor([[0.0, -20.0]]), "= -20 is below where the DrNAS"),
+                                 ("drnas", torch.tensor([[0.0, float("inf")]]), "= inf (1 of 2 values"),
+                                 ("darts", torch.tensor([[0.0, -20.0]]), None),
+                                 ("drnas", torch.tensor([[0.0, -17.0]]), None)):
+        method.ctx = argparse.Namespace(cfg=argparse.Namespace(mixer=mixer))
+        method.alphas = {"n_embd": alphas}
+        problem = method._check_alphas()
+        assert (problem is None) if words is None else words in str(problem), (mixer, alphas, problem)
+
+
+def test_a_divergence_is_one_line_on_the_driver_and_a_diverged_run_may_resume_with_other_optimizer_settings(
+        tiny_config, tmp_path):
+    from dataclasses import replace
+
+    from tangle_ray import divergence
+    from tangle_ray.train import runner
+
+    cfg = tiny_config(optimizer__lr=5, optimizer__weight_decay=0.0)
+    run = cfg.run_dir()
+    run.mkdir(parents=True)
+    problem = divergence.loss_problem("train_loss", float("nan"))
+    record = divergence.make_record(problem, 5, 1, 2, divergence.settings_of(cfg, True), drill=False)
+    assert divergence.record_from_return({divergence.METRIC: record}) == record
+    assert divergence.record_from_return(None) is None
+    line = runner._diverged_message(run, record)
+    assert "\n" not in line and len(line) < 800, line
+    assert line.startswith(f"run {run.name} diverged at step 5: train_loss = nan is not finite (seen first on "
+                           "rank 1); no checkpoint was written before it; this usually comes from a learning rate")
+    assert "optimizer.lr = 5" in line and "arch_optimizer.lr = 0.03" in line and f"run.name={run.name}" in line
+    assert divergence.read_record(run)["quantity"] == "train_loss"
+
+    space = load_space("gpt-nano")
+    (run / "run_config.yaml").write_text(yaml.safe_dump({"identity": cfg.identity()}))
+    sane = load_config(None, [f"{k}={v}" for k, v in {"space": "gpt-nano", "optimizer.lr": 3e-3,
+                                                      "arch_optimizer.lr": 1e-2}.items()])
+    sane = replace(cfg, optimizer=sane.optimizer, arch_optimizer=sane.arch_optimizer)
+    runner._check_resume(sane, run, space)  # only optimizer settings changed: accepted
+    with pytest.raises(ConfigError, match="after a divergence only optimizer.. and arch_optimizer.. may change"):
+        runner._check_resume(replace(sane, seed=1), run, space)
+    divergence.clear_record(run)
+    with pytest.raises(ConfigError, match="exists with a different configuration"):
+        runner._check_resume(sane, run, space)  # a run that did not diverge keeps its settings
+
+
+# ---- the guard in real runs: weights and architecture parameters, TangleNAS and SPOS, 1 and 2 workers
+
+
+def _assert_finite_checkpoints(run_dir):
+    import torch
+
+    from tangle_ray.train.checkpoint import consolidated_weights, find_checkpoints, read_run_tensors
+
+    folders = find_checkpoints(run_dir)
+    assert folders
+    for folder in folders:
+        for name, t in [*consolidated_weights(folder).items(), *read_run_tensors(folder).items()]:
+            assert bool(torch.isfinite(t).all()), f"{folder.name}: {name}"
+
+
+def _logged_losses(run_dir):
+    """{step: [losses]} of the progress lines."""
+    import re
+
+    out = {}
+    for line in (run_dir / "progress.log").read_text().splitlines():
+        if m := re.match(r"\[tangle-ray\] step (\d+)/\d+  loss train ([\d.]+)(?:  arch-split ([\d.]+))?", line):
+            out[int(m[1])] = [float(x) for x in m.groups()[1:] if x is not None]
+    return out
+
+
+def _diverges_then_resumes_with_a_sane_rate(tiny_config, **kw):
+    """optimizer.lr = 10 (accepted with a warning) over 20 warmup steps: the loss explodes past LOSS_LIMIT a few
+    steps in (at step 5 or 6 here). The run stops at the first step whose loss is beyond it, with one
+    line, the checkpoints holding the diverging state set aside; the rerun under the same name with lr 3e-3
+    resumes from the last good checkpoint and uses the new rate."""
+    import re
+
+    from tangle_ray.divergence import LOSS_LIMIT, RECORD
+    from tangle_ray.train.checkpoint import find_checkpoints
+    from tangle_ray.train.runner import RunStopped, run_training
+    from tests.train.states import history, steps
+
+    settings = {"steps": 8, "checkpoint_every": 2, "eval_every": 8, "dropout": 0.0, "optimizer__weight_decay": 0.01,
+                "optimizer__warmup_steps": 20, "max_failures": 0, **kw}
+    bad = tiny_config(**settings, optimizer__lr=10)
+    run = bad.run_dir()
+    with pytest.raises(RunStopped) as stopped:
+        run_training(bad, export=False)
+    line = str(stopped.value)
+    assert "\n" not in line and len(line) < 900, line
+    step = int(re.search(r"diverged at step (\d+): ", line)[1])
+    losses = _logged_losses(run)
+    assert sorted(losses) == list(range(1, step)), "it stopped at the step that diverged, before logging it"
+    assert all(v <= LOSS_LIMIT for vs in losses.values() for v in vs), "no earlier step had diverged"
+    # the loss of step k is of the weights after step k - 1: a checkpoint of that step holds the diverging state
+    good = (step - 2) // 2 * 2
+    assert good >= 2 and "is above 87.3 nats" in line and f"the last good checkpoint is step {good}" in line, line
+    assert "optimizer.lr = 10" in line and f"rerun with run.name={run.name} to resume from step {good}" in line
+    assert [read_trainer_state(c)["step"] for c in find_checkpoints(run)][-1] == good
+    assert all(read_trainer_state(c)["step"] >= step - 1 for c in (run / "diverged").glob("checkpoint_*"))
+    assert (run / RECORD).is_file()
+    _assert_finite_checkpoints(run)
+
+    result = run_training(tiny_config(**settings, optimizer__lr=3e-3, run__name=bad.run.name), export=False)
+    assert f"resumed at step {good}" in (run / "progress.log").read_text()
+    assert steps(result) == list(range(1, 9)) and not (run / RECORD).exists()
+    row = history(result)["metrics"][good]
+    assert math.isclose(row["lr"], 3e-3 * (good + 2) / 20), row  # the new rate, on its schedule, after the resume
+    assert all(m["train_loss"] <= LOSS_LIMIT for m in history(result)["metrics"])
+    _assert_finite_checkpoints(run)
+
+
+@pytest.mark.ray
+def test_tanglenas_weights_that_diverge_on_two_workers_stop_at_that_step_and_resume_with_a_sane_rate(
+        local_ray, tiny_config):
+    _diverges_then_resumes_with_a_sane_rate(tiny_config, scaling__num_workers=2)
+
+
+@pytest.mark.ray
+def test_spos_weights_that_diverge_on_one_worker_stop_at_that_step_and_resume_with_a_sane_rate(
+        local_ray, tiny_config):
+    _diverges_then_resumes_with_a_sane_rate(tiny_config, method="spos", debug_checks=False)
+
+
+@pytest.mark.ray
+def test_nan_architecture_parameters_on_one_rank_stop_every_rank_at_that_step(local_ray, tiny_config):
+    """The drill puts a NaN into the alphas of rank 1 alone, after the architecture update of step 3: both
+    ranks stop at step 3 (a collective on the flag; rank 0 saw nothing itself), no checkpoint of step 4 exists,
+    and rerunning the same command resumes from step 2."""
+    from tangle_ray.train.checkpoint import latest_checkpoint, read_trainer_state
+    from tangle_ray.train.runner import RunStopped, run_training
+    from tests.train.states import steps
+
+    cfg = tiny_config(scaling__num_workers=2, inject_nan_at_step=3, inject_nan_into="alphas", max_failures=0)
+    with pytest.raises(RunStopped) as stopped:
+        run_training(cfg, export=False)
+    line = str(stopped.value)
+    assert "\n" not in line, line
+    assert line.startswith(f"run {cfg.run_dir().name} diverged at step 3: architecture parameter alphas."), line
+    assert "= nan" in line and "(seen first on rank 1)" in line and "the last good checkpoint is step 2" in line
+    assert "inject_nan_at_step drill; rerun the same command to resume from step 2" in line
+    assert read_trainer_state(latest_checkpoint(cfg.run_dir()))["step"] == 2
+    _assert_finite_checkpoints(cfg.run_dir())
+    result = run_training(cfg, export=False)
+    assert steps(result) == [1, 2, 3, 4]
+    assert "resumed at step 2" in (cfg.run_dir() / "progress.log").read_text()
+
+
+@pytest.mark.ray
+def test_nan_weights_on_one_rank_stop_a_spos_run_at_that_step_without_restarts(local_ray, tiny_config):
+    """A divergence is not a failure Ray should retry (it would diverge again at the same step): with
+    max_failures 2 the run still stops once."""
+    from tangle_ray.train.runner import RunStopped, run_training
+
+    cfg = tiny_config(method="spos", scaling__num_workers=2, inject_nan_at_step=2, max_failures=2,
+                      debug_checks=False)
+    with pytest.raises(RunStopped) as stopped:
+        run_training(cfg, export=False)
+    line = str(stopped.value)
+    assert f"run {cfg.run_dir().name} diverged at step 2: train_loss = nan is not finite" in line, line
+    assert "no checkpoint was written before it" in line and "\n" not in line
+    assert not list(cfg.run_dir().glob("checkpoint_*"))
+    assert (cfg.run_dir() / "progress.log").read_text().count("diverged at step 2") == 1

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tangle_ray import storage
 from tangle_ray.campaign import report, statistics
 from tangle_ray.campaign.config import CampaignConfig
 from tangle_ray.campaign.plan import Plan, anytime_curves, result_rows
 from tangle_ray.cluster import check_resources, connect
 from tangle_ray.names import check_output_dir, output_folder
-from tangle_ray.stages import Stage, read_record, run_stage, stage_status, write_atomic
+from tangle_ray.stages import STAGE_FILE, Stage, read_record, run_stage, stage_status, write_atomic
 
 
 class CampaignStopped(RuntimeError):
@@ -29,28 +30,32 @@ class CampaignStopped(RuntimeError):
 
 @dataclass(frozen=True)
 class Placed:
-    """A stage with its identity and folder."""
+    """A stage with its identity and folder (and the object-store folder that it mirrors, if any)."""
 
     stage: Stage
     identity: str
     folder: Path
+    uri: str | None = None
 
     @property
     def name(self) -> str:
         return self.stage.name
 
 
-def place(plan: Plan, out: Path) -> list[Placed]:
+def place(plan: Plan, out: Path | str) -> list[Placed]:
     """Identities in graph order (each from the identities of the stages it links to) and folders."""
+    local, remote = storage.mirror(out)
     ids: dict[str, str] = {}
     placed = []
     for stage in plan.stages:
         ids[stage.name] = stage.identity(ids)
-        placed.append(Placed(stage, ids[stage.name], out / "stages" / f"{stage.name}-{ids[stage.name]}"))
+        name = f"{stage.name}-{ids[stage.name]}"
+        placed.append(Placed(stage, ids[stage.name], local / "stages" / name,
+                             storage.join(remote, "stages", name) if remote else None))
     return placed
 
 
-def dry_run(config: CampaignConfig, plan: Plan, out: Path) -> str:
+def dry_run(config: CampaignConfig, plan: Plan, out: Path | str) -> str:
     """The stages, their resources, status and estimated cost, as a table a person reads."""
     lines = [f"campaign {config.name}: {len(plan.stages)} stages for methods {config.methods} x seeds "
              f"{config.seeds}, in {out}", "",
@@ -67,13 +72,17 @@ def dry_run(config: CampaignConfig, plan: Plan, out: Path) -> str:
     return "\n".join(lines)
 
 
-def run_campaign(config: CampaignConfig, plan: Plan, out: Path, address: str | None = None,
+def run_campaign(config: CampaignConfig, plan: Plan, out: Path | str, address: str | None = None,
                  num_cpus: int | None = None, verbose: bool = False) -> dict[str, Any]:
-    """Run every stage not done yet (at most as many at once as the cluster holds), then write the results."""
+    """Run every stage not done yet (at most as many at once as the cluster holds), then write the results
+    (``out``: a folder, or a folder on object storage mirrored locally)."""
     import ray
 
-    check_output_dir(out, "--out")
-    out.mkdir(parents=True, exist_ok=True)
+    local, remote_out = storage.mirror(out)
+    check_output_dir(local, "--out")
+    local.mkdir(parents=True, exist_ok=True)
+    if remote_out:  # the stages' records (not their checkpoints) into the mirror
+        storage.pull(remote_out, local, only=lambda name: name.endswith(STAGE_FILE))
     placed = place(plan, out)
     connect(address, num_cpus=num_cpus, verbose=verbose)
     for p in placed:  # every request must fit the cluster before anything starts
@@ -92,7 +101,8 @@ def run_campaign(config: CampaignConfig, plan: Plan, out: Path, address: str | N
                 if not room.take(p.stage.devices, bool(running)):
                     continue
                 waiting.remove(p)
-                running[remote.remote(p.stage, p.identity, p.folder, {n: records[n] for n in p.stage.needs})] = p
+                needs = {n: records[n] for n in p.stage.needs}
+                running[remote.remote(p.stage, p.identity, p.folder, needs, p.uri)] = p
                 _progress(f"started  {p.name}", records, running, waiting)
         if not running:
             break
@@ -108,7 +118,10 @@ def run_campaign(config: CampaignConfig, plan: Plan, out: Path, address: str | N
     if failures:
         raise CampaignStopped(f"campaign {config.name}: {len(failures)} stage(s) failed, {len(records)} of "
                               f"{len(placed)} done; first: {failures[0]}; rerun the same command to resume")
-    return write_results(config, plan, placed, records, out)
+    result = write_results(config, plan, placed, records, local)
+    if remote_out:
+        storage.push(local, remote_out)
+    return result
 
 
 class _Room:
@@ -202,5 +215,8 @@ def _last_line(error: Exception) -> str:
     return (lines or [type(error).__name__])[-1][:300]
 
 
-def campaign_dir(config: CampaignConfig, out: str | None) -> Path:
+def campaign_dir(config: CampaignConfig, out: str | None) -> Path | str:
+    """``--out`` (a folder, or an ``s3://`` / ``gs://`` folder), else ``campaigns/<name>``."""
+    if out is not None and storage.is_uri(out):
+        return storage.check_uri(out, "--out")
     return output_folder(out, Path("campaigns") / config.name)

@@ -99,6 +99,10 @@ class ImageBatches:
             picks[here] = self.epoch_order(int(epoch))[places[here]]
         return self.records[picks]
 
+    def num_samples(self) -> int:
+        """Images of the split it draws from."""
+        return len(self.records)
+
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The permutation of this split's images in ``epoch`` (keyed by seed, split and epoch)."""
         seq = np.random.SeedSequence([self.seed, self._key, EPOCH_KEY, epoch])
@@ -167,6 +171,9 @@ class PrefetchedBatches:
         self._start, self._pos = 0, 0  # the stream's first step, and how many keys it has given
         self._pattern: list[int] = []  # micro indices of one step, in the order asked for
         self._learning: int | None = None  # the step whose micro indices are being learnt
+
+    def num_samples(self) -> int:
+        return self.batches.num_samples()
 
     def iterate(self, keys: Iterable[Key]) -> Iterator[tuple[Tensor, Tensor]]:
         """The micro-batches of ``keys`` in order, decoded ahead (ends the prefetching of ``get``)."""

@@ -52,6 +52,10 @@ class WindowSampler:
     def get(self, step: int, micro_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _xy(self.tokens, self.starts(step, micro_index), self.block_size)
 
+    def num_samples(self) -> int:
+        """Distinct windows it draws from (one per start position)."""
+        return len(self.tokens) - self.block_size
+
 
 def eval_windows(
     tokens: np.ndarray, block_size: int, num_windows: int, seed: int

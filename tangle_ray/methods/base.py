@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from tangle_ray.divergence import Problem, first, loss_problem, norm_problem, poison
 from tangle_ray.errors import ConfigError
 from tangle_ray.keyed import Purpose, keyed_rng
 from tangle_ray.space import Arch, SearchSpace
@@ -83,6 +84,14 @@ class Context:
         dist.all_reduce(t)
         return float(t) / self.world
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (a collective: every rank must call it at the same point)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def keyed(self, step: int, j: int, purpose: Purpose):
         """The random state of micro-batch ``j``'s forward at ``step`` (dropout, drop path)."""
         return keyed_rng(self.device, self.cfg.seed, step, j, purpose)
@@ -106,6 +115,7 @@ class Method:
     chooses_arch: ClassVar[bool] = False  # True: the run's result is an architecture (compared with random ones)
     superposed_loss: ClassVar[bool] = False  # the training loss is of the superposed supernet
     followed: ClassVar[str] = "model"  # what the any-time curve scores, for the report
+    learns_alphas: ClassVar[bool] = False  # it learns architecture parameters (their optimizer is used)
 
     @classmethod
     def check(cls, cfg: TrainConfig, source: str) -> None:
@@ -132,6 +142,11 @@ class Method:
         return []
 
     @classmethod
+    def check_arguments(cls, args: argparse.Namespace, settings: dict[str, Any]) -> None:
+        """Refuse a combination of the command's options that cannot work with the run file's and command line's
+        ``settings`` (naming the options, not the settings they become)."""
+
+    @classmethod
     def run_tag(cls, cfg: TrainConfig) -> str:
         """The method's part of a derived run name."""
         return cls.name
@@ -141,6 +156,24 @@ class Method:
         """The method as the report's first line names it."""
         return f"`{cls.name}`"
 
+    # ------------------------------------------------------------ what the run's report (summary.md) says
+    @classmethod
+    def loss_note(cls) -> str:
+        """What the report's final training loss is the loss of."""
+        return "weight split"
+
+    @classmethod
+    def anytime_note(cls, cfg: TrainConfig, label: str, changes: int) -> str:
+        """The report's words on the any-time curve: what it scores (``label``: the metric) and why it moves;
+        ``changes``: how often the scored architecture changed between the curve's points."""
+        return (f"Validation {label} of the {cls.followed} (current weights, eval mode) on {cfg.eval_samples} "
+                "fixed validation samples.")
+
+    @classmethod
+    def export_note(cls, export_dir: Any) -> str:
+        """The report's line on what the export (``RUN/export``) holds."""
+        return f"Exported: `{export_dir}`"
+
     @classmethod
     def exported_arch(cls, supernet: Supernet, tensors: dict[str, Tensor]) -> Arch | None:
         """Restore what the run's checkpoint adds to the supernet (``tensors``); the architecture it chose."""
@@ -149,6 +182,7 @@ class Method:
     def __init__(self, ctx: Context):
         self.ctx = ctx
         self.engine: Any = None
+        self.weight_grad_norm: float | None = None  # of the last weight step (None: not computed)
 
     def build(self) -> nn.Module:
         raise NotImplementedError
@@ -182,20 +216,37 @@ class Method:
     def load_state(self, state: dict[str, Any], tensors: dict[str, Tensor]) -> None:
         pass
 
+    def problem(self, metrics: dict[str, float]) -> Problem | None:
+        """The first value of the step just taken that shows divergence on this rank (``tangle_ray.divergence``),
+        in the order the step computed them: its losses (``metrics``), then the weights' gradient norm."""
+        return first([*(loss_problem(k, v) for k, v in metrics.items()),
+                      norm_problem("weight gradient norm", self.weight_grad_norm, "weights")])
+
+    def inject_nan(self, into: str) -> None:
+        """The ``inject_nan_at_step`` drill, on this rank, before the step: NaN weights (``into = "weights"``)."""
+        poison(self.engine.module)
+
     def compile(self, module: nn.Module) -> None:
         """Compile the module in place for ``compile = true``."""
         module.compile_superposition()
 
     def weight_step(self, step: int, forward: Callable[[nn.Module, Tensor, Tensor, int], Tensor]) -> float:
         """Forward, backward and DeepSpeed step over this rank's micro-batches of the weight split."""
-        ctx, total = self.ctx, 0.0
+        ctx, total, norm = self.ctx, 0.0, None
+        own_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")  # ZeRO-0 fp32: DeepSpeed keeps none
         for j in ctx.micro_indices():
             x, y = ctx.train.get(step, j)
             with ctx.keyed(step, j, Purpose.WEIGHT_FORWARD):
                 loss = forward(self.engine, x.to(ctx.device), y.to(ctx.device), j)
             self.engine.backward(loss)
+            if own_norm and self.engine.is_gradient_accumulation_boundary():  # gradients averaged, not yet used
+                grads = [p.grad.detach().norm() for p in self.engine.module.parameters() if p.grad is not None]
+                norm = float(torch.stack(grads).norm()) if grads else 0.0
             self.engine.step()
             total += loss.item() / ctx.cfg.grad_accum_steps
+        if not own_norm:  # ZeRO: the global norm (inf where it found a non-finite gradient and skipped the step)
+            norm = self.engine.get_global_grad_norm()
+        self.weight_grad_norm = None if norm is None else float(norm)
         return ctx.mean_over_ranks(total)
 
 

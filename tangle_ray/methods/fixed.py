@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
@@ -25,6 +25,7 @@ class Fixed(Method):
     command = "retrain"
     help = "train one architecture from scratch, or fine-tune it with a supernet's weights (--init inherit)"
     trains_supernet = False
+    followed = "model being trained (its fixed architecture)"
 
     @classmethod
     def check(cls, cfg: TrainConfig, source: str) -> None:
@@ -45,6 +46,35 @@ class Fixed(Method):
     @classmethod
     def settings_from(cls, args: argparse.Namespace) -> list[str]:
         return [f"arch={args.arch}", f"init={args.init}"] + ([f"init_from={args.supernet}"] if args.supernet else [])
+
+    @classmethod
+    def check_arguments(cls, args: argparse.Namespace, settings: dict[str, Any]) -> None:
+        if args.init == "inherit" and not args.supernet and not settings.get("init_from"):
+            raise ConfigError("--init inherit needs --supernet DIR: the supernet folder whose weights the "
+                              "architecture inherits (RUN/export/supernet, from `tangle-ray export`)")
+
+    @classmethod
+    def describe(cls, cfg: TrainConfig) -> str:
+        if cfg.init == "inherit":
+            return (f"`{cls.name}`, fine-tuned: it started from the weights it inherits from the supernet "
+                    f"`{cfg.init_from}`")
+        return f"`{cls.name}`, trained from scratch (fresh weights)"
+
+    @classmethod
+    def loss_note(cls) -> str:
+        return "weight split, the fixed architecture"
+
+    @classmethod
+    def anytime_note(cls, cfg: TrainConfig, label: str, changes: int) -> str:
+        start = ("its weights inherited from the supernet, fine-tuned" if cfg.init == "inherit" else
+                 "trained from scratch")
+        return (f"Validation {label} of the model being trained (the fixed architecture, {start}; current "
+                f"weights, eval mode) on {cfg.eval_samples} fixed validation samples.")
+
+    @classmethod
+    def export_note(cls, export_dir: Any) -> str:
+        return (f"The trained model (`model/`: safetensors and config; `arch.json`; a fixed architecture has no "
+                f"supernet): `{export_dir}`")
 
     def build(self) -> nn.Module:
         ctx, arch = self.ctx, self.ctx.plan.arch

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
@@ -43,6 +43,22 @@ class SPOS(Method):
             raise ConfigError(f"{source}: compile = true is refused for method 'spos' (compile works for the other "
                               "methods under ZeRO stages 0-2): a single path is a different graph every step and "
                               "would recompile each step; set compile: false")
+
+    @classmethod
+    def loss_note(cls) -> str:
+        return "weight split, one uniformly sampled single path per micro-batch"
+
+    @classmethod
+    def anytime_note(cls, cfg: TrainConfig, label: str, changes: int) -> str:
+        return (f"Validation {label} of the largest architecture (its single path with the current weights, eval "
+                f"mode) on {cfg.eval_samples} fixed validation samples. SPOS trains one uniformly sampled path per "
+                "micro-batch and chooses no architecture: the largest is a fixed yardstick of how the shared "
+                "weights train; `tangle-ray tune` searches them.")
+
+    @classmethod
+    def export_note(cls, export_dir: Any) -> str:
+        return (f"Consolidated supernet (`supernet/`: the full weights; SPOS chooses no architecture, so there is "
+                f"no `model/`): `{export_dir}`")
 
     def build(self) -> nn.Module:
         return self.ctx.space.build_supernet(**self.ctx.model_overrides()).net

@@ -310,6 +310,9 @@ class GPTFamily(ModelFamily):
                     )
         for r in dims["mlp_ratio"].values:
             for e in dims["n_embd"].values:
+                if hidden_width(e, r) < 1:
+                    raise ConfigError(f"{src}: per_layer.mlp_ratio value {r} times n_embd {e} gives no MLP width "
+                                      f"(it rounds to 0); ratios must be at least 1/{e}")
                 if abs(r * e - round(r * e)) > 1e-9:
                     raise ConfigError(
                         f"{src}: per_layer.mlp_ratio value {r} times n_embd {e} is not an integer hidden width"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tangle_ray.report.plots import plot_incumbent, plot_pareto
+from tangle_ray.report.plots import metric_axis, plot_incumbent, plot_pareto
 from tangle_ray.space import Arch, SearchSpace
 from tangle_ray.tasks import Metric, Task
 
@@ -55,7 +55,7 @@ def write_report(records: Sequence[TrialRecord], out_dir: str | Path, task: Task
     out.mkdir(parents=True, exist_ok=True)
     objective = task.objective
     board, front = ranked(records, objective), pareto_front(records, objective)
-    label = f"{objective.label} on the {split!r} split"
+    label, scale = metric_axis(objective.key, objective.label, task.unit.removesuffix("s"))
     paths = {
         "leaderboard_csv": _write_csv(out / "leaderboard.csv", board, task, ranks=True),
         "leaderboard_md": _write_md(out / "leaderboard.md", board[:top], len(board), task, space, split),
@@ -64,10 +64,12 @@ def write_report(records: Sequence[TrialRecord], out_dir: str | Path, task: Task
     }
     paths["best_arch"].write_text(json.dumps(space.active(board[0].arch), indent=2) + "\n")
     values = [r.metrics[objective.key] for r in sorted(records, key=lambda r: r.index)]
-    paths["incumbent_png"] = plot_incumbent(values, out / "incumbent.png", label, objective.mode)
+    paths["incumbent_png"] = plot_incumbent(values, out / "incumbent.png", label, objective.mode,
+                                            f"Incumbent: {objective.label} on the {split!r} split", scale)
     paths["pareto_png"] = plot_pareto(
         [r.params for r in records], [r.metrics[objective.key] for r in records],
         [r.params for r in front], [r.metrics[objective.key] for r in front], out / "pareto.png", label,
+        f"Pareto front: {objective.label} on the {split!r} split", scale,
     )
     return paths
 

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tangle_ray.report.plots import plot_anytime, plot_choice_trajectory
+from tangle_ray.report.plots import metric_axis, plot_anytime, plot_choice_trajectory
 from tangle_ray.space import Arch, SearchSpace
 
 
@@ -25,12 +25,16 @@ def write_run_report(run_dir: Path, plan, history: dict[str, list], arch: Arch |
     plots = []
     if history["alphas"]:
         _write_csv(run_dir / "alphas.csv", list(_alpha_rows(history["alphas"], space)))
-        plots += plot_alpha_trajectories(history["alphas"], space, run_dir)
+        plots += plot_alpha_trajectories(history["alphas"], space, run_dir, arch)
     if history["anytime"]:
         key = f"valid_{objective.key}"
         steps, values = zip(*[(r["step"], r[key]) for r in history["anytime"]])
+        ylabel, scale = metric_axis(objective.key, f"validation {objective.label}", plan.task.unit.removesuffix("s"))
+        method = plan.config.method_class
         plots.append(plot_anytime(steps, values, run_dir / "anytime.png", f"validation {objective.label} of "
-                                  f"the {plan.config.method_class.followed}"))
+                                  f"the {method.followed}", ylabel=ylabel, scale=scale,
+                                  changes=arch_changes(history["anytime"], space),
+                                  change_label=f"{method.followed} changed"))
     summary = _summary(plan, history, arch, export_dir, plots, test_scores, against_random)
     (run_dir / "summary.md").write_text(summary)
     return run_dir / "summary.md"
@@ -58,15 +62,25 @@ def _alpha_rows(alphas: list[dict[str, Any]], space: SearchSpace):
                            "value": value, "probability": p}
 
 
-def plot_alpha_trajectories(alphas: list[dict[str, Any]], space: SearchSpace, out_dir: Path) -> list[Path]:
-    """One PNG per choice: softmax(alpha) of each option over the steps, one panel per layer."""
+def plot_alpha_trajectories(alphas: list[dict[str, Any]], space: SearchSpace, out_dir: Path,
+                            arch: Arch | None = None) -> list[Path]:
+    """One PNG per choice: softmax(alpha) of each option over the steps, one panel per layer; with the chosen
+    ``arch``, the layers beyond its depth are marked."""
     steps = [r["step"] for r in alphas]
+    depth = int(arch[space.depth_dim]) if arch is not None else None
     paths = []
     for d in space.dims.values():
         panels = range(space.max_layers) if d.per_layer else [None]
         probs = [[r[d.name][p] if d.per_layer else r[d.name] for r in alphas] for p in panels]
-        paths.append(plot_choice_trajectory(steps, probs, d.values, d.name, out_dir / f"alphas_{d.name}.png"))
+        paths.append(plot_choice_trajectory(steps, probs, d.values, d.name, out_dir / f"alphas_{d.name}.png",
+                                            active_layers=depth if d.per_layer else None))
     return paths
+
+
+def arch_changes(anytime: list[dict[str, Any]], space: SearchSpace) -> list[int]:
+    """The steps of the any-time curve whose architecture (its active layers) differs from the previous point's."""
+    keys = [json.dumps(space.active(r["arch"]), sort_keys=True) for r in anytime]
+    return [r["step"] for r, before, now in zip(anytime[1:], keys, keys[1:]) if now != before]
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -89,7 +103,7 @@ def _summary(plan, history, arch, export_dir, plots: list[Path], test_scores: di
         f"- space: `{space.name}`, method: {method.describe(cfg)}",
         f"- steps: {last.get('step', 0)} of {cfg.steps}, global batch {cfg.global_batch_size} x "
         f"{per_sample} {unit}, {cfg.scaling.num_workers} worker(s), ZeRO stage {cfg.zero_stage}",
-        f"- final training loss (weight split{', superposed' if method.superposed_loss else ''}): "
+        f"- final training loss ({method.loss_note()}): "
         f"{last.get('train_loss', float('nan')):.4f}"
         + (f"; architecture-split loss (superposed): {last['arch_loss']:.4f}" if "arch_loss" in last else ""),
         f"- throughput: {last.get(f'{unit}_per_s', 0):,.0f} {unit}/s", "",
@@ -114,11 +128,8 @@ def _summary(plan, history, arch, export_dir, plots: list[Path], test_scores: di
                   f"{metrics} (`test_scores.json`).", ""]
     if history["anytime"]:
         key = f"valid_{task.objective.key}"
-        lines += ["## Any-time performance", "",
-                  f"Validation {task.objective.label} of the {method.followed} (single path, current weights, "
-                  f"eval mode) on {cfg.eval_samples} fixed validation samples. Where the argmax changes, the curve "
-                  "jumps with it: the superposition trains the mixture, and a new argmax's single path is "
-                  "scored as it stands.", "",
+        changes = len(arch_changes(history["anytime"], space))
+        lines += ["## Any-time performance", "", method.anytime_note(cfg, task.objective.label, changes), "",
                   f"| step | {task.objective.label} | architecture |", "|---:|---:|---|"]
         lines += [f"| {r['step']} | {r[key]:{task.objective.fmt}} | `{space.describe(r['arch'])}` |"
                   for r in history["anytime"]]
@@ -126,7 +137,7 @@ def _summary(plan, history, arch, export_dir, plots: list[Path], test_scores: di
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     if export_dir:
-        lines += ["## Export", "", f"Consolidated supernet and extracted model: `{export_dir}`", ""]
+        lines += ["## Export", "", method.export_note(export_dir), ""]
     return "\n".join(lines)
 
 

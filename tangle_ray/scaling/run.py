@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tangle_ray import storage
 from tangle_ray.cluster import check_resources, connect
 from tangle_ray.names import check_output_dir, output_folder
 from tangle_ray.scaling import measure, report
 from tangle_ray.scaling.config import ScaleConfig
 from tangle_ray.scaling.plan import PlannedPoint
-from tangle_ray.stages import read_record, run_stage, stage_status, write_record
+from tangle_ray.stages import STAGE_FILE, read_record, run_stage, stage_status, write_record
 
 GIB = 2**30
 
@@ -33,17 +34,21 @@ class Placed:
     planned: PlannedPoint
     identity: str
     folder: Path
+    uri: str | None = None  # the object-store folder that ``folder`` mirrors
 
 
-def place(points: list[PlannedPoint], out: Path) -> list[Placed]:
+def place(points: list[PlannedPoint], out: Path | str) -> list[Placed]:
+    local, remote = storage.mirror(out)
     placed = []
     for p in points:
         identity = p.stage.identity({})
-        placed.append(Placed(p, identity, out / "points" / f"{p.point.key}-{identity}"))
+        name = f"{p.point.key}-{identity}"
+        placed.append(Placed(p, identity, local / "points" / name,
+                             storage.join(remote, "points", name) if remote else None))
     return placed
 
 
-def dry_run(config: ScaleConfig, points: list[PlannedPoint], out: Path) -> str:
+def dry_run(config: ScaleConfig, points: list[PlannedPoint], out: Path | str) -> str:
     """Per point: its status, predicted memory per worker by term, whether it fits the device, and the predicted
     time from a calibration (``calibration_flops_per_s``, or the fastest measured point in the folder)."""
     placed = place(points, out)
@@ -69,13 +74,17 @@ def dry_run(config: ScaleConfig, points: list[PlannedPoint], out: Path) -> str:
     return "\n".join(lines)
 
 
-def run_scale(config: ScaleConfig, points: list[PlannedPoint], out: Path, address: str | None = None,
+def run_scale(config: ScaleConfig, points: list[PlannedPoint], out: Path | str, address: str | None = None,
               verbose: bool = False) -> dict[str, Any]:
-    """Run every point not done yet, in grid order, then write ``points.csv``, ``scale.json`` and the report."""
+    """Run every point not done yet, in grid order, then write ``points.csv``, ``scale.json`` and the report
+    (``out``: a folder, or a folder on object storage mirrored locally)."""
     from tangle_ray.train.runner import RunStopped
 
-    check_output_dir(out, "--out")
-    out.mkdir(parents=True, exist_ok=True)
+    local, remote = storage.mirror(out)
+    check_output_dir(local, "--out")
+    local.mkdir(parents=True, exist_ok=True)
+    if remote:  # the points' records (not their checkpoints) into the mirror
+        storage.pull(remote, local, only=lambda name: name.endswith(STAGE_FILE))
     placed = place(points, out)
     connect(address, verbose=verbose)
     for p in placed:  # every point must fit the cluster before the first starts
@@ -89,15 +98,18 @@ def run_scale(config: ScaleConfig, points: list[PlannedPoint], out: Path, addres
         key, start = p.planned.point.key, time.time()
         _progress(f"point {i}/{len(todo)}: {key}")
         try:
-            records[key] = run_stage(p.planned.stage, p.identity, p.folder, {})
+            records[key] = run_stage(p.planned.stage, p.identity, p.folder, {}, p.uri)
         except RunStopped as e:
             if not _out_of_memory(str(e)):
                 raise ScaleStopped(f"scaling {config.name}: point {key} failed: {e}; rerun the same command to "
                                    "resume") from e
             records[key] = write_record(p.planned.stage, p.identity, p.folder, start,
-                                        {"status": "oom", "error": str(e)[:500]})
+                                        {"status": "oom", "error": str(e)[:500]}, p.uri)
             _progress(f"point {key}: out of memory, recorded as oom; the grid goes on")
-    return report.write_results(config, [p.planned for p in placed], records, out)
+    result = report.write_results(config, [p.planned for p in placed], records, local)
+    if remote:
+        storage.push(local, remote)
+    return result
 
 
 def _out_of_memory(message: str) -> bool:
@@ -109,5 +121,8 @@ def _progress(event: str) -> None:
     print(f"[scale] {event}", file=sys.stderr, flush=True)
 
 
-def scale_dir(config: ScaleConfig, out: str | None) -> Path:
+def scale_dir(config: ScaleConfig, out: str | None) -> Path | str:
+    """``--out`` (a folder, or an ``s3://`` / ``gs://`` folder), else ``scaling/<name>``."""
+    if out is not None and storage.is_uri(out):
+        return storage.check_uri(out, "--out")
     return output_folder(out, Path("scaling") / config.name)

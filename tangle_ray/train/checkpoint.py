@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,6 +71,68 @@ def find_checkpoints(run_dir: str | Path) -> list[Path]:
     """Checkpoint folders of a run, oldest first (by the step they hold; unreadable ones first). Unchecked."""
     folders = [p.parent for p in Path(run_dir).glob(f"checkpoint_*/{TRAINER_STATE}")]
     return sorted(folders, key=lambda p: (_peek_step(p), p.name))
+
+
+def remove_cut_checkpoints(run_dir: str | Path) -> list[Path]:
+    """At the start of a run: delete the checkpoint folders a cut write left behind (a full disk: Ray's copy
+    fails on every rank and leaves a folder of zero-length files): folders that Ray's snapshot does not name
+    and that hold no byte of data. Anything holding data, or recorded by Ray, is left alone. The removed ones."""
+    run_dir = Path(run_dir)
+    recorded: set[str] = set()
+    try:
+        snapshot = _read_json_file(run_dir / RAY_SNAPSHOT)
+        entries = [*(snapshot.get("checkpoint_results") or []), snapshot.get("latest_checkpoint_result") or {}]
+        recorded = {e.get("checkpoint_dir_name") for e in entries if isinstance(e, dict)}
+    except ConfigError:
+        pass  # no snapshot (nothing recorded yet), or unreadable: ``resume_checkpoint`` says so
+    removed = []
+    for folder in sorted(run_dir.glob("checkpoint_*")):
+        if folder.name in recorded or folder.is_symlink() or not folder.is_dir():
+            continue
+        try:
+            empty = all(p.is_dir() and not p.is_symlink() or p.is_file() and not p.is_symlink()
+                        and p.stat().st_size == 0 for p in folder.rglob("*"))
+            if empty:
+                shutil.rmtree(folder)
+                removed.append(folder)
+                log.warning("removed %s: a checkpoint whose write was cut short (every file empty, never "
+                            "recorded by Ray)", folder)
+        except OSError as e:
+            log.warning("could not remove the empty checkpoint folder %s (%s)", folder, e.strerror or e)
+    return removed
+
+
+def set_aside_checkpoints(run_dir: str | Path, from_step: int) -> list[int]:
+    """After a divergence: move the checkpoints of ``from_step`` and later (they hold the state that diverged)
+    to ``RUN/diverged/`` and drop them from Ray's snapshot, so that a rerun resumes from the last good one.
+    The steps moved."""
+    run_dir = Path(run_dir)
+    moved = {p.name: _peek_step(p) for p in find_checkpoints(run_dir) if _peek_step(p) >= from_step}
+    if not moved:
+        return []
+    snapshot_path = run_dir / RAY_SNAPSHOT
+    if snapshot_path.is_file():
+        snapshot = _read_json_file(snapshot_path)
+        pairs = [(r, i) for r, i in zip(snapshot.get("checkpoint_results") or [],
+                                        snapshot.get("checkpoint_report_indices") or [])
+                 if isinstance(r, dict) and r.get("checkpoint_dir_name") not in moved]
+        snapshot["checkpoint_results"] = [r for r, _ in pairs]
+        snapshot["checkpoint_report_indices"] = [i for _, i in pairs]
+        steps = [r.get("metrics", {}).get("step", -1) if isinstance(r.get("metrics"), dict) else -1 for r, _ in pairs]
+        snapshot["latest_checkpoint_result"] = pairs[steps.index(max(steps))][0] if pairs else None
+        for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                    "failed_validation_checkpoint_dir_names"):
+            if isinstance(snapshot.get(key), list):
+                snapshot[key] = [n for n in snapshot[key] if n not in moved]
+        tmp = snapshot_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(snapshot))
+        tmp.replace(snapshot_path)
+    aside = run_dir / "diverged"
+    aside.mkdir(exist_ok=True)
+    for name in moved:
+        shutil.rmtree(aside / name, ignore_errors=True)
+        (run_dir / name).rename(aside / name)
+    return sorted(moved.values())
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

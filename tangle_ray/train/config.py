@@ -19,13 +19,19 @@ from tangle_ray.errors import ConfigError, shorten
 from tangle_ray.methods import Method, get_method
 from tangle_ray.mixers import GDAS_SCHEDULES
 from tangle_ray.models import load_space
-from tangle_ray.names import check_name, check_not_uri
+from tangle_ray.names import check_name
 from tangle_ray.space import Arch, SearchSpace, read_arch
+from tangle_ray.storage import cache_path, check_uri, is_uri, join
 from tangle_ray.tasks import Task, get_task
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # DeepSpeed settings the run sets itself: a ``deepspeed:`` block may not contradict them
+MAX_LR = 10.0  # optimizer.lr and arch_optimizer.lr: Adam moves each parameter by about lr per step
+MAX_WEIGHT_DECAY = 10.0  # beyond: the decay term outweighs any gradient; AdamW also needs lr x decay < 1
+# above these a run is accepted with a warning on the driver (``unusual_settings``); typical values are far below
+UNUSUAL = {"optimizer.lr": 0.1, "arch_optimizer.lr": 1.0, "optimizer.weight_decay": 1.0,
+           "arch_optimizer.weight_decay": 1.0}
 DS_OWNED = {
     "train_batch_size": "global_batch_size", "train_micro_batch_size_per_gpu": "micro_batch_size",
     "gradient_accumulation_steps": "global_batch_size / (scaling.num_workers x micro_batch_size)",
@@ -96,6 +102,10 @@ class TrainConfig:
     compile: bool = field(default=False, metadata=VOLATILE)  # torch.compile the superposition or fixed model
     debug_checks: bool = field(default=False, metadata=VOLATILE)  # assert each step that alphas agree on ranks
     inject_failure_at_step: int | None = field(default=None, metadata=VOLATILE)  # drill: rank 0 raises once
+    # drill: step N (counted from 1, as progress lines count) computes with a NaN in ``inject_nan_into`` (the
+    # weights, or the architecture parameters of a method that learns them) of the last rank, once
+    inject_nan_at_step: int | None = field(default=None, metadata=VOLATILE)
+    inject_nan_into: str = field(default="weights", metadata=VOLATILE)
     memory_limit_gb: float | None = field(default=None, metadata=VOLATILE)  # a worker's peak over it: out of memory
 
     def __post_init__(self) -> None:
@@ -106,7 +116,8 @@ class TrainConfig:
         if self.init not in ("scratch", "inherit"):
             raise ConfigError(f"{source}: init = {shorten(self.init)}; allowed: ['scratch', 'inherit']")
         if self.init == "inherit" and not self.init_from:
-            raise ConfigError(f"{source}: init 'inherit' needs init_from (a supernet folder from `tangle-ray export`)")
+            raise ConfigError(f"{source}: init 'inherit' needs init_from (a supernet folder from `tangle-ray export`; "
+                              "`tangle-ray retrain` takes it as --supernet DIR)")
         self.method_class.check(self, source)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"{source}: precision = {shorten(self.precision)}; allowed: {list(PRECISIONS)}")
@@ -134,13 +145,33 @@ class TrainConfig:
     def _validate_numbers(self, source: str) -> None:
         """Ranges of every number (NaN and infinities are refused when the file is read)."""
         o, a = self.optimizer, self.arch_optimizer
-        check_range(o.lr, f"{source}: optimizer.lr", 0, None, lo_open=True)
+        # Adam moves every parameter by about lr per step, whatever the gradient's scale (weights start near
+        # 0.02, norms at 1, architecture parameters near 0): above MAX_LR one step moves each by more than any
+        # plausible value, so no run could use it (see ``unusual_settings`` for what is merely unusual)
+        check_range(o.lr, f"{source}: optimizer.lr", 0, MAX_LR, lo_open=True)
         check_range(o.min_lr, f"{source}: optimizer.min_lr", 0, o.lr)
-        check_range(a.lr, f"{source}: arch_optimizer.lr", 0, None, lo_open=True)
+        check_range(a.lr, f"{source}: arch_optimizer.lr", 0, MAX_LR, lo_open=True)
         for group, opt in (("optimizer", o), ("arch_optimizer", a)):
             for i, beta in enumerate(opt.betas):
                 check_range(beta, f"{source}: {group}.betas[{i}]", 0, 1, hi_open=True)
-            check_range(opt.weight_decay, f"{source}: {group}.weight_decay", 0)
+            check_range(opt.weight_decay, f"{source}: {group}.weight_decay", 0, MAX_WEIGHT_DECAY)
+        if o.lr * o.weight_decay >= 1:  # AdamW multiplies decayed weights by (1 - lr x weight_decay) each step
+            raise ConfigError(
+                f"{source}: optimizer.lr x optimizer.weight_decay = {o.lr:g} x {o.weight_decay:g} = "
+                f"{o.lr * o.weight_decay:.3g}; AdamW multiplies every decayed weight by 1 - lr x weight_decay each "
+                "step, so at 1 or more it zeroes or flips them: keep the product below 1 (typically 1e-5 to 1e-3)")
+        if self.steps * self.global_batch_size > INT64[1]:
+            raise ConfigError(
+                f"{source}: steps x global_batch_size = {self.steps} x {self.global_batch_size} samples do not fit "
+                "the 64-bit sample counters of the data samplers; no machine serves that many samples")
+        if self.inject_nan_at_step is not None:
+            check_range(self.inject_nan_at_step, f"{source}: inject_nan_at_step", 1)
+        if self.inject_nan_into not in ("weights", "alphas"):
+            raise ConfigError(f"{source}: inject_nan_into = {shorten(self.inject_nan_into)}; "
+                              "allowed: ['weights', 'alphas']")
+        if self.inject_nan_into == "alphas" and not self.method_class.learns_alphas:
+            raise ConfigError(f"{source}: inject_nan_into = alphas, but method {self.method!r} learns no "
+                              "architecture parameters; use inject_nan_into: weights")
         check_range(o.grad_clip, f"{source}: optimizer.grad_clip (0: no clipping)", 0)
         check_range(a.grad_clip, f"{source}: arch_optimizer.grad_clip", 0, None, lo_open=True)
         check_range(o.warmup_steps, f"{source}: optimizer.warmup_steps", 0)
@@ -168,9 +199,10 @@ class TrainConfig:
         for name, value in (("space", self.space), ("run.storage_path", self.run.storage_path)):
             if not value.strip():
                 raise ConfigError(f"{source}: {name} must not be empty")
-        check_not_uri(self.run.storage_path, f"{source}: run.storage_path")
-        if isinstance(getattr(self.data, "dir", None), str):
-            check_not_uri(self.data.dir, f"{source}: data.dir")
+        if is_uri(self.run.storage_path):
+            check_uri(self.run.storage_path, f"{source}: run.storage_path")
+        if isinstance(getattr(self.data, "dir", None), str) and is_uri(self.data.dir):
+            check_uri(self.data.dir, f"{source}: data.dir")
         if self.run.name is not None:
             check_name(self.run.name, f"{source}: run.name")
         else:
@@ -193,6 +225,18 @@ class TrainConfig:
             if key in ds:
                 raise ConfigError(f"{source}: deepspeed.{key} = {shorten(ds[key])}: set precision instead "
                                   f"(allowed: {list(PRECISIONS)})")
+
+    def unusual_settings(self) -> list[str]:
+        """Settings a run can use but rarely should (learning rates and weight decays above ``UNUSUAL``), one
+        line each, for the driver to warn about; those no run could use are refused by ``validate``."""
+        values = {"optimizer.lr": self.optimizer.lr, "arch_optimizer.lr": self.arch_optimizer.lr,
+                  "optimizer.weight_decay": self.optimizer.weight_decay,
+                  "arch_optimizer.weight_decay": self.arch_optimizer.weight_decay}
+        if not self.method_class.learns_alphas:
+            values = {k: v for k, v in values.items() if not k.startswith("arch_")}
+        return [f"{key} = {value:g} is unusually large (above {UNUSUAL[key]:g}; the defaults are "
+                f"{_default(key):g}): a run this high often diverges, and the divergence guard then stops it"
+                for key, value in values.items() if value > UNUSUAL[key]]
 
     @property
     def grad_accum_steps(self) -> int:
@@ -220,7 +264,13 @@ class TrainConfig:
         return f"{Path(self.space).stem}-{tag}-s{self.seed}-{digest}"
 
     def run_dir(self) -> Path:
-        return Path(self.run.storage_path).resolve() / self.run_name()
+        """The run folder: under ``run.storage_path``, or the local mirror of a folder on object storage."""
+        remote = self.remote_run_dir()
+        return cache_path(remote) if remote else Path(self.run.storage_path).resolve() / self.run_name()
+
+    def remote_run_dir(self) -> str | None:
+        """The run folder's URI where ``run.storage_path`` is on object storage (s3://, gs://), else None."""
+        return join(self.run.storage_path, self.run_name()) if is_uri(self.run.storage_path) else None
 
 
 @dataclass(frozen=True)
@@ -237,6 +287,8 @@ class RunPlan:
     arch: Arch | None  # the validated architecture of a run that trains one
     identity: dict[str, Any]
     verbose: bool = False  # workers print to the terminal instead of RUN/logs/
+    remote: str | None = None  # the run folder on object storage that ``run_dir`` mirrors
+    data_remote: str | None = None  # the prepared data on object storage that ``config.data.dir`` mirrors
 
     @property
     def run_dir(self) -> Path:
@@ -254,6 +306,12 @@ def from_dict(raw: dict[str, Any], source: str = "run config") -> TrainConfig:
     cfg = build(TrainConfig, rest, source, "run config")
     data_class = task_of(cfg.space).data_config
     return replace(cfg, data=build(data_class, raw.get("data") or {}, source, "run config", "data."))
+
+
+def _default(key: str) -> float:
+    """The default of a dotted optimizer setting (``optimizer.lr``)."""
+    group, name = key.split(".")
+    return getattr({"optimizer": OptimizerConfig, "arch_optimizer": ArchOptimizerConfig}[group](), name)
 
 
 def task_of(space_name: str) -> Task:

@@ -8,6 +8,8 @@ from typing import Any
 
 from safetensors import SafetensorError
 
+from tangle_ray import storage
+from tangle_ray.divergence import first, tensor_problem
 from tangle_ray.errors import ConfigError, clip, write_fault
 from tangle_ray.folders import load_weights, save_supernet
 from tangle_ray.methods import get_method
@@ -29,7 +31,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, arch: Arc
     architecture extracted: safetensors + config) and ``arch.json`` into ``out_dir`` (default RUN/export).
 
     A SPOS run chooses no architecture: only ``supernet/`` is written, unless ``arch`` names one. A write that
-    fails (a full disk) is a ConfigError naming the folder; what it left is refused by every reader (manifests)."""
+    fails (a full disk) is a ConfigError naming the folder; what it left is refused by every reader (manifests).
+    A run folder on object storage is exported in its local mirror and the export copied next to it (or to
+    ``out_dir``, a folder or a URI)."""
+    if storage.is_uri(run_dir):
+        remote_out = str(out_dir) if out_dir is not None and storage.is_uri(out_dir) else None
+        out = export_run(storage.localize(str(run_dir), "run folder"), None if remote_out else out_dir, arch)
+        if remote_out or out_dir is None:
+            storage.push(out, storage.check_uri(remote_out or storage.join(str(run_dir), "export"), "--out"))
+        return out
     run = Path(run_dir)
     checkpoint = latest_checkpoint(run)
     if checkpoint is None:
@@ -39,6 +49,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, arch: Arc
     space = space_from_dict(read_run_state(checkpoint)["space"], source=f"{checkpoint}/{RUN_STATE}")
     with silenced():
         weights = consolidated_weights(checkpoint)
+    tensors = {**{f"weight {k}": t for k, t in weights.items()}, **read_run_tensors(checkpoint)}
+    if (bad := first(tensor_problem(k, t, "weights") for k, t in tensors.items())) is not None:
+        raise ConfigError(f"run {run}: checkpoint {checkpoint.name} holds non-finite values ({bad}); an export of "
+                          "it would be unusable: resume the run from an earlier checkpoint with lower learning rates")
     meta: dict[str, Any] = {"run": str(run), "checkpoint": checkpoint.name, "step": trainer["step"],
                             "method": trainer["method"]}
     supernet, method = None, get_method(trainer["method"], f"{checkpoint}/trainer_state.json")

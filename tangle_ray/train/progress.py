@@ -65,7 +65,9 @@ class Progress:
             self.writer.flush()
         labels = (("train_loss", "train"), ("arch_loss", "arch-split"))
         losses = "  ".join(f"{label} {row[k]:.4f}" for k, label in labels if k in row)
-        chosen = f"  argmax {self.space.describe(arch)} ({row['arch_params'] / 1e6:.2f}M)" if arch else ""
+        # "argmax" where architecture weights choose it (their entropy is in the row), "arch" for a fixed one
+        label = "argmax" if "arch_entropy" in row else "arch"
+        chosen = f"  {label} {self.space.describe(arch)} ({row['arch_params'] / 1e6:.2f}M)" if arch else ""
         ent = f"  H(alpha) {row['arch_entropy']:.3f}" if "arch_entropy" in row else ""
         self.log(f"step {row['step']}/{self.steps}  loss {losses}  {row[f'{self.unit}_per_s']:,.0f} {self.unit}/s"
                  f"{chosen}{ent}  ETA {eta_s / 60:.1f} min")

@@ -15,6 +15,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tangle_ray import storage
+from tangle_ray.divergence import (
+    METRIC,
+    DivergenceError,
+    Problem,
+    first,
+    hyperparameters,
+    make_record,
+    restore_optimizer_settings,
+    settings_of,
+    tensor_problem,
+    weights_problem,
+)
 from tangle_ray.errors import ConfigError
 from tangle_ray.evaluate import score
 from tangle_ray.methods import Context
@@ -26,15 +39,22 @@ from tangle_ray.train.progress import Progress, quiet_worker
 from tangle_ray.train.resources import MemoryMeter, snapshot
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train
 
     plan: RunPlan = loop_config["plan"]
+    if plan.data_remote:  # this node's mirror of the prepared data in the bucket
+        storage.pull(plan.data_remote, Path(plan.config.data.dir))
     if not plan.config.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not plan.verbose:
         quiet_worker(plan.run_dir, ray.train.get_context().get_world_rank())
-    Worker(plan).run()
+    worker = Worker(plan)
+    try:
+        worker.run()
+    except DivergenceError as e:  # every rank, at the same step: returned, not raised (Ray would retry it)
+        return {METRIC: e.record}  # rank 0's reaches the driver as Result.return_value
+    return None
 
 
 class Worker:
@@ -82,8 +102,12 @@ class Worker:
         while self.step < cfg.steps:
             if cfg.inject_failure_at_step == self.step and start == 0 and self.ctx.rank == 0:
                 raise RuntimeError(f"injected failure at step {self.step} (inject_failure_at_step)")
-            window.append(self.method.step(self.step))
+            drill = cfg.inject_nan_at_step == self.step + 1 and start == 0
+            if drill and self.ctx.rank == self.ctx.world - 1:
+                self.method.inject_nan(cfg.inject_nan_into)
+            window.append(metrics := self.method.step(self.step))
             self.step += 1
+            self._guard(self.method.problem(metrics), drill)
             self.meter.check(self.step)
             log = self.step % cfg.log_every == 0 or self.step == cfg.steps
             if log:
@@ -126,11 +150,33 @@ class Worker:
         self.history["anytime"].append(row)
         self.progress.scalar("anytime_valid_loss", scores["loss"], self.step)
 
+    # ---------------------------------------------------------------- the divergence guard
+    def _guard(self, problem: Problem | None, drill: bool = False) -> None:
+        """Stop every rank at this step if any rank saw a value that shows divergence (a collective on the flag:
+        no rank is left waiting in a collective the others never reach); each raises with the record, which
+        ``train_loop_per_worker`` returns and the driver turns into one line (``tangle_ray.divergence``)."""
+        ctx = self.ctx
+        if not ctx.any_rank(problem is not None):
+            return
+        problems = self._gather(problem)
+        rank, found = next((r, p) for r, p in enumerate(problems) if p is not None)
+        self.progress.log(f"diverged at step {self.step}: {found}")
+        raise DivergenceError(make_record(found, self.step, rank, ctx.world,
+                                          settings_of(ctx.cfg, self.method.learns_alphas), drill))
+
+    def _state_problem(self) -> Problem | None:
+        """A non-finite value in what a checkpoint would hold: this rank's weights (or ZeRO-3 partition) and
+        the method's tensors."""
+        _, tensors = self.method.state()
+        return first([weights_problem(self.engine.module),
+                      *(tensor_problem(f"checkpoint tensor {k}", t, "alphas") for k, t in tensors.items())])
+
     # ---------------------------------------------------------------- checkpoints
     def _checkpoint(self) -> None:
         import ray.train
 
         ctx = self.ctx
+        self._guard(self._state_problem())  # never a checkpoint with a non-finite value
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             self.engine.save_checkpoint(tmp, tag=ckpt.DS_TAG)
@@ -160,8 +206,17 @@ class Worker:
                     f"checkpoint {folder} was written by {state['world_size']} workers, this run has "
                     f"{self.ctx.world}; resume with the same scaling.num_workers (ZeRO shards are per rank)"
                 )
+            optimizer, scheduler = self.engine.optimizer, self.engine.lr_scheduler
+            fresh = hyperparameters(optimizer, ("betas", "weight_decay", "initial_lr"))  # as the config says
+            base_lrs = list(scheduler.base_lrs)
             with ckpt.weights_only_loads():  # DeepSpeed's shards: tensors and plain data only
                 self.engine.load_checkpoint(folder, tag=ckpt.DS_TAG)
+            # a diverged run resumed with other optimizer settings (tangle_ray.divergence) uses them
+            restore_optimizer_settings(optimizer, fresh)
+            if list(scheduler.base_lrs) != base_lrs:
+                scheduler.base_lrs = base_lrs
+                for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                    group["lr"] = base * lr_factor(scheduler.last_epoch, self.ctx.cfg)
             self.method.load_state(state["method"], ckpt.read_run_tensors(folder))
             self.history, self.step = state["history"], state["step"]
         self.progress.log(f"resumed at step {self.step}")

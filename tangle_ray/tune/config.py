@@ -17,8 +17,9 @@ from typing import Any
 
 from tangle_ray.configs import INT64, VOLATILE, build, check_range, identity, read_settings
 from tangle_ray.errors import ConfigError, shorten
-from tangle_ray.names import check_name, check_not_uri
+from tangle_ray.names import check_name
 from tangle_ray.space import Arch, SearchSpace
+from tangle_ray.storage import cache_path, check_uri, is_uri, join
 
 ALGORITHMS = ("random", "evolution")
 
@@ -147,7 +148,8 @@ class SearchConfig:
         check_name(self.run.name, "search config: run.name")
         for name, value in (("supernet", self.supernet), ("data.dir", self.data.dir),
                             ("run.storage_path", self.run.storage_path)):
-            check_not_uri(value, f"search config: {name}")
+            if is_uri(value):
+                check_uri(value, f"search config: {name}")
         for name, value in (("supernet", self.supernet), ("data.dir", self.data.dir),
                             ("run.storage_path", self.run.storage_path), ("eval.split", self.eval.split)):
             if not value.strip():
@@ -173,7 +175,13 @@ class SearchConfig:
         return self.random.num_trials if self.algorithm == "random" else e.population * e.generations
 
     def run_dir(self) -> Path:
-        return Path(self.run.storage_path).resolve() / self.run.name
+        """The search folder: under ``run.storage_path``, or the local mirror of a folder on object storage."""
+        remote = self.remote_dir()
+        return cache_path(remote) if remote else Path(self.run.storage_path).resolve() / self.run.name
+
+    def remote_dir(self) -> str | None:
+        """The search folder's URI where ``run.storage_path`` is on object storage, else None."""
+        return join(self.run.storage_path, self.run.name) if is_uri(self.run.storage_path) else None
 
     def identity(self) -> dict[str, Any]:
         """What a resumed search must share with the search it resumes (not where results go, nor resources)."""

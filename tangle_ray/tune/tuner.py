@@ -8,8 +8,10 @@ resumes the campaign (``Tuner.restore``): finished trials are kept, unfinished a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
 import uuid
@@ -24,6 +26,7 @@ import torch
 from ray import tune
 from torch import nn
 
+from tangle_ray import storage
 from tangle_ray.cluster import check_resources, connect
 from tangle_ray.configs import read_json, to_dict
 from tangle_ray.errors import ConfigError
@@ -44,7 +47,15 @@ log = logging.getLogger(__name__)
 
 
 class SearchInterrupted(RuntimeError):
-    """The campaign stopped before its end (e.g. Ctrl+C); running the same search again resumes it."""
+    """The campaign stopped before its end (e.g. Ctrl+C); running the same search again resumes it. ``saved``
+    says what was saved."""
+
+    def __init__(self, saved: str):
+        super().__init__(saved)
+        self.saved = saved
+
+    def __str__(self) -> str:
+        return f"{self.saved}; run the same search again to resume it"
 
 
 @dataclass
@@ -116,7 +127,8 @@ def evaluate_trial(
 
 def load_checked_supernet(config: SearchConfig) -> Supernet:
     """The checkpoint, checked against ``config.space`` when one is named."""
-    return load_supernet(config.supernet, load_space(config.space) if config.space is not None else None)
+    return load_supernet(storage.localize(config.supernet, "search config: supernet"),
+                         load_space(config.space) if config.space is not None else None)
 
 
 def make_trainable(config: SearchConfig, supernet: Supernet, task: Task, x: np.ndarray, y: np.ndarray):
@@ -150,14 +162,16 @@ def make_tuner(
 ) -> tune.Tuner:
     """A new Tuner, or the restored one when ``config.run_dir()`` holds a run of this search."""
     check_resumable(config)
-    run_dir = config.run_dir()
-    if tune.Tuner.can_restore(str(run_dir)):
+    run_dir, remote = config.run_dir(), config.remote_dir()
+    if tune.Tuner.can_restore(remote or str(run_dir)):
         check_manifest(run_dir, "search folder", required=[CONFIG_FILE])  # Tune's state is pickled: ours only
-        return tune.Tuner.restore(str(run_dir), trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(remote or str(run_dir), trainable, resume_unfinished=True, resume_errored=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = {"config": to_dict(config), "identity": config.identity()}
     (run_dir / CONFIG_FILE).write_text(json.dumps(saved, indent=2) + "\n")
     write_manifest(run_dir, [CONFIG_FILE])
+    if remote:
+        storage.push(run_dir, remote)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -171,7 +185,7 @@ def make_tuner(
         ),
         run_config=tune.RunConfig(
             name=config.run.name,
-            storage_path=str(run_dir.parent),
+            storage_path=config.run.storage_path if remote else str(run_dir.parent),
             callbacks=list(callbacks),
             verbose=config.verbose,
         ),
@@ -183,18 +197,19 @@ class TrialLines(tune.Callback):
 
     def __init__(self, task: Task, total: int, space: SearchSpace):
         self.objective, self.total, self.space = task.objective, total, space
-        self.done, self.best = 0, None
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         o, value = self.objective, result.get(self.objective.key)
         if value is None:
             return
-        self.done += 1
-        better = self.best is None or (value < self.best[0] if o.mode == "min" else value > self.best[0])
-        if better:
-            self.best = (value, result["index"])
-        print(f"[tangle-ray] trial {self.done}/{self.total}  #{result['index']}  {o.label} {value:{o.fmt}}  "
-              f"{result['params'] / 1e6:.2f}M  best {self.best[0]:{o.fmt}} (#{self.best[1]})",
+        # counted over every trial Tune holds, those restored with a resumed search included (a resumed search
+        # restores this callback as it was pickled when the search started: it keeps no count of its own)
+        scored = [(t.last_result[o.key], t.last_result.get("index", t.config.get("index"))) for t in trials
+                  if t is not trial and o.key in (t.last_result or {})]
+        scored.append((value, result["index"]))
+        best = min(scored, key=lambda s: (o.sign * s[0], s[1]))  # ties: the earlier proposal
+        print(f"[tangle-ray] trial {len(scored)}/{self.total}  #{result['index']}  {o.label} {value:{o.fmt}}  "
+              f"{result['params'] / 1e6:.2f}M  best {best[0]:{o.fmt}} (#{best[1]})",
               file=sys.stderr, flush=True)
 
 
@@ -212,10 +227,13 @@ def run_search(
     space = supernet.space
     task = get_task(space.family.task)
     check_constraints(space, config.constraints, config.seed)
+    remote = config.remote_dir()
+    if remote:  # the search so far (its record, Tune's and the searcher's state) into the local mirror
+        storage.pull(remote, config.run_dir())
     check_resumable(config)
     check_output_dir(config.run_dir(), "search config: run.storage_path")
-    e = config.eval
-    x, y = task.eval_set(task.data_config(dir=config.data.dir), space.fixed, e.split, e.samples, e.seed)
+    e, data = config.eval, str(storage.localize(config.data.dir, "search config: data.dir"))
+    x, y = task.eval_set(task.data_config(dir=data), space.fixed, e.split, e.samples, e.seed)
     connect(address, verbose=verbose)
     r = config.resources
     check_resources(1, {"CPU": r.cpus_per_trial, "GPU": r.gpus_per_trial}, "search config: resources (one trial)")
@@ -224,18 +242,25 @@ def run_search(
     lines = [] if config.verbose else [TrialLines(task, config.total_trials, space)]
     tuner = make_tuner(config, trainable, searcher, task, [*lines, *callbacks])
     del supernet  # the trials hold their own copies
-    grid = tuner.fit()
+    # Tune prints a banner to stdout whatever its verbosity (an endless "Number of trials", a TensorBoard hint
+    # into Ray's temporary folder): shown with --verbose or the search file's verbose >= 1, kept off otherwise
+    quiet = not (verbose or config.verbose)
+    with open(os.devnull, "w") if quiet else contextlib.nullcontext(sys.stdout) as out, \
+            contextlib.redirect_stdout(out):
+        grid = tuner.fit()
     if grid.errors:
         raise RuntimeError(
             f"search {config.run_dir()}: {len(grid.errors)} of {len(grid)} trials failed; first error: "
             f"{grid.errors[0]!r}. Run the same search again to retry them."
         )
     done = [r for r in grid if task.objective.key in (r.metrics or {})]
+    if remote:  # Tune synced its state (and the searcher's) to the bucket
+        storage.pull(remote, config.run_dir())
     state = saved_searcher_state(config.run_dir())
     if len(done) < len(grid) or not (state and state["finished"]):
         raise SearchInterrupted(
-            f"search {config.run_dir()} was interrupted after {len(done)} of {config.total_trials} planned "
-            "trials; run the same search again to resume it"
+            f"search {config.run_dir()} interrupted after {len(done)} of {config.total_trials} planned trials, "
+            "whose results are saved there"
         )
     if len(done) < config.total_trials:
         log.warning(
@@ -247,6 +272,8 @@ def run_search(
         )
     trials = sorted((_record(r.config, r.metrics, task) for r in done), key=lambda t: t.index)
     write_report(trials, config.run_dir(), task, space, config.eval.split)
+    if remote:
+        storage.push(config.run_dir(), remote)
     return SearchResult(config.run_dir(), trials, task)
 
 

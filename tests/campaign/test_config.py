@@ -33,7 +33,7 @@ def test_every_recipe_validates_and_dry_runs(recipe, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["bogus=1"], ["tiny-cpu.yaml", "unknown setting(s) ['bogus']", "allowed: ['name', 'space', 'data'"]),
+    (["bogus=1"], ["override bogus=1", "unknown setting(s) ['bogus']", "allowed: ['name', 'space', 'data'"]),
     (["methods=[tanglenas,spos-grid]"],
      ["methods = ['tanglenas', 'spos-grid']", "allowed: a non-empty list of ['tanglenas', 'spos-random', 'spos-ev"]),
     (["reference=spos-random", "methods=[tanglenas]"], ["reference = 'spos-random'", "one of the methods"]),

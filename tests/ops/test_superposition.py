@@ -204,7 +204,8 @@ def test_masked_linear_gradients_match_finite_differences_and_autograd(bias, see
     ours = torch.autograd.grad(MaskedLinear.apply(x, layer.weight, layer.bias, w, out_ind, in_ind), [
         t for t in inputs if t is not None], grad_out)
     mask = out_ind.t() @ (w[:, None] * in_ind)
-    plain = torch.nn.functional.linear(x, layer.weight * mask, None if layer.bias is None else layer.bias * (w @ out_ind))
+    bias = None if layer.bias is None else layer.bias * (w @ out_ind)
+    plain = torch.nn.functional.linear(x, layer.weight * mask, bias)
     reference = torch.autograd.grad(plain, [t for t in inputs if t is not None], grad_out)
     for a, b in zip(ours, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

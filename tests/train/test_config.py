@@ -44,8 +44,8 @@ def test_defaults_are_the_tanglenas_lm_settings():
         (["compile=true", "method=spos"], ["compile", "'spos'", "ZeRO stages 0-2"]),
         (["compile=true", "zero_stage=3"], ["compile", "zero_stage 3"]),
         (["steps"], ["key=value"]),
-        (["run.storage_path=s3://bucket/runs"], ["run.storage_path = 's3://bucket/runs'", "object-store URI", "NFS"]),
-        (["data.dir=gs://bucket/tokens"], ["data.dir = 'gs://bucket/tokens'", "object-store URI"]),
+        (["run.storage_path=ftp://bucket/runs"], ["run.storage_path = 'ftp://bucket/runs'", "scheme 'ftp'", "NFS"]),
+        (["data.dir=gs:///tokens"], ["data.dir = 'gs:///tokens'", "expected gs://bucket/folder"]),
         (["arch={n_layer: 2}"], ["arch is set", "would ignore it", "tangle-ray retrain --arch"]),
     ],
 )

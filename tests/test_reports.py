@@ -1,0 +1,180 @@
+"""A run's report says what its method did (issue 22): each method's summary words, the progress line's label,
+and plots with units, marks and legends where they cover nothing; from synthetic histories, without Ray."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from matplotlib.figure import Figure
+
+from tangle_ray.models import load_space
+from tangle_ray.report import plots
+from tangle_ray.report.leaderboard import TrialRecord, write_report
+from tangle_ray.report.runs import write_run_report
+from tangle_ray.tasks import get_task
+from tangle_ray.train.config import RunPlan, load_config
+from tangle_ray.train.progress import PROGRESS_FILE, Progress
+
+STEPS = [2, 4, 6, 8]
+
+
+@pytest.fixture
+def figures(monkeypatch) -> dict[str, Figure]:
+    """Every figure the report writes, by file name (still open for inspection)."""
+    seen: dict[str, Figure] = {}
+    save = plots.save
+
+    def keep(fig: Figure, path, dpi: int = 120) -> Path:
+        seen[Path(path).name] = fig
+        return save(fig, path, dpi)
+
+    monkeypatch.setattr(plots, "save", keep)
+    return seen
+
+
+def _history(space, archs, task, alphas: bool) -> dict[str, list]:
+    rng = random.Random(0)
+    metrics = [{"step": s, "train_loss": 3.0 - 0.1 * s, f"{task.unit}_per_s": 1000.0,
+                **({"arch_loss": 3.1 - 0.1 * s, "arch_entropy": 1.0 - 0.01 * s} if alphas else {})} for s in STEPS]
+    anytime = [{"step": s, **{f"valid_{m.key}": rng.uniform(0.1, 0.9) for m in task.metrics}, "arch": a}
+               for s, a in zip(STEPS, archs)]
+    rows = []
+    for s in [0, *STEPS]:
+        row = {"step": s}
+        for d in space.dims.values():
+            probs = [[1 / len(d.values)] * len(d.values)]
+            row[d.name] = probs * space.max_layers if d.per_layer else probs[0]
+        rows.append(row)
+    return {"metrics": metrics, "anytime": anytime, "alphas": rows if alphas else []}
+
+
+def _summary(tmp_path, method: str, *settings: str, space_name: str = "gpt-nano") -> tuple[str, RunPlan]:
+    space = load_space(space_name)
+    task = get_task(space.family.task)
+    rng = random.Random(1)
+    archs = [space.sample(rng) for _ in STEPS]
+    archs[-1] = {**archs[-1], space.depth_dim: min(space.dims[space.depth_dim].values)}  # chosen: the least depth
+    fixed = method == "fixed"
+    cfg = load_config(None, [f"method={method}", f"space={space_name}", "eval_samples=16",
+                             *([f"arch={archs[0]}".replace("'", "")] if fixed else []), *settings])
+    if fixed:
+        archs = [cfg.arch] * len(STEPS)
+    elif method == "spos":
+        archs = [space.largest()] * len(STEPS)
+    plan = RunPlan(cfg, space, task, cfg.arch, cfg.identity())
+    chosen = None if method == "spos" else archs[-1]
+    history = _history(space, archs, task, alphas=method == "tanglenas")
+    write_run_report(tmp_path, plan, history, chosen, tmp_path / "export")
+    return (tmp_path / "summary.md").read_text(), plan
+
+
+def test_tanglenas_summary_speaks_of_its_argmax_superposition_and_export(tmp_path):
+    text, _ = _summary(tmp_path, "tanglenas")
+    assert "argmax architecture" in text and "the superposition trains the mixture" in text
+    assert "The argmax changed 3 time(s)" in text
+    assert "weight split, superposed" in text
+    assert "Consolidated supernet (`supernet/`" in text and "extracted as a standalone model (`model/`" in text
+
+
+def test_spos_summary_has_no_argmax_superposition_or_model(tmp_path):
+    text, _ = _summary(tmp_path, "spos")
+    for words in ("argmax", "superposition", "superposed", "extracted model", "Consolidated supernet and"):
+        assert words not in text, words
+    assert "largest architecture" in text and "chooses no architecture" in text
+    assert "one uniformly sampled single path per micro-batch" in text
+    assert "SPOS chooses no architecture, so there is no `model/`" in text
+
+
+@pytest.mark.parametrize("init, words, absent", [
+    ("scratch", ["trained from scratch (fresh weights)", "trained from scratch; current weights"],
+     ["inherit", "fine-tuned"]),
+    ("inherit", ["fine-tuned: it started from the weights it inherits from the supernet `/somewhere/supernet`",
+                 "its weights inherited from the supernet, fine-tuned"], ["from scratch"]),
+])
+def test_fixed_summary_says_how_it_started_and_has_no_supernet(tmp_path, init, words, absent):
+    settings = ["init=inherit", "init_from=/somewhere/supernet"] if init == "inherit" else []
+    text, _ = _summary(tmp_path, "fixed", *settings)
+    for w in ("argmax", "superposition", "superposed", "Consolidated supernet"):
+        assert w not in text, w
+    assert "weight split, the fixed architecture" in text
+    assert "The trained model (`model/`" in text and "a fixed architecture has no supernet" in text
+    for w in words:
+        assert w in text, w
+    for w in absent:
+        assert w not in text, w
+
+
+def test_the_progress_line_says_argmax_only_where_architecture_weights_choose(tmp_path):
+    space = load_space("gpt-nano")
+    arch = space.largest()
+    progress = Progress(tmp_path, 0, space, "tokens", 10)
+    row = {"step": 1, "train_loss": 3.0, "tokens_per_s": 100.0, "arch_params": space.param_count(arch)}
+    progress.record(row, arch, 60.0)  # a fixed architecture
+    progress.record({**row, "step": 2, "arch_entropy": 0.9}, arch, 60.0)  # a search's current argmax
+    fixed, searched = (tmp_path / PROGRESS_FILE).read_text().splitlines()
+    assert "  arch n_layer=4" in fixed and "argmax" not in fixed
+    assert "  argmax n_layer=4" in searched
+
+
+def _fits(fig: Figure, *artists) -> bool:
+    """Whether every artist is drawn inside the figure."""
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    for a in artists:
+        e = a.get_window_extent(renderer)
+        if e.x0 < box.x0 - 1 or e.y0 < box.y0 - 1 or e.x1 > box.x1 + 1 or e.y1 > box.y1 + 1:
+            return False
+    return True
+
+
+def test_run_plots_have_units_change_marks_one_legend_and_marked_layers(tmp_path, figures):
+    _summary(tmp_path, "tanglenas")
+    fig = figures["anytime.png"]
+    ax = fig.axes[0]
+    assert ax.get_ylabel().replace("\n", " ") == "validation loss (cross-entropy, nats per token)"
+    assert ax.get_xlabel() == "training step"
+    marks = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
+    assert len(marks) == 3  # the argmax changed at steps 4, 6 and 8
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["score", "argmax architecture changed"]
+    trajectory = figures["alphas_mlp_ratio.png"]
+    assert len(trajectory.legends) == 1 and all(a.get_legend() is None for a in trajectory.axes)
+    beyond = [a.get_title() for a in trajectory.axes if "beyond depth" in a.get_title()]
+    assert beyond == ["layer 3 (beyond depth)", "layer 4 (beyond depth)"]  # the chosen depth is 2
+    assert trajectory.axes[0].get_ylabel() == "probability (softmax of alpha)"
+
+
+def test_vision_anytime_plot_in_percent_with_its_label_inside(tmp_path, figures):
+    _summary(tmp_path, "tanglenas", "data.dir=x", space_name="vit-digits")
+    fig = figures["anytime.png"]
+    ax = fig.axes[0]
+    assert ax.get_ylabel().replace("\n", " ") == "validation top-1 accuracy (%)"
+    values = ax.get_lines()[0].get_ydata()
+    assert all(10 <= v <= 90 for v in values)  # percent, not a fraction
+    fig.canvas.draw()
+    assert _fits(fig, ax.yaxis.label, ax.title)
+
+
+def test_search_plots_have_units_m_parameters_and_legends_off_the_points(tmp_path, figures):
+    space, task = load_space("gpt-nano"), get_task("lm")
+    rng = random.Random(0)
+    records = []
+    for i in range(20):
+        arch = space.sample(rng)
+        records.append(TrialRecord(i, arch, {"loss": rng.uniform(5, 7), "perplexity": 300.0},
+                                   space.param_count(arch), space.flops(arch), 1024))
+    write_report(records, tmp_path, task, space, "valid")
+    for name in ("incumbent.png", "pareto.png"):
+        fig = figures[name]
+        ax = fig.axes[0]
+        fig.canvas.draw()
+        assert ax.get_ylabel().replace("\n", " ") == "loss (cross-entropy, nats per token)"
+        assert "'valid' split" in ax.get_title()
+        assert ax.get_legend() is None and len(fig.legends) == 1  # below the axes, not over the points
+        legend, frame = fig.legends[0].get_window_extent(), ax.get_window_extent()
+        assert legend.y1 <= frame.y0 and _fits(fig, ax.yaxis.label, fig.legends[0])
+    pareto = figures["pareto.png"].axes[0]
+    assert pareto.xaxis.get_offset_text().get_text() == ""  # no "1e6"
+    ticks = [t.get_text() for t in pareto.get_xticklabels() if t.get_text()]
+    assert ticks and all(t.endswith("M") for t in ticks), ticks
