@@ -47,13 +47,34 @@ BLOCKS = _blocks()
 MARKED = [(f, h, code) for f, h, marked, code in BLOCKS if marked]
 
 
+SHELL = re.compile(r"^(<!-- test-snippet[^\n]*-->)\n```bash\n(.*?)^```", re.S | re.M)
+SHELL_BLOCKS = [(str(path.relative_to(REPO)), m.group(2)) for path in DOCS for m in SHELL.finditer(path.read_text())]
+
+
 def test_markers_mark_python_blocks():
-    """A marker not directly above a ```python fence would test nothing."""
+    """A marker not directly above a ```python or ```bash fence would test nothing."""
     for path in DOCS:
         lines = path.read_text().splitlines()
         for i, line in enumerate(lines):
             if line.startswith(MARKER):
-                assert i + 1 < len(lines) and lines[i + 1] == "```python", f"{path.name}:{i + 1}: {line}"
+                assert i + 1 < len(lines) and lines[i + 1] in ("```python", "```bash"), f"{path.name}:{i + 1}: {line}"
+    assert ("docs/scaling.md" in {f for f, _ in SHELL_BLOCKS}), "a shell snippet that was tested lost its marker"
+
+
+@pytest.mark.parametrize("where, code", SHELL_BLOCKS, ids=[f for f, _ in SHELL_BLOCKS])
+def test_marked_shell_snippet_runs(where, code, tmp_path):
+    """A marked ```bash block, line by line as a reader types it, in an empty folder whose recipes/ and spaces/
+    are the repository's (nothing is written into the clone); every line must exit 0."""
+    folder = tmp_path / "reader"
+    folder.mkdir()
+    for name in ("recipes", "spaces"):
+        (folder / name).symlink_to(REPO / name)
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    for line in (raw.split("#", 1)[0].strip() for raw in code.splitlines()):
+        if line:
+            done = subprocess.run(["bash", "-c", line], cwd=folder, env=env, capture_output=True, text=True,
+                                  timeout=300)
+            assert done.returncode == 0, f"{where}: `{line}` failed:\n{done.stderr[-3000:]}"
     assert EXPECTED <= {(f, h) for f, h, _ in MARKED}, "a snippet that was tested lost its marker"
 
 
