@@ -193,8 +193,8 @@ def resumable_changes(run_dir: Path, stored: Any, identity: dict[str, Any]) -> l
     of them are optimizer settings (``RESUMABLE``); None when the run did not diverge or others differ."""
     if read_record(run_dir) is None or not isinstance(stored, dict):
         return None
-    changed = sorted(k for k in _flat(stored).keys() | _flat(identity).keys()
-                     if _flat(stored).get(k, _MISSING) != _flat(identity).get(k, _MISSING))
+    before, now = _flat(stored), _flat(identity)
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k, _MISSING) != now.get(k, _MISSING))
     if not changed or any(k.split(".")[0] not in RESUMABLE for k in changed):
         return None
     return changed

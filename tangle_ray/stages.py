@@ -83,6 +83,27 @@ class Stage:
 OUTPUT = {"train": "run", "tune": "search", "measure": "run"}
 
 
+def open_folder(out: Path | str) -> tuple[Path, str | None]:
+    """The local folder of a campaign or scaling grid, checked and created, and the object-store folder it
+    mirrors (None for a plain folder), whose finished stages' records (not their checkpoints) are pulled in."""
+    from tangle_ray.names import check_output_dir
+
+    local, remote = storage.mirror(out)
+    check_output_dir(local, "--out")
+    local.mkdir(parents=True, exist_ok=True)
+    if remote:
+        storage.pull(remote, local, only=lambda name: name.endswith(STAGE_FILE))
+    return local, remote
+
+
+def check_fits(stage: Stage, what: str) -> None:
+    """ConfigError unless the cluster can hold ``stage``'s workers with their share of its devices."""
+    from tangle_ray.cluster import check_resources
+
+    kind, count = stage.devices
+    check_resources(stage.workers, {kind: count / stage.workers}, what)
+
+
 def stage_status(folder: Path, identity: str) -> str:
     """'done' (its record is written), 'resumable' (started, not finished) or 'new'."""
     record = folder / STAGE_FILE

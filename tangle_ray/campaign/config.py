@@ -97,15 +97,15 @@ def stage_settings(config: CampaignConfig, kind: str, base: Path, source: str, d
         raw = loaded
     for key, value in config.data.items() if data else ():
         set_dotted(raw, f"data.{key}", value)
-    for key, value in _flat(entry.settings):
+    for key, value in flat_settings(entry.settings):
         set_dotted(raw, key, value, f"stages.{kind}.settings.{key}")
     return raw
 
 
-def _flat(settings: dict[str, Any], prefix: str = ""):
+def flat_settings(settings: dict[str, Any], prefix: str = ""):
     """Dotted (key, value) pairs of a nested mapping; mappings under ``data`` and ``source`` stay whole."""
     for key, value in settings.items():
         if isinstance(value, dict) and key not in ("source", "augment", "arch", "deepspeed"):
-            yield from _flat(value, f"{prefix}{key}.")
+            yield from flat_settings(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value

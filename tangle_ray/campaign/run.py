@@ -19,9 +19,9 @@ from tangle_ray import storage
 from tangle_ray.campaign import report, statistics
 from tangle_ray.campaign.config import CampaignConfig
 from tangle_ray.campaign.plan import Plan, anytime_curves, result_rows
-from tangle_ray.cluster import check_resources, connect
-from tangle_ray.names import check_output_dir, output_folder
-from tangle_ray.stages import STAGE_FILE, Stage, read_record, run_stage, stage_status, write_atomic
+from tangle_ray.cluster import connect
+from tangle_ray.names import output_folder
+from tangle_ray.stages import Stage, check_fits, open_folder, read_record, run_stage, stage_status, write_atomic
 
 
 class CampaignStopped(RuntimeError):
@@ -78,16 +78,11 @@ def run_campaign(config: CampaignConfig, plan: Plan, out: Path | str, address: s
     (``out``: a folder, or a folder on object storage mirrored locally)."""
     import ray
 
-    local, remote_out = storage.mirror(out)
-    check_output_dir(local, "--out")
-    local.mkdir(parents=True, exist_ok=True)
-    if remote_out:  # the stages' records (not their checkpoints) into the mirror
-        storage.pull(remote_out, local, only=lambda name: name.endswith(STAGE_FILE))
+    local, remote_out = open_folder(out)
     placed = place(plan, out)
     connect(address, num_cpus=num_cpus, verbose=verbose)
     for p in placed:  # every request must fit the cluster before anything starts
-        kind, count = p.stage.devices
-        check_resources(p.stage.workers, {kind: count / p.stage.workers}, f"stage {p.name}")
+        check_fits(p.stage, f"stage {p.name}")
     records = {p.name: read_record(p.folder) for p in placed if stage_status(p.folder, p.identity) == "done"}
     remote = ray.remote(num_cpus=0, max_retries=0)(run_stage)
     running: dict[Any, Placed] = {}

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tangle_ray.campaign.config import _flat
+from tangle_ray.campaign.config import flat_settings
 from tangle_ray.configs import read_yaml, set_dotted
 from tangle_ray.errors import ConfigError, shorten
 from tangle_ray.models import load_space
@@ -68,7 +68,7 @@ def build_points(config: ScaleConfig, base: Path) -> list[PlannedPoint]:
     run = read_yaml(path, "run file")
     if not isinstance(run, dict):
         raise ConfigError(f"{path}: a run file must be a mapping of settings")
-    for key, value in _flat(config.settings):
+    for key, value in flat_settings(config.settings):
         set_dotted(run, key, value, f"settings.{key}")
     g, out = config.grid, []
     spaces = {name: load_space(name) for name in g.space}

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from tangle_ray import storage
-from tangle_ray.cluster import check_resources, connect
-from tangle_ray.names import check_output_dir, output_folder
+from tangle_ray.cluster import connect
+from tangle_ray.names import output_folder
 from tangle_ray.scaling import measure, report
 from tangle_ray.scaling.config import ScaleConfig
 from tangle_ray.scaling.plan import PlannedPoint
-from tangle_ray.stages import STAGE_FILE, read_record, run_stage, stage_status, write_record
+from tangle_ray.stages import check_fits, open_folder, read_record, run_stage, stage_status, write_record
 
 GIB = 2**30
 
@@ -80,16 +80,11 @@ def run_scale(config: ScaleConfig, points: list[PlannedPoint], out: Path | str, 
     (``out``: a folder, or a folder on object storage mirrored locally)."""
     from tangle_ray.train.runner import RunStopped
 
-    local, remote = storage.mirror(out)
-    check_output_dir(local, "--out")
-    local.mkdir(parents=True, exist_ok=True)
-    if remote:  # the points' records (not their checkpoints) into the mirror
-        storage.pull(remote, local, only=lambda name: name.endswith(STAGE_FILE))
+    local, remote = open_folder(out)
     placed = place(points, out)
     connect(address, verbose=verbose)
     for p in placed:  # every point must fit the cluster before the first starts
-        point, (kind, count) = p.planned.point, p.planned.stage.devices
-        check_resources(point.workers, {kind: count / point.workers}, f"point {point.key}")
+        check_fits(p.planned.stage, f"point {p.planned.point.key}")
     records = {p.planned.point.key: read_record(p.folder) for p in placed
                if stage_status(p.folder, p.identity) == "done"}
     todo = [p for p in placed if p.planned.point.key not in records]
