@@ -17,9 +17,9 @@ from pathlib import Path
 import ray
 import torch
 
-from tangle_ray.data.prepare import prepare_text
-from tangle_ray.data.sources import TextSource
-from tangle_ray.data.synth import write_demo_corpus
+from tangle_ray.data.text.prepare import prepare_text
+from tangle_ray.data.text.sources import TextSource
+from tangle_ray.data.text.synth import write_demo_corpus
 from tangle_ray.folders import load_supernet
 from tangle_ray.models.gpt import GPT
 from tangle_ray.train.config import load_config

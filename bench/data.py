@@ -25,8 +25,8 @@ from pathlib import Path
 import datasets
 
 from tangle_ray.data import TextSource, WindowSampler, get_tokenizer, load_split, prepare_text, read_meta
-from tangle_ray.data.synth import write_demo_corpus
-from tangle_ray.data.tokenizer import BPE_ENV
+from tangle_ray.data.text.synth import write_demo_corpus
+from tangle_ray.data.text.tokenizer import BPE_ENV
 
 CHARS_PER_STORY = 357  # average length of a synthetic story
 
@@ -164,10 +164,10 @@ def run_images(args: argparse.Namespace, tmp: Path) -> None:
     import numpy as np
     import torch
 
-    from tangle_ray.data.augment import Augment
-    from tangle_ray.data.image_batches import ImageBatches, PrefetchedBatches, eval_images
-    from tangle_ray.data.image_prepare import ImageStore, prepare_images
-    from tangle_ray.data.images import ImageSource
+    from tangle_ray.data.images.augment import Augment
+    from tangle_ray.data.images.batches import ImageBatches, PrefetchedBatches, eval_images
+    from tangle_ray.data.images.prepare import ImageStore, prepare_images
+    from tangle_ray.data.images.sources import ImageSource
 
     write_jpegs(tmp / "jpegs", args.images)
     files = sorted((tmp / "jpegs").rglob("*.JPEG"))

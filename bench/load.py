@@ -25,7 +25,7 @@ import ray
 import torch
 import yaml
 
-from tangle_ray.data.prepare import FORMAT_VERSION, SPLITS
+from tangle_ray.data.text.prepare import FORMAT_VERSION, SPLITS
 from tangle_ray.folders import save_supernet
 from tangle_ray.models import load_space
 

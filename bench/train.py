@@ -17,9 +17,9 @@ from pathlib import Path
 
 import ray
 
-from tangle_ray.data.prepare import prepare_text
-from tangle_ray.data.sources import TextSource
-from tangle_ray.data.synth import write_demo_corpus
+from tangle_ray.data.text.prepare import prepare_text
+from tangle_ray.data.text.sources import TextSource
+from tangle_ray.data.text.synth import write_demo_corpus
 from tangle_ray.models import load_space
 from tangle_ray.train.config import load_config
 from tangle_ray.train.runner import run_training

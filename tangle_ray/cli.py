@@ -364,9 +364,9 @@ def cmd_demo(args) -> int:
     import ray
 
     from tangle_ray.cluster import connect
-    from tangle_ray.data.prepare import prepare_text
-    from tangle_ray.data.sources import TextSource
-    from tangle_ray.data.synth import write_demo_corpus
+    from tangle_ray.data.text.prepare import prepare_text
+    from tangle_ray.data.text.sources import TextSource
+    from tangle_ray.data.text.synth import write_demo_corpus
     from tangle_ray.train.config import load_config
     from tangle_ray.train.runner import run_training
 
@@ -498,9 +498,9 @@ def cmd_tune(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from tangle_ray.data.prepare import prepare_text
-    from tangle_ray.data.sources import TextSource
-    from tangle_ray.data.synth import write_demo_corpus
+    from tangle_ray.data.text.prepare import prepare_text
+    from tangle_ray.data.text.sources import TextSource
+    from tangle_ray.data.text.synth import write_demo_corpus
 
     if args.data_command == "synth":
         n_valid = args.valid_stories if args.valid_stories is not None else max(10, args.stories // 10)
@@ -508,8 +508,8 @@ def cmd_data(args) -> int:
         print(f"wrote {args.stories:,} training and {n_valid:,} validation stories to {out}")
         return 0
     if args.data_command == "images":
-        from tangle_ray.data.image_prepare import prepare_images
-        from tangle_ray.data.images import ImageSource
+        from tangle_ray.data.images.prepare import prepare_images
+        from tangle_ray.data.images.sources import ImageSource
 
         out = prepare_images(ImageSource(kind=args.kind, path=args.path), args.out, args.valid_fraction, args.seed)
         print(f"prepared images in {out}")

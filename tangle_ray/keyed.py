@@ -9,8 +9,8 @@ depend on the number of workers, gradient accumulation, restarts or data-loader 
 - ``Purpose.WEIGHT_FORWARD`` / ``ARCH_FORWARD``: everything torch draws inside a micro-batch's forward
   (dropout, attention dropout, drop path), under ``keyed_rng``;
 - SPOS paths: ``(seed, step, path key)`` (``methods/spos.py``);
-- text windows and images: ``(seed, name_key(split), step, micro index)`` (``data/sampler.py``,
-  ``data/image_batches.py``).
+- text windows and images: ``(seed, name_key(split), step, micro index)`` (``data/text/sampler.py``,
+  ``data/images/batches.py``).
 """
 
 from __future__ import annotations

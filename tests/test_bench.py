@@ -40,8 +40,8 @@ def test_few_images_still_make_every_split(n, tmp_path):
     spec = importlib.util.spec_from_file_location("bench_data", BENCH / "data.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    from tangle_ray.data.image_prepare import ImageStore, prepare_images
-    from tangle_ray.data.images import ImageSource
+    from tangle_ray.data.images.prepare import ImageStore, prepare_images
+    from tangle_ray.data.images.sources import ImageSource
 
     assert bench.MIN_IMAGES == 4
     bench.write_jpegs(tmp_path / "jpegs", n)

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from tangle_ray.cli import main
-from tangle_ray.data.prepare import FORMAT_VERSION, SPLITS
-from tangle_ray.data.synth import write_demo_corpus
+from tangle_ray.data.text.prepare import FORMAT_VERSION, SPLITS
+from tangle_ray.data.text.synth import write_demo_corpus
 from tangle_ray.errors import ConfigError
 from tangle_ray.folders import save_supernet
 from tangle_ray.models import load_space

@@ -14,7 +14,7 @@ def test_wheel_installs_and_lists_every_space_from_another_folder(tmp_path):
     wheel = next((tmp_path / "wheel").glob("tangle_ray-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     spaces = sorted(p.name for p in (REPO / "spaces").glob("*.yaml"))
-    assert {f"tangle_ray/spaces/{s}" for s in spaces} <= names and "tangle_ray/data/gpt2.tiktoken" in names
+    assert {f"tangle_ray/spaces/{s}" for s in spaces} <= names and "tangle_ray/data/text/gpt2.tiktoken" in names
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True)

@@ -27,7 +27,7 @@ from tangle_ray.configs import (
     read_json,
     read_yaml,
 )
-from tangle_ray.data.prepare import FORMAT_VERSION, SPLITS, read_meta, verify_tokens
+from tangle_ray.data.text.prepare import FORMAT_VERSION, SPLITS, read_meta, verify_tokens
 from tangle_ray.errors import ConfigError, shorten, write_fault
 from tangle_ray.folders import load_supernet, save_supernet
 from tangle_ray.manifest import check_manifest, write_manifest

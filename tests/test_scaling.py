@@ -15,9 +15,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from tangle_ray.cli import main
-from tangle_ray.data.prepare import prepare_text
-from tangle_ray.data.sources import TextSource
-from tangle_ray.data.synth import write_demo_corpus
+from tangle_ray.data.text.prepare import prepare_text
+from tangle_ray.data.text.sources import TextSource
+from tangle_ray.data.text.synth import write_demo_corpus
 from tangle_ray.errors import ConfigError
 from tangle_ray.models import load_space
 from tangle_ray.scaling.config import load_scale

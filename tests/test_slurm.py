@@ -107,9 +107,9 @@ def _state(job: str, env: dict) -> str:
 
 
 def test_sbatch_starts_ray_on_both_nodes_runs_a_search_and_stops_ray(slurm, tmp_path):
-    from tangle_ray.data.prepare import prepare_text
-    from tangle_ray.data.sources import TextSource
-    from tangle_ray.data.synth import write_demo_corpus
+    from tangle_ray.data.text.prepare import prepare_text
+    from tangle_ray.data.text.sources import TextSource
+    from tangle_ray.data.text.synth import write_demo_corpus
 
     corpus = write_demo_corpus(tmp_path / "raw", n_train=200, n_valid=40, seed=0)
     tokens = prepare_text(TextSource(kind="jsonl", path=str(corpus)), tmp_path / "tokens")

@@ -14,9 +14,9 @@ import pytest
 
 from tangle_ray import storage
 from tangle_ray.cli import main
-from tangle_ray.data.prepare import prepare_text
-from tangle_ray.data.sources import TextSource
-from tangle_ray.data.synth import write_demo_corpus
+from tangle_ray.data.text.prepare import prepare_text
+from tangle_ray.data.text.sources import TextSource
+from tangle_ray.data.text.synth import write_demo_corpus
 from tangle_ray.errors import ConfigError
 from tangle_ray.train.config import load_config
 from tangle_ray.train.runner import run_training

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tangle_ray.configs import VOLATILE
-from tangle_ray.data.augment import Augment
-from tangle_ray.data.image_batches import ImageBatches, PrefetchedBatches, eval_images, eval_records
-from tangle_ray.data.image_prepare import META, ImageStore, prepare_images
-from tangle_ray.data.images import ImageSource
+from tangle_ray.data.images.augment import Augment
+from tangle_ray.data.images.batches import ImageBatches, PrefetchedBatches, eval_images, eval_records
+from tangle_ray.data.images.prepare import META, ImageStore, prepare_images
+from tangle_ray.data.images.sources import ImageSource
 from tangle_ray.errors import ConfigError
 from tangle_ray.space import SearchSpace
 from tangle_ray.tasks import register_task

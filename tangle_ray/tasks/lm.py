@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tangle_ray.data.prepare import load_split, prepare_text, read_meta, verify_tokens
-from tangle_ray.data.sampler import WindowSampler, eval_windows
-from tangle_ray.data.sources import TextSource
+from tangle_ray.data.text.prepare import load_split, prepare_text, read_meta, verify_tokens
+from tangle_ray.data.text.sampler import WindowSampler, eval_windows
+from tangle_ray.data.text.sources import TextSource
 from tangle_ray.errors import ConfigError
 from tangle_ray.space import SearchSpace
 from tangle_ray.tasks import register_task

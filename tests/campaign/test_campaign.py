@@ -18,9 +18,9 @@ import pytest
 from tangle_ray.campaign.config import load_campaign
 from tangle_ray.campaign.plan import build_plan
 from tangle_ray.campaign.run import run_campaign
-from tangle_ray.data.prepare import prepare_text
-from tangle_ray.data.sources import TextSource
-from tangle_ray.data.synth import write_demo_corpus
+from tangle_ray.data.text.prepare import prepare_text
+from tangle_ray.data.text.sources import TextSource
+from tangle_ray.data.text.synth import write_demo_corpus
 from tangle_ray.errors import ConfigError
 
 pytestmark = pytest.mark.ray

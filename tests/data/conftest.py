@@ -7,7 +7,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from tangle_ray.data.synth import write_demo_corpus
+from tangle_ray.data.text.synth import write_demo_corpus
 
 SHARED_BPE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "gpt2.tiktoken"
 
@@ -23,7 +23,7 @@ def _isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
 def bpe_file() -> str:
     """A GPT-2 BPE file given as an override: the team's shared copy where there is one, else the packaged file
     (whose sha256 the tokenizer checks against the hash tiktoken pins for gpt2)."""
-    from tangle_ray.data.tokenizer import PACKAGED_BPE
+    from tangle_ray.data.text.tokenizer import PACKAGED_BPE
 
     return str((SHARED_BPE if SHARED_BPE.is_file() else PACKAGED_BPE).resolve())
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tangle_ray.data.augment import (
+from tangle_ray.data.images.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Augment,
@@ -27,9 +27,9 @@ from tangle_ray.data.augment import (
     mix,
     train_image,
 )
-from tangle_ray.data.image_batches import ImageBatches, PrefetchedBatches, eval_images, eval_records
-from tangle_ray.data.image_prepare import ImageStore, prepare_images, read_image_meta
-from tangle_ray.data.images import ImageSource, split_balanced
+from tangle_ray.data.images.batches import ImageBatches, PrefetchedBatches, eval_images, eval_records
+from tangle_ray.data.images.prepare import ImageStore, prepare_images, read_image_meta
+from tangle_ray.data.images.sources import ImageSource, split_balanced
 from tangle_ray.errors import ConfigError
 
 CLASSES = ("ant", "bee", "cow")
@@ -127,7 +127,7 @@ def store(folder: Path, tmp_path: Path) -> ImageStore:
 def test_every_local_kind_prepares_the_same_records(tmp_path, monkeypatch):
     import datasets
 
-    from tangle_ray.data import sources
+    from tangle_ray.data.text import sources
 
     expected = samples("train") + samples("test")
     modes = dict(Counter(Image.open(io.BytesIO(d)).mode for _, d, _ in expected))
@@ -371,7 +371,7 @@ def test_augmentation_shapes_ranges_and_draws():
     Image.new("RGB", (30, 10), (255, 255, 255)).save(buf, "PNG")
     white = eval_image(buf.getvalue(), "w", 8, "RGB")
     assert white.shape == (3, 8, 8) and (white == 255).all()
-    from tangle_ray.data.augment import normalise
+    from tangle_ray.data.images.augment import normalise
 
     expected = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     assert torch.allclose(normalise(torch.from_numpy(white)[None])[0], expected[:, None, None].expand(3, 8, 8))

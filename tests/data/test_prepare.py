@@ -5,11 +5,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from tangle_ray.data import prepare as prepare_mod
-from tangle_ray.data.prepare import load_split, prepare_text, read_meta, token_dtype
-from tangle_ray.data.sources import TextSource
-from tangle_ray.data.synth import generate_stories
-from tangle_ray.data.tokenizer import BPE_ENV, get_tokenizer
+from tangle_ray.data.text import prepare as prepare_mod
+from tangle_ray.data.text.prepare import load_split, prepare_text, read_meta, token_dtype
+from tangle_ray.data.text.sources import TextSource
+from tangle_ray.data.text.synth import generate_stories
+from tangle_ray.data.text.tokenizer import BPE_ENV, get_tokenizer
 from tangle_ray.errors import ConfigError
 
 SPLITS = ("train", "valid", "test")
@@ -22,7 +22,7 @@ def _docs(tokens: np.ndarray, eot: int) -> list[tuple[int, ...]]:
 
 
 def _mtimes(out) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"}
+    return {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
 
 
 def test_tokens_splits_and_meta(corpus, tmp_path, monkeypatch):
@@ -93,7 +93,7 @@ def test_interrupted_run_leaves_nothing_loadable(corpus, tmp_path, bpe_file, mon
         with pytest.raises(ConfigError, match="meta.json' is missing"):
             load_split(out, split)
     leftovers = sorted(p.name for p in out.iterdir())
-    assert leftovers == [".lock", "test.bin", "train.bin", "valid.bin"]  # no temporary files
+    assert leftovers == ["test.bin", "train.bin", "valid.bin"]  # no temporary files
     monkeypatch.setattr(prepare_mod, "_write_parts", real)
     prepare_text(src, out, bpe_file=bpe_file, seed=5)
     assert read_meta(out)["seed"] == 5 and len(load_split(out, "test")) > 0
@@ -110,7 +110,6 @@ def test_concurrent_runs_build_once_and_clear_stale_temporaries(corpus, tmp_path
         assert list(pool.map(lambda _: prepare_text(src, out, bpe_file=bpe_file), range(2))) == [out, out]
     assert builds == [1]
     assert sorted(p.name for p in out.iterdir()) == [
-        ".lock",
         "meta.json",
         "test.bin",
         "train.bin",

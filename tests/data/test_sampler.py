@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from tangle_ray.data.sampler import WindowSampler, eval_windows
+from tangle_ray.data.text.sampler import WindowSampler, eval_windows
 from tangle_ray.errors import ConfigError
 
 TOKENS = np.arange(10_000, dtype=np.uint16)  # token value == position: windows reveal where they start

@@ -5,9 +5,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tangle_ray.data import sources
-from tangle_ray.data.sources import TextSource, load_text_source, source_hash
-from tangle_ray.data.synth import generate_stories
+from tangle_ray.data.text import sources
+from tangle_ray.data.text.sources import TextSource, load_text_source, source_hash
+from tangle_ray.data.text.synth import generate_stories
 from tangle_ray.errors import ConfigError
 
 

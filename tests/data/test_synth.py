@@ -1,6 +1,6 @@
 import json
 
-from tangle_ray.data.synth import generate_stories, write_demo_corpus
+from tangle_ray.data.text.synth import generate_stories, write_demo_corpus
 
 
 def test_stories_are_deterministic_and_varied():

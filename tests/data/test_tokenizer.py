@@ -10,8 +10,8 @@ from tiktoken.load import load_tiktoken_bpe
 from tiktoken_ext import openai_public
 from tiktoken_ext.openai_public import r50k_pat_str
 
-from tangle_ray.data import tokenizer as tokenizer_mod
-from tangle_ray.data.tokenizer import BPE_ENV, PACKAGED_BPE, PACKAGED_SHA256, get_tokenizer
+from tangle_ray.data.text import tokenizer as tokenizer_mod
+from tangle_ray.data.text.tokenizer import BPE_ENV, PACKAGED_BPE, PACKAGED_SHA256, get_tokenizer
 from tangle_ray.errors import ConfigError
 
 TEXT = (

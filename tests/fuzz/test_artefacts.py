@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tangle_ray.data.prepare import FORMAT_VERSION, SPLITS, load_split, verify_tokens
+from tangle_ray.data.text.prepare import FORMAT_VERSION, SPLITS, load_split, verify_tokens
 from tangle_ray.folders import load_supernet, save_supernet
 from tangle_ray.manifest import sha256, write_manifest
 from tangle_ray.models import load_space

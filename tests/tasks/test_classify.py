@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tangle_ray.configs import build
-from tangle_ray.data.image_batches import PrefetchedBatches
-from tangle_ray.data.image_prepare import ImageStore
+from tangle_ray.data.images.batches import PrefetchedBatches
+from tangle_ray.data.images.prepare import ImageStore
 from tangle_ray.errors import ConfigError
 from tangle_ray.tasks import get_task
 from tangle_ray.tasks.classify import ClassifyTask, ImageData

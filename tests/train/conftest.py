@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from tangle_ray.data.prepare import prepare_text
-from tangle_ray.data.sources import TextSource
-from tangle_ray.data.synth import write_demo_corpus
+from tangle_ray.data.text.prepare import prepare_text
+from tangle_ray.data.text.sources import TextSource
+from tangle_ray.data.text.synth import write_demo_corpus
 from tangle_ray.train.config import load_config
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from tangle_ray.data.image_prepare import prepare_images
-from tangle_ray.data.images import ImageSource
+from tangle_ray.data.images.prepare import prepare_images
+from tangle_ray.data.images.sources import ImageSource
 from tangle_ray.evaluate import evaluate_on_split
 from tangle_ray.models import load_model
 from tangle_ray.train.config import load_config

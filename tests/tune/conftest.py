@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from tangle_ray.data.prepare import FORMAT_VERSION, SPLITS, load_split
-from tangle_ray.data.sampler import eval_windows
+from tangle_ray.data.text.prepare import FORMAT_VERSION, SPLITS, load_split
+from tangle_ray.data.text.sampler import eval_windows
 from tangle_ray.folders import load_supernet, save_supernet
 from tangle_ray.models import load_space
 from tangle_ray.tune.config import SearchConfig, search_config_from_dict

@@ -310,7 +310,7 @@ def _mnist() -> dict[str, list[Sample]]:
 def _open_hub(src: ImageSource) -> OpenedSource:
     import datasets
 
-    from tangle_ray.data.sources import load_hub, loaded_hash
+    from tangle_ray.data.text.sources import load_hub, loaded_hash
 
     raw = load_hub(src.path, "ImageSource(kind='parquet' | 'imagefolder' | 'webdataset', path=local copy)")
     chosen = {}

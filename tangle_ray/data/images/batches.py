@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from tangle_ray.data.augment import (
+from tangle_ray.data.images.augment import (
     Augment,
     eval_crop,
     eval_image,
@@ -30,7 +30,7 @@ from tangle_ray.data.augment import (
     random_erase,
     train_image,
 )
-from tangle_ray.data.image_prepare import ImageStore
+from tangle_ray.data.images.prepare import ImageStore
 from tangle_ray.errors import ConfigError
 from tangle_ray.keyed import name_key
 

@@ -11,14 +11,12 @@ new split of the same images links the image files instead of rewriting them.
 
 from __future__ import annotations
 
-import fcntl
 import io
 import json
 import os
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,8 @@ import numpy as np
 from PIL import Image
 
 from tangle_ray.configs import read_json
-from tangle_ray.data.images import ImageSource, OpenedSource, open_source, split_balanced
+from tangle_ray.data.folder import prepare_lock, temporary_name
+from tangle_ray.data.images.sources import ImageSource, OpenedSource, open_source, split_balanced
 from tangle_ray.errors import ConfigError
 
 FORMAT_VERSION = 2  # 1: an unreleased draft without the split files
@@ -129,7 +128,7 @@ def prepare_images(
     if short_side < 0 or not 1 <= quality <= 100:
         raise ConfigError(f"short_side={short_side} must be >= 0 and quality={quality} in 1..100")
     out = Path(out_dir)
-    with _locked(out):
+    with prepare_lock(out):
         opened = open_source(source)
         key = {
             "format_version": FORMAT_VERSION,
@@ -149,17 +148,6 @@ def prepare_images(
 
         _build(out, build, valid_fraction, seed)
     return out
-
-
-@contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """An exclusive file lock beside ``out``; clears the temporary folders of killed runs."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        for stale in out.parent.glob(f".{out.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        yield
 
 
 def _current_meta(out: Path) -> dict[str, Any] | None:
@@ -185,7 +173,7 @@ def _resplit(out: Path, meta: dict[str, Any], valid_fraction: float, seed: int) 
 
 def _build(out: Path, fill: Callable[[Path], dict[str, Any]], valid_fraction: float, seed: int) -> None:
     """Fill a temporary folder (images by ``fill``, then the split and ``meta.json``) and swap it in."""
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = temporary_name(out, str(os.getpid()))
     tmp.mkdir()
     try:
         meta = fill(tmp)
@@ -193,7 +181,7 @@ def _build(out: Path, fill: Callable[[Path], dict[str, Any]], valid_fraction: fl
         meta = {**meta, "valid_fraction": valid_fraction, "seed": seed, "splits": splits}
         (tmp / META).write_text(json.dumps(meta, indent=1))
         if out.exists():
-            old = out.parent / f".{out.name}.tmp-old-{os.getpid()}"
+            old = temporary_name(out, f"old-{os.getpid()}")
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)

@@ -2,14 +2,13 @@
 
 ``train`` trains the weights, ``valid`` (a seeded document-level share of the source's train split) scores
 architectures, ``test`` is the source's own held-out split (from a single file: the fixed slice that
-:func:`~tangle_ray.data.sources.load_text_source` holds out, the same for every seed). Files appear under
+:func:`~tangle_ray.data.text.sources.load_text_source` holds out, the same for every seed). Files appear under
 temporary names and are renamed when complete, ``meta.json`` last, so an interrupted run never leaves files
 that :func:`load_split` accepts.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -23,13 +22,13 @@ from datasets import Dataset, DatasetDict, Features, List, Value
 from datasets.utils import tqdm  # honours datasets.disable_progress_bars()
 
 from tangle_ray.configs import read_json
-from tangle_ray.data.sources import TextSource, load_text_source, loaded_hash, source_hash
-from tangle_ray.data.tokenizer import Tokenizer, get_tokenizer
+from tangle_ray.data.folder import SPLITS, prepare_lock
+from tangle_ray.data.text.sources import TextSource, load_text_source, loaded_hash, source_hash
+from tangle_ray.data.text.tokenizer import Tokenizer, get_tokenizer
 from tangle_ray.errors import ConfigError, shorten
 from tangle_ray.names import check_name
 
 FORMAT_VERSION = 1
-SPLITS = ("train", "valid", "test")
 META = "meta.json"
 TMP = ".tmp"  # suffix of files being written
 MAX_META_BYTES = 1 << 20
@@ -263,9 +262,8 @@ def prepare_text(
             "fractions": {"train": 1.0 - valid_fraction, "valid": valid_fraction},
         }
 
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with prepare_lock(out):
+        out.mkdir(exist_ok=True)
         input_hash = source_hash(source)
         if input_hash is not None and _reusable(out, key(input_hash)):
             return out

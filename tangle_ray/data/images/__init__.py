@@ -1,0 +1,1 @@
+"""Image data: sources, preparation into a memory-mappable folder, augmentation and keyed batches."""
