@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from tangle_ray.errors import ConfigError, shorten, write_fault
+from tangle_ray.errors import ConfigError, TangleRayError, shorten, write_fault
 from tangle_ray.methods import METHODS, method_for
 
 DEMO_COMMON = [  # run by the search command's method (TangleNAS)
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         code = COMMANDS[args.command](args) or 0
         sys.stdout.flush()  # a reader that went away (`| head`) shows here, not as a traceback at exit
         return code
-    except ConfigError as e:
+    except TangleRayError as e:
         print(f"tangle-ray: error: {e}", file=sys.stderr)
         return 2
     except (RunStopped, CampaignStopped, ScaleStopped) as e:

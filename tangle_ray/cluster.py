@@ -13,7 +13,7 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
-from tangle_ray.errors import ConfigError, clip, shorten
+from tangle_ray.errors import ClusterError, ConfigError, clip, shorten
 
 CONNECT_TIMEOUT_S = 15.0
 START_TIMEOUT_S = 180.0  # ray.init, starting a local cluster or joining one that answered: a busy 2-core machine
@@ -65,9 +65,9 @@ def connect(address: str | None = None, num_cpus: int | None = None, timeout_s: 
                "local cluster" if target not in (None, "local") else
                "see Ray's logs (/tmp/ray/session_latest/logs/); `ray stop` ends what an earlier cluster left "
                "running")
-        raise ConfigError(f"{joining}: Ray did not start or join within {limit:g} s; {how}") from None
+        raise ClusterError(f"{joining}: Ray did not start or join within {limit:g} s; {how}") from None
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
-        raise ConfigError(f"{joining}: cannot start or join the Ray cluster ({clip(str(e), 200)})") from None
+        raise ClusterError(f"{joining}: cannot start or join the Ray cluster ({clip(str(e), 200)})") from None
     started = sorted(pid for pid, _ in _children() - before)
     if started:  # this process started a local cluster: its GCS, raylet and helpers are our children
         subprocess.Popen([sys.executable, str(Path(__file__).with_name("reaper.py")), str(os.getpid()),
@@ -166,7 +166,7 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S, where: s
 
             address = canonicalize_bootstrap_address_or_die("auto")
         except (ConnectionError, RuntimeError, ValueError, ImportError) as e:
-            raise ConfigError(f"{where}: no Ray cluster is running on this machine ({clip(str(e), 200)}); "
+            raise ClusterError(f"{where}: no Ray cluster is running on this machine ({clip(str(e), 200)}); "
                               "start one with `ray start --head`, or leave --address out") from None
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -178,13 +178,13 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S, where: s
                 s.sendall(_HTTP2_PREFACE)
                 reply = s.recv(9)  # a gRPC server's first frame is SETTINGS (type 4)
                 if len(reply) < 4 or reply[3] != 4:
-                    raise ConfigError(f"{where}: something answers there, but not a Ray cluster (no gRPC reply)"
+                    raise ClusterError(f"{where}: something answers there, but not a Ray cluster (no gRPC reply)"
                                       + (f"; {hint}" if hint else ""))
     except (TimeoutError, socket.timeout):
-        raise ConfigError(f"{where}: no answer within {timeout_s:g} s; " + (hint or "is the Ray cluster running "
+        raise ClusterError(f"{where}: no answer within {timeout_s:g} s; " + (hint or "is the Ray cluster running "
                           "(`ray status` on its head node) and its port open?")) from None
     except OSError as e:
-        raise ConfigError(f"{where}: cannot reach it ({e.strerror or e}); " + (hint or "is the Ray cluster "
+        raise ClusterError(f"{where}: cannot reach it ({e.strerror or e}); " + (hint or "is the Ray cluster "
                           "running (`ray start --head` on its head node)?")) from None
 
 
@@ -218,7 +218,7 @@ def check_resources(num_workers: int, per_worker: Mapping[str, float], what: str
         largest = max((n.get(key, 0.0) for n in nodes), default=0.0)
         if largest < amount:
             hint = " (set use_gpu = false on a cluster without GPUs)" if key == "GPU" else ""
-            raise ConfigError(f"{what}: each worker needs {amount:g} {key}, the largest node has {largest:g}; "
+            raise ClusterError(f"{what}: each worker needs {amount:g} {key}, the largest node has {largest:g}; "
                               f"the cluster has {have}{hint}")
         fits = sum(math.floor(n.get(key, 0.0) / amount + 1e-9) for n in nodes)
         if placement_strategy == "STRICT_PACK":
@@ -226,5 +226,5 @@ def check_resources(num_workers: int, per_worker: Mapping[str, float], what: str
         elif placement_strategy == "STRICT_SPREAD":
             fits = sum(1 for n in nodes if n.get(key, 0.0) >= amount)
         if fits < num_workers:
-            raise ConfigError(f"{what}: {num_workers} workers x {amount:g} {key} ({placement_strategy}) do not fit: "
+            raise ClusterError(f"{what}: {num_workers} workers x {amount:g} {key} ({placement_strategy}) do not fit: "
                               f"at most {fits} fit; the cluster has {have}")

@@ -99,7 +99,7 @@ def check_cluster(paths: list[str], workers: int = 0, per_worker: dict[str, floa
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from tangle_ray.cluster import check_resources
-    from tangle_ray.errors import ConfigError
+    from tangle_ray.errors import TangleRayError
 
     probe = ray.remote(num_cpus=0, max_retries=0)(node_facts)
     alive = [n for n in ray.nodes() if n.get("Alive")]
@@ -119,7 +119,7 @@ def check_cluster(paths: list[str], workers: int = 0, per_worker: dict[str, floa
     if workers:
         try:
             check_resources(workers, per_worker or {"CPU": 1.0}, "the run's request", placement_strategy)
-        except ConfigError as e:
+        except TangleRayError as e:
             report.problems.append(str(e))
     return report
 

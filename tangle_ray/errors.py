@@ -1,5 +1,12 @@
-"""The exception type for user mistakes, ``shorten``/``clip`` for what messages quote, and ``write_fault`` for
-writes the machine refused (a full disk)."""
+"""The exceptions tangle_ray reports in one line, ``shorten``/``clip`` for what messages quote, and
+``write_fault`` for writes the machine refused (a full disk).
+
+Every one names what failed, the value and the fix; the CLI prints it as one line (``TangleRayError``):
+``ConfigError`` (a setting, option, or run, search, space or architecture file), ``DataError`` (a data source,
+a prepared data folder, or a folder tangle_ray wrote: checkpoint, export, manifest), ``StorageError`` (an object
+store or shared folder that cannot be reached) and ``ClusterError`` (a Ray cluster that cannot be started,
+joined, or hold the request).
+"""
 
 from __future__ import annotations
 
@@ -13,11 +20,25 @@ from typing import Any
 SHORT = 80  # characters of a user value quoted in a message
 
 
-class ConfigError(ValueError):
-    """A space, run or search file, an option or a checkpoint that cannot be used as given.
+class TangleRayError(ValueError):
+    """A problem tangle_ray reports in one line: where, the value, and what is allowed or what to do."""
 
-    The message names the source (file or option), the offending value and what is allowed.
-    """
+
+class ConfigError(TangleRayError):
+    """A setting, an option, or a run, search, space or architecture file that cannot be used as given."""
+
+
+class DataError(TangleRayError):
+    """A data source, a prepared data folder, or a folder tangle_ray wrote (checkpoint, export) that cannot be
+    used: missing, truncated, corrupt, or of another kind."""
+
+
+class StorageError(TangleRayError):
+    """An object store or shared folder that cannot be reached, read or written."""
+
+
+class ClusterError(TangleRayError):
+    """A Ray cluster that cannot be started or joined, or that cannot hold what a run asks for."""
 
 
 _repr = reprlib.Repr()

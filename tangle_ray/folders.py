@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from tangle_ray.configs import parse_yaml
-from tangle_ray.errors import ConfigError, clip, shorten
+from tangle_ray.errors import DataError, TangleRayError, clip, shorten
 from tangle_ray.manifest import check_manifest, remove_manifests, write_manifest
 from tangle_ray.models import space_from_dict
 from tangle_ray.space import SearchSpace, space_to_dict
@@ -47,7 +47,7 @@ def load_supernet(path: str | Path, space: SearchSpace | None = None, **override
     folder = Path(path)
     missing = [name for name in SUPERNET_FILES if not (folder / name).is_file()]
     if missing:
-        raise ConfigError(
+        raise DataError(
             f"supernet checkpoint {folder}: missing {missing}; expected a folder written by "
             f"`tangle-ray export RUN` (files {list(SUPERNET_FILES)})"
         )
@@ -55,13 +55,13 @@ def load_supernet(path: str | Path, space: SearchSpace | None = None, **override
     try:
         text = (folder / "space.yaml").read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"supernet checkpoint {folder}: cannot read space.yaml ({clip(str(e), 200)})") from None
+        raise DataError(f"supernet checkpoint {folder}: cannot read space.yaml ({clip(str(e), 200)})") from None
     source = str(folder / "space.yaml")
     stored = space_from_dict(parse_yaml(text, source), source=source)
     if space is not None and space_shape(space) != space_shape(stored):
         want, have = space_shape(space), space_shape(stored)
         diff = sorted(k for k in want if want[k] != have[k])
-        raise ConfigError(
+        raise DataError(
             f"supernet checkpoint {folder} was trained on space {stored.name!r}, which differs from space = "
             f"{space.name!r} in {diff}: {[have[k] for k in diff]} vs {[want[k] for k in diff]}"
         )
@@ -69,10 +69,10 @@ def load_supernet(path: str | Path, space: SearchSpace | None = None, **override
     try:
         load_weights(supernet.net, load_file(str(folder / "supernet.safetensors")), f"supernet checkpoint {folder}")
         supernet.alphas.load_state_dict(load_file(str(folder / "alphas.safetensors")))
-    except ConfigError:
+    except TangleRayError:
         raise
     except Exception as e:  # corrupt file or shapes of another space
-        raise ConfigError(f"supernet checkpoint {folder}: cannot load weights ({type(e).__name__}: {e})") from None
+        raise DataError(f"supernet checkpoint {folder}: cannot load weights ({type(e).__name__}: {e})") from None
     return supernet
 
 
@@ -81,11 +81,11 @@ def load_weights(module: nn.Module, state: dict[str, Tensor], where: str) -> Non
     try:
         result = module.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes of another space
-        raise ConfigError(f"{where}: weights do not fit the model ({e})") from None
+        raise DataError(f"{where}: weights do not fit the model ({e})") from None
     own = module.state_dict()
     missing = set(result.missing_keys) - (set(own) - set(unique_tensors(own)))
     if missing or result.unexpected_keys:
-        raise ConfigError(
+        raise DataError(
             f"{where}: weights do not fit the model (missing {shorten(sorted(missing), 200)}, "
             f"unexpected {shorten(sorted(result.unexpected_keys), 200)})"
         )

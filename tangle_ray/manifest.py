@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tangle_ray.configs import read_json
-from tangle_ray.errors import ConfigError, clip, shorten
+from tangle_ray.errors import DataError, TangleRayError, clip, shorten
 from tangle_ray.names import check_relative
 
 MANIFEST = "manifest.json"
@@ -86,16 +86,16 @@ def check_manifest(folder: str | Path, what: str = "folder", strict: bool = Fals
     root = Path(folder)
     where = f"{what} {root}"
     if not root.is_dir():
-        raise ConfigError(f"{where}: not a folder")
+        raise DataError(f"{where}: not a folder")
     files = _read_manifests(root, where)
     missing = sorted(set(required) - set(files))
     if missing:
-        raise ConfigError(f"{where}: the manifest does not list {missing}; was it written by tangle_ray?")
+        raise DataError(f"{where}: the manifest does not list {missing}; was it written by tangle_ray?")
     present = _all_files(root)
     if strict:
         extra = sorted(n for n in present if n not in files and not _is_manifest(n))
         if extra:
-            raise ConfigError(f"{where}: holds files its manifest does not list: {shorten(extra)}; "
+            raise DataError(f"{where}: holds files its manifest does not list: {shorten(extra)}; "
                               "a folder written by tangle_ray holds nothing else")
     key = tuple(sorted(present.items()))
     if _verified.get(root.resolve()) == key:
@@ -103,15 +103,15 @@ def check_manifest(folder: str | Path, what: str = "folder", strict: bool = Fals
     for name, entry in files.items():
         path = root / name
         if name not in present:
-            raise ConfigError(f"{where}: {name} is missing (listed in its manifest); the folder is incomplete")
+            raise DataError(f"{where}: {name} is missing (listed in its manifest); the folder is incomplete")
         size = present[name][0]
         if size < 0:
-            raise ConfigError(f"{where}: {name} is not a regular file (a link or a special file)")
+            raise DataError(f"{where}: {name} is not a regular file (a link or a special file)")
         if size != entry["bytes"]:
-            raise ConfigError(f"{where}: {name} is {size} bytes, its manifest says {entry['bytes']}: "
+            raise DataError(f"{where}: {name} is {size} bytes, its manifest says {entry['bytes']}: "
                               "truncated or modified")
         if sha256(path) != entry["sha256"]:
-            raise ConfigError(f"{where}: {name} does not match the sha256 of its manifest: corrupt or modified")
+            raise DataError(f"{where}: {name} does not match the sha256 of its manifest: corrupt or modified")
     _verified[root.resolve()] = key
     return files
 
@@ -119,7 +119,7 @@ def check_manifest(folder: str | Path, what: str = "folder", strict: bool = Fals
 def _read_manifests(root: Path, where: str) -> dict[str, dict[str, Any]]:
     paths = sorted(root.glob("manifest*.json"))
     if not paths:
-        raise ConfigError(f"{where}: no {MANIFEST} (it was written before tangle_ray kept manifests, not by "
+        raise DataError(f"{where}: no {MANIFEST} (it was written before tangle_ray kept manifests, not by "
                           "tangle_ray, or its writing was cut short); write the folder again")
     files: dict[str, dict[str, Any]] = {}
     parts: set[int] = set()
@@ -127,17 +127,17 @@ def _read_manifests(root: Path, where: str) -> dict[str, dict[str, Any]]:
     for path in paths:
         body = _read_one(path, where)
         if total is not None and body["parts"] != total:
-            raise ConfigError(f"{where}: {path.name} says {body['parts']} parts, another manifest {total}")
+            raise DataError(f"{where}: {path.name} says {body['parts']} parts, another manifest {total}")
         total = body["parts"]
         if path.name != manifest_name(body["part"], total) or body["part"] in parts:
-            raise ConfigError(f"{where}: {path.name} does not hold part {body['part']} of {total} it claims")
+            raise DataError(f"{where}: {path.name} does not hold part {body['part']} of {total} it claims")
         parts.add(body["part"])
         for name, entry in body["files"].items():
             if name in files and files[name] != entry:
-                raise ConfigError(f"{where}: {name} is listed by two manifests with different contents")
+                raise DataError(f"{where}: {name} is listed by two manifests with different contents")
             files[name] = entry
     if parts != set(range(total)):
-        raise ConfigError(f"{where}: manifest parts {sorted(set(range(total)) - parts)} of {total} are missing; "
+        raise DataError(f"{where}: manifest parts {sorted(set(range(total)) - parts)} of {total} are missing; "
                           "the folder is incomplete")
     return files
 
@@ -157,8 +157,8 @@ def _read_one(path: Path, where: str) -> dict[str, Any]:
             if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and entry["bytes"] >= 0
                     and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64):
                 raise ValueError(f"entry {shorten(name)} is malformed")
-    except (OSError, ValueError, RecursionError, ConfigError) as e:
-        raise ConfigError(f"{where}: cannot read {path.name} ({clip(str(e), 200)})") from None
+    except (OSError, ValueError, RecursionError, TangleRayError) as e:
+        raise DataError(f"{where}: cannot read {path.name} ({clip(str(e), 200)})") from None
     return body
 
 

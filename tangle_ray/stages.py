@@ -97,7 +97,7 @@ def open_folder(out: Path | str) -> tuple[Path, str | None]:
 
 
 def check_fits(stage: Stage, what: str) -> None:
-    """ConfigError unless the cluster can hold ``stage``'s workers with their share of its devices."""
+    """ClusterError unless the cluster can hold ``stage``'s workers with their share of its devices."""
     from tangle_ray.cluster import check_resources
 
     kind, count = stage.devices

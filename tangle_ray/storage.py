@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from tangle_ray.errors import ConfigError, clip, shorten
+from tangle_ray.errors import ConfigError, StorageError, TangleRayError, clip, shorten
 
 SCHEMES = ("s3", "gs", "gcs")
 CHUNK = 8 << 20
@@ -54,7 +54,7 @@ def _filesystem(uri: str):
     try:
         return pyarrow.fs.FileSystem.from_uri(uri)
     except Exception as e:  # unknown bucket, no credentials, no network: one line
-        raise ConfigError(f"cannot reach {shorten(uri)} ({type(e).__name__}: {clip(str(e), 200)}); check the "
+        raise StorageError(f"cannot reach {shorten(uri)} ({type(e).__name__}: {clip(str(e), 200)}); check the "
                           "bucket name, the credentials and the endpoint (AWS_ENDPOINT_URL_S3 for S3-compatible "
                           "servers)") from None
 
@@ -123,7 +123,7 @@ def localize(path: str | Path, what: str) -> Path:
         return Path(path)
     uri = check_uri(str(path), what)
     if not exists(uri):
-        raise ConfigError(f"{what} = {shorten(uri)}: nothing there (no such folder in the bucket)")
+        raise StorageError(f"{what} = {shorten(uri)}: nothing there (no such folder in the bucket)")
     return pull(uri)
 
 
@@ -137,6 +137,6 @@ def probe(uri: str) -> str:
         with fs.open_input_stream(name) as f:
             ok = f.read() == b"probe"
         fs.delete_file(name)
-    except (ConfigError, OSError) as e:
+    except (TangleRayError, OSError) as e:
         return f"cannot write to {shorten(uri)} ({clip(str(e), 200)})"
     return "" if ok else f"{shorten(uri)} did not read back what was written"

@@ -22,7 +22,7 @@ import torch
 from tangle_ray.cli import main
 from tangle_ray.data.text.prepare import FORMAT_VERSION, SPLITS
 from tangle_ray.data.text.synth import write_demo_corpus
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import TangleRayError
 from tangle_ray.folders import save_supernet
 from tangle_ray.models import load_space
 from tangle_ray.train.config import load_config
@@ -86,7 +86,7 @@ def test_a_ray_start_that_hangs_is_bounded(monkeypatch):
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         start = time.time()
-        with pytest.raises(ConfigError, match=r"Ray did not start or join within 1 s") as e:
+        with pytest.raises(TangleRayError, match=r"Ray did not start or join within 1 s") as e:
             cluster.connect("local", num_cpus=1, start_timeout_s=1)
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -28,7 +28,7 @@ from tangle_ray.configs import (
     read_yaml,
 )
 from tangle_ray.data.text.prepare import FORMAT_VERSION, SPLITS, read_meta, verify_tokens
-from tangle_ray.errors import ConfigError, shorten, write_fault
+from tangle_ray.errors import ClusterError, ConfigError, DataError, StorageError, TangleRayError, shorten, write_fault
 from tangle_ray.folders import load_supernet, save_supernet
 from tangle_ray.manifest import check_manifest, write_manifest
 from tangle_ray.models import load_space, space_from_dict
@@ -298,23 +298,23 @@ def test_manifest_names_a_truncated_or_changed_file(tmp_path):
     folder = _folder(tmp_path)
     assert set(check_manifest(folder, strict=True)) == {"a.bin", "sub/b.json"}
     (folder / "a.bin").write_bytes(b"a" * 50)
-    with pytest.raises(ConfigError, match="a.bin is 50 bytes, its manifest says 100: truncated"):
+    with pytest.raises(TangleRayError, match="a.bin is 50 bytes, its manifest says 100: truncated"):
         check_manifest(folder)
     (folder / "a.bin").write_bytes(b"b" * 100)
-    with pytest.raises(ConfigError, match="a.bin does not match the sha256"):
+    with pytest.raises(TangleRayError, match="a.bin does not match the sha256"):
         check_manifest(folder)
     (folder / "a.bin").write_bytes(b"a" * 100)
     check_manifest(folder)
     (folder / "extra.pt").write_bytes(b"x")
     check_manifest(folder)  # not strict: unlisted files are not read
-    with pytest.raises(ConfigError, match="extra.pt"):
+    with pytest.raises(TangleRayError, match="extra.pt"):
         check_manifest(folder, strict=True)
     (folder / "sub" / "b.json").unlink()
     (folder / "sub" / "b.json").symlink_to("/etc/hostname")
-    with pytest.raises(ConfigError, match="not a regular file"):
+    with pytest.raises(TangleRayError, match="not a regular file"):
         check_manifest(folder)
     (folder / "manifest.json").unlink()
-    with pytest.raises(ConfigError, match="no manifest.json"):
+    with pytest.raises(TangleRayError, match="no manifest.json"):
         check_manifest(folder)
 
 
@@ -323,14 +323,14 @@ def test_manifest_parts_of_a_folder_written_by_several_ranks(tmp_path):
     folder.mkdir()
     (folder / "rank0").write_text("0")
     write_manifest(folder, part=0, parts=2)
-    with pytest.raises(ConfigError, match=r"parts \[1\] of 2 are missing"):
+    with pytest.raises(TangleRayError, match=r"parts \[1\] of 2 are missing"):
         check_manifest(folder)
     (folder / "rank1").write_text("1")
     write_manifest(folder, ["rank1"], part=1, parts=2)
     check_manifest(folder, strict=True)
     (folder / "manifest.part1.json").write_text(json.dumps({"format": "tangle_ray.manifest/1", "part": 1,
                                                              "parts": 2, "files": {"../../etc/passwd": {}}}))
-    with pytest.raises(ConfigError, match="cannot read manifest.part1.json"):
+    with pytest.raises(TangleRayError, match="cannot read manifest.part1.json"):
         check_manifest(folder)
 
 
@@ -339,13 +339,13 @@ def test_supernet_folders_are_checked_before_anything_is_read(tmp_path):
     load_supernet(folder)
     body = (folder / "supernet.safetensors").read_bytes()
     (folder / "supernet.safetensors").write_bytes(body[: len(body) // 2])
-    with pytest.raises(ConfigError, match="supernet checkpoint .*supernet.safetensors is .* truncated"):
+    with pytest.raises(TangleRayError, match="supernet checkpoint .*supernet.safetensors is .* truncated"):
         load_supernet(folder)
     (folder / "supernet.safetensors").write_bytes(body)
     for bad, words in (("a: [", "not valid YAML"), ("[" * 10_000, "nested deeper"), (BOMB, "more than")):
         (folder / "space.yaml").write_text(bad)  # a space file changed by someone who also rewrote the manifest
         write_manifest(folder, ["space.yaml", "supernet.safetensors", "alphas.safetensors", "meta.json"])
-        with pytest.raises(ConfigError, match=words):
+        with pytest.raises(TangleRayError, match=words):
             load_supernet(folder)
 
 
@@ -372,17 +372,17 @@ def test_checkpoint_readers_refuse_what_they_cannot_use(tmp_path, caplog):
     assert latest_checkpoint(run) == old  # the newest that checks
     assert "trainer_state.json is 11 bytes" in caplog.text
     (run / RAY_SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": new.name}}))
-    with pytest.raises(ConfigError, match="trainer_state.json is 11 bytes.*Ray resumes from this checkpoint"):
+    with pytest.raises(TangleRayError, match="trainer_state.json is 11 bytes.*Ray resumes from this checkpoint"):
         resume_checkpoint(run)  # Ray would hand exactly this one to the workers
     (run / RAY_SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "../x"}}))
-    with pytest.raises(ConfigError, match="checkpoint_dir_name"):
+    with pytest.raises(TangleRayError, match="checkpoint_dir_name"):
         resume_checkpoint(run)
     bare = _checkpoint(run, "checkpoint_x", 6, zero_stage="two")
-    with pytest.raises(ConfigError, match="no zero_stage of type int"):
+    with pytest.raises(TangleRayError, match="no zero_stage of type int"):
         read_trainer_state(bare)
     (bare / "ds").mkdir()
     (bare / "ds" / "evil_optim_states.pt").write_bytes(pickle.dumps(print))
-    with pytest.raises(ConfigError, match="evil_optim_states.pt"):
+    with pytest.raises(TangleRayError, match="evil_optim_states.pt"):
         check_checkpoint(bare)  # DeepSpeed globs its shards: nothing unlisted may be there
 
 
@@ -431,22 +431,22 @@ def _tokens(tmp_path, vocab=97, **split):
 def test_token_files_stay_inside_their_folder_and_hold_ids_of_the_vocabulary(tmp_path):
     folder = _tokens(tmp_path)
     verify_tokens(folder)
-    with pytest.raises(ConfigError, match="token id 40 at position 40, outside the vocabulary of 40"):
+    with pytest.raises(TangleRayError, match="token id 40 at position 40, outside the vocabulary of 40"):
         verify_tokens(folder, vocab_size=40)
     body = bytearray((folder / "valid.bin").read_bytes())
     body[10:12] = (60000).to_bytes(2, "little")
     (folder / "valid.bin").write_bytes(bytes(body))
-    with pytest.raises(ConfigError, match="valid.bin.*token id 60000 at position 5"):
+    with pytest.raises(TangleRayError, match="valid.bin.*token id 60000 at position 5"):
         verify_tokens(folder)
     (folder / "valid.bin").write_bytes(bytes(body[:51]))
-    with pytest.raises(ConfigError, match="valid.bin' is 51 bytes, meta.json says 100"):
+    with pytest.raises(TangleRayError, match="valid.bin' is 51 bytes, meta.json says 100"):
         verify_tokens(folder)
     for file in ("../outside.bin", "/etc/passwd", "a/b.bin"):
         _tokens(tmp_path, file=file)
-        with pytest.raises(ConfigError, match="file"):
+        with pytest.raises(TangleRayError, match="file"):
             read_meta(folder)
     _tokens(tmp_path, tokens=-1)
-    with pytest.raises(ConfigError, match="tokens"):
+    with pytest.raises(TangleRayError, match="tokens"):
         read_meta(folder)
 
 
@@ -464,9 +464,11 @@ def test_an_address_that_does_not_answer_is_refused_quickly():
         s.bind(("127.0.0.1", 0))
         closed = f"127.0.0.1:{s.getsockname()[1]}"  # bound, never listening: refused
     start = time.perf_counter()
-    for address, words in ((closed, "cannot reach it"), (silent, "no answer within 1 s"), ("nowhere", "host:port"),
-                           ("ray://127.0.0.1:x", "host:port")):
-        with pytest.raises(ConfigError, match=words):
+    for address, error, words in ((closed, ClusterError, "cannot reach it"),
+                                  (silent, ClusterError, "no answer within 1 s"),
+                                  ("nowhere", ConfigError, "host:port"),
+                                  ("ray://127.0.0.1:x", ConfigError, "host:port")):
+        with pytest.raises(error, match=words):
             check_reachable(address, timeout_s=1)
     assert time.perf_counter() - start < 5
     listener.close()
@@ -571,7 +573,7 @@ def test_spaces_whose_supernet_no_machine_here_holds_are_refused_before_ray_star
                        per_layer__n_head=[2], per_layer__mlp_ratio=[4])
     cfg = load_config(None, [f"space={huge}", f"data.dir={data_dir}", f"run.storage_path={tmp_path / 'runs'}",
                              "scaling.num_workers=2", "global_batch_size=16", "micro_batch_size=8"])
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(TangleRayError) as e:
         preflight(cfg)
     assert re.search(r"space .*gpt-nano-0.yaml has a supernet of 33,225,216,332 parameters; each of the 2 worker"
                      r"\(s\) needs at least 371 GiB of memory .*743 GiB in all before activations, but this machine "
@@ -580,7 +582,7 @@ def test_spaces_whose_supernet_no_machine_here_holds_are_refused_before_ray_star
     for changes, count in (({"fixed__num_classes": 10_000_000}, "2,420,276,"), ({"fixed__head_dim": 100_000},
                                                                                 "5,567,758,")):
         vit = load_space(_space_file(tmp_path, "autoformer-t", **changes))  # accepted as a space file
-        with pytest.raises(ConfigError, match=f"supernet of {count}.* parameters; .* but this machine has 24 GiB"):
+        with pytest.raises(TangleRayError, match=f"supernet of {count}.* parameters; .* but this machine has 24 GiB"):
             capacity.check_memory(cfg, vit, *capacity.nodes_for(cfg))
     assert not (tmp_path / "runs").exists()
     # 1.6e9 parameters: 4 B each while built fits a 24 GiB node, 20 B of model states do not; ZeRO-3 over
@@ -589,16 +591,16 @@ def test_spaces_whose_supernet_no_machine_here_holds_are_refused_before_ray_star
                                  per_layer__n_head=[2], per_layer__mlp_ratio=[4]))
     node = capacity.Node(24 * 2**30, 1)
     one = load_config(None, ["space=gpt-nano", "global_batch_size=8", "micro_batch_size=8"])
-    with pytest.raises(ConfigError, match="more nodes with zero_stage: 3"):
+    with pytest.raises(TangleRayError, match="more nodes with zero_stage: 3"):
         capacity.check_memory(one, mid, [node], "this machine")
     four = load_config(None, ["space=gpt-nano", "global_batch_size=32", "micro_batch_size=8", "zero_stage=3",
                               "scaling.num_workers=4"])
     capacity.check_memory(four, mid, [node] * 4, "the Ray cluster (4 node(s))")
-    with pytest.raises(ConfigError, match=r"each of the 4 worker\(s\) needs"):
+    with pytest.raises(TangleRayError, match=r"each of the 4 worker\(s\) needs"):
         capacity.check_memory(four, mid, [capacity.Node(24 * 2**30, 4)], "the Ray cluster (1 node(s))")
     gpu = [f"{s}={v}" for s, v in (("space", "gpt-nano"), ("scaling.use_gpu", "true"), ("micro_batch_size", 8))]
     host = 512 * 2**30  # a GPU worker's host holds only the fp32 build; its GPU (16 GiB here) the model states
-    with pytest.raises(ConfigError, match=r"each GPU worker needs at least 30 GiB of GPU memory .* the GPUs of "
+    with pytest.raises(TangleRayError, match=r"each GPU worker needs at least 30 GiB of GPU memory .* the GPUs of "
                                           r"this machine have 16 GiB; use zero_stage: 3 with more GPUs"):
         capacity.check_memory(load_config(None, [*gpu, "global_batch_size=8"]), mid,
                               [capacity.Node(host, 1, 16 * 2**30)], "this machine")
@@ -823,3 +825,17 @@ def test_nan_weights_on_one_rank_stop_a_spos_run_at_that_step_without_restarts(l
     assert "no checkpoint was written before it" in line and "\n" not in line
     assert not list(cfg.run_dir().glob("checkpoint_*"))
     assert (cfg.run_dir() / "progress.log").read_text().count("diverged at step 2") == 1
+
+
+def test_error_classes_say_what_failed(tmp_path):
+    """A setting is a ConfigError, a data file a DataError, a cluster a ClusterError, an object store a
+    StorageError; the CLI prints each as one line, since all are TangleRayErrors."""
+    from tangle_ray.data.text.prepare import load_split
+    from tangle_ray.storage import check_uri
+
+    with pytest.raises(DataError, match="not a prepared data folder"):
+        load_split(tmp_path, "train")
+    with pytest.raises(ConfigError, match="not supported"):
+        check_uri("ftp://bucket/x", "run.storage_path")
+    assert all(issubclass(c, TangleRayError) for c in (ConfigError, DataError, StorageError, ClusterError))
+    assert not any(issubclass(c, ConfigError) for c in (DataError, StorageError, ClusterError))

@@ -118,7 +118,7 @@ def test_flops_grow_with_context_and_size():
 
 
 def test_supernet_folder_of_another_space_shape_is_refused(tmp_path):
-    from tangle_ray import ConfigError as Err
+    from tangle_ray import TangleRayError as Err
     from tangle_ray.folders import load_supernet, save_supernet
 
     space = load_space("gpt-micro")

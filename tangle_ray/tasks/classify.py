@@ -21,7 +21,7 @@ from tangle_ray.data.images.augment import Augment
 from tangle_ray.data.images.batches import ImageBatches, PrefetchedBatches, eval_images, eval_records
 from tangle_ray.data.images.prepare import META, ImageStore, prepare_images
 from tangle_ray.data.images.sources import ImageSource
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import ConfigError, TangleRayError
 from tangle_ray.space import SearchSpace
 from tangle_ray.tasks import register_task
 from tangle_ray.tasks.base import Batches, Metric, Task
@@ -93,11 +93,11 @@ class ClassifyTask(Task):
         folder = Path(data.dir)
         try:
             _, _, num_classes = _fixed(space.fixed)
-        except ConfigError as e:
+        except TangleRayError as e:
             raise ConfigError(f"space {space.name!r}: {e}") from None
         try:
             meta = ImageStore(folder).meta
-        except ConfigError:
+        except TangleRayError:
             if data.source is not None:
                 meta = None
             elif not (folder / META).is_file():

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import ClusterError, ConfigError
 from tangle_ray.space import SearchSpace, space_to_dict
 
 _PARAMS: dict[str, int] = {}
@@ -127,7 +127,7 @@ def check_memory(cfg: Any, space: SearchSpace, nodes: list[Node], where: str, so
         else:
             advice = ("use a smaller space, or spread the run over more nodes with zero_stage: 3 (model states per "
                       "worker fall as 1 / workers; each worker still builds the whole supernet once)")
-        raise ConfigError(
+        raise ClusterError(
             f"{source}: space {space.source} has a supernet of {params:,} parameters; each of the {workers} "
             f"worker(s) needs at least {gib(host)} of memory for it ({what}), {gib(host * workers)} in all before "
             f"activations, but {where} has {gib(sum(n.memory for n in nodes))} (largest node {gib(largest)}); {advice}")
@@ -136,7 +136,7 @@ def check_memory(cfg: Any, space: SearchSpace, nodes: list[Node], where: str, so
     if cfg.scaling.use_gpu and known and len(known) == len(usable) and device > max(known):
         advice = ("use a smaller space" if 4.0 * params > max(known) else
                   "use zero_stage: 3 with more GPUs (model states per GPU fall as 1 / workers), or a smaller space")
-        raise ConfigError(
+        raise ClusterError(
             f"{source}: space {space.source} has a supernet of {params:,} parameters; each GPU worker needs at least "
             f"{gib(device)} of GPU memory for it (model states at ZeRO stage {cfg.zero_stage} over {workers} "
             f"worker(s): {parts}; the whole supernet in fp32 when it is moved there: {gib(4.0 * params)}), the "

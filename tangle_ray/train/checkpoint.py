@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tangle_ray.configs import read_json
-from tangle_ray.errors import ConfigError, clip
+from tangle_ray.errors import DataError, TangleRayError, clip
 from tangle_ray.manifest import check_manifest, write_manifest
 from tangle_ray.names import check_name
 
@@ -83,7 +83,7 @@ def remove_cut_checkpoints(run_dir: str | Path) -> list[Path]:
         snapshot = _read_json_file(run_dir / RAY_SNAPSHOT)
         entries = [*(snapshot.get("checkpoint_results") or []), snapshot.get("latest_checkpoint_result") or {}]
         recorded = {e.get("checkpoint_dir_name") for e in entries if isinstance(e, dict)}
-    except ConfigError:
+    except TangleRayError:
         pass  # no snapshot (nothing recorded yet), or unreadable: ``resume_checkpoint`` says so
     removed = []
     for folder in sorted(run_dir.glob("checkpoint_*")):
@@ -144,7 +144,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         try:
             read_trainer_state(folder)
             return folder
-        except ConfigError as e:
+        except TangleRayError as e:
             first_error = first_error or e
             log.warning("skipping %s", e)
     if first_error is not None:
@@ -162,15 +162,15 @@ def resume_checkpoint(run_dir: str | Path) -> Path | None:
     try:
         latest = _read_json_file(snapshot).get("latest_checkpoint_result") or {}
         name = latest.get("checkpoint_dir_name") if isinstance(latest, dict) else None
-    except ConfigError as e:
-        raise ConfigError(f"run {run_dir}: Ray's {RAY_SNAPSHOT} is unreadable ({e}); start a new run.name") from None
+    except TangleRayError as e:
+        raise DataError(f"run {run_dir}: Ray's {RAY_SNAPSHOT} is unreadable ({e}); start a new run.name") from None
     if name is None:
         return None
     folder = Path(run_dir) / check_name(name, f"{snapshot}: checkpoint_dir_name")
     try:
         read_trainer_state(folder)
-    except ConfigError as e:
-        raise ConfigError(f"{e}. Ray resumes from this checkpoint: restore the file, or give a new run.name "
+    except TangleRayError as e:
+        raise DataError(f"{e}. Ray resumes from this checkpoint: restore the file, or give a new run.name "
                           "to start over") from None
     return folder
 
@@ -182,7 +182,7 @@ def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     state = _read_json(check_checkpoint(checkpoint), TRAINER_STATE)
     _require(state, checkpoint, TRAINER_STATE, step=int, world_size=int, zero_stage=int, method=str)
     if state["step"] < 0 or state["world_size"] < 1 or state["zero_stage"] not in (0, 1, 2, 3):
-        raise ConfigError(f"checkpoint {checkpoint}: {TRAINER_STATE} holds step {state['step']}, world_size "
+        raise DataError(f"checkpoint {checkpoint}: {TRAINER_STATE} holds step {state['step']}, world_size "
                           f"{state['world_size']}, zero_stage {state['zero_stage']}: not a run checkpoint")
     return state
 
@@ -198,7 +198,7 @@ def read_run_tensors(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(folder / RUN_TENSORS))
     except Exception as e:  # missing or corrupt: safetensors raises its own error types
-        raise ConfigError(f"checkpoint {checkpoint}: cannot read {RUN_TENSORS} ({type(e).__name__}: {e})") from None
+        raise DataError(f"checkpoint {checkpoint}: cannot read {RUN_TENSORS} ({type(e).__name__}: {e})") from None
 
 
 def consolidated_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
@@ -215,10 +215,10 @@ def consolidated_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
 
             return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DS_TAG)
     except pickle.UnpicklingError as e:
-        raise ConfigError(f"checkpoint {folder}: a DeepSpeed file holds Python objects beyond tensors "
+        raise DataError(f"checkpoint {folder}: a DeepSpeed file holds Python objects beyond tensors "
                           f"({clip(str(e), 200)}); if you trust this folder, set {TRUST_ENV}=1") from None
     except (OSError, RuntimeError, KeyError, ValueError, TypeError, EOFError) as e:
-        raise ConfigError(f"checkpoint {folder}: DeepSpeed files missing or corrupt "
+        raise DataError(f"checkpoint {folder}: DeepSpeed files missing or corrupt "
                           f"({type(e).__name__}: {clip(str(e), 200)})") from None
 
 
@@ -277,15 +277,15 @@ def _peek_step(folder: Path) -> int:
 def _read_json(checkpoint: Path, name: str) -> dict[str, Any]:
     try:
         return _read_json_file(checkpoint / name)
-    except ConfigError as e:
-        raise ConfigError(f"checkpoint {checkpoint}: cannot read {name} ({e}); is it complete?") from None
+    except TangleRayError as e:
+        raise DataError(f"checkpoint {checkpoint}: cannot read {name} ({e}); is it complete?") from None
 
 
 def _read_json_file(path: Path) -> dict[str, Any]:
     """A JSON object tangle_ray or Ray wrote (NaN allowed: a diverged loss is recorded as it was)."""
     data = read_json(path, path.name, MAX_JSON_BYTES, plain=False)
     if not isinstance(data, dict):
-        raise ConfigError(f"{path.name} is not a JSON object")
+        raise DataError(f"{path.name} is not a JSON object")
     return data
 
 
@@ -293,5 +293,5 @@ def _require(state: dict[str, Any], checkpoint: str | Path, name: str, **types_:
     for key, typ in types_.items():
         value = state.get(key)
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-            raise ConfigError(f"checkpoint {checkpoint}: {name} has no {key} of type {typ.__name__} "
+            raise DataError(f"checkpoint {checkpoint}: {name} has no {key} of type {typ.__name__} "
                               f"(got {clip(repr(value), 60)}); not a run checkpoint of this tangle_ray")

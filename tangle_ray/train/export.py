@@ -10,7 +10,7 @@ from safetensors import SafetensorError
 
 from tangle_ray import storage
 from tangle_ray.divergence import first, tensor_problem
-from tangle_ray.errors import ConfigError, clip, write_fault
+from tangle_ray.errors import ConfigError, StorageError, clip, write_fault
 from tangle_ray.folders import load_weights, save_supernet
 from tangle_ray.methods import get_method
 from tangle_ray.models import space_from_dict
@@ -75,5 +75,5 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, arch: Arc
             (out / "arch.json").write_text(json.dumps(space.active(chosen), indent=2) + "\n")
     except (OSError, SafetensorError) as e:
         fault = write_fault(e, out) or f"cannot write to {out} ({clip(str(e), 200)})"
-        raise ConfigError(f"export of run {run.name}: {fault}, then export again") from None
+        raise StorageError(f"export of run {run.name}: {fault}, then export again") from None
     return out

@@ -18,7 +18,7 @@ import yaml
 from tangle_ray import divergence, storage
 from tangle_ray.cluster import check_resources, connect, worker_resources
 from tangle_ray.configs import read_yaml, to_dict
-from tangle_ray.errors import ConfigError, write_fault
+from tangle_ray.errors import ConfigError, TangleRayError, write_fault
 from tangle_ray.folders import load_supernet, space_shape
 from tangle_ray.models import load_space, space_from_dict
 from tangle_ray.space import SearchSpace
@@ -238,7 +238,7 @@ def _interrupted_message(run_dir: Path, cfg: TrainConfig) -> str:
     try:
         checkpoint = latest_checkpoint(run_dir)
         step = read_trainer_state(checkpoint)["step"] if checkpoint else None
-    except ConfigError:
+    except TangleRayError:
         step = None
     saved = (f"its checkpoint of step {step} of {cfg.steps} is saved in {run_dir}" if step is not None else
              f"no checkpoint was saved yet (the first comes at step {min(cfg.checkpoint_every, cfg.steps)}): "

@@ -30,7 +30,7 @@ from typing import Any
 from ray.tune.search import Searcher
 
 from tangle_ray.configs import read_json
-from tangle_ray.errors import ConfigError, clip
+from tangle_ray.errors import ConfigError, TangleRayError, clip
 from tangle_ray.space import Arch, SearchSpace
 from tangle_ray.tune.config import Constraints, EvolutionConfig, SearchConfig
 
@@ -149,7 +149,7 @@ class ArchSearcher(Searcher):
             if not 0 <= state["suggested"] <= len(archs) or any(not 0 <= i < len(archs) for i in indices):
                 raise ValueError("indices outside the proposals")
             self._load_state(state)
-        except ConfigError:
+        except TangleRayError:
             raise
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"searcher state {checkpoint_path} is malformed ({clip(str(e), 200)})") from None
@@ -295,7 +295,7 @@ def read_searcher_state(path: str | Path) -> dict[str, Any]:
         for key, typ in (("kind", str), ("archs", list), ("results", list), ("suggested", int), ("trials", dict)):
             if not isinstance(state.get(key), typ):
                 raise ValueError(f"{key} must be a {typ.__name__}")
-    except (ConfigError, ValueError) as e:
+    except (TangleRayError, ValueError) as e:
         raise ConfigError(f"searcher state {path} cannot be read ({clip(str(e), 200)}); it was not written by "
                           "this tangle_ray (older searches saved pickles): start the search under a new name") from None
     return state

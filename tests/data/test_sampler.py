@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tangle_ray.data.text.sampler import WindowSampler, eval_windows
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import TangleRayError
 
 TOKENS = np.arange(10_000, dtype=np.uint16)  # token value == position: windows reveal where they start
 
@@ -58,8 +58,8 @@ def test_eval_windows_fixed_non_overlapping_and_short_splits():
 
 def test_too_short_splits():
     with pytest.raises(
-        ConfigError, match="data split 'valid' has 64 tokens; a window of block_size=64 needs at least 65"
+        TangleRayError, match="data split 'valid' has 64 tokens; a window of block_size=64 needs at least 65"
     ):
         WindowSampler(TOKENS[:64], 64, 2, seed=0, split="valid")
-    with pytest.raises(ConfigError, match="evaluation split has 10 tokens"):
+    with pytest.raises(TangleRayError, match="evaluation split has 10 tokens"):
         eval_windows(TOKENS[:10], 64, 4, seed=0)

@@ -8,7 +8,7 @@ import pytest
 from tangle_ray.data.text import sources
 from tangle_ray.data.text.sources import TextSource, load_text_source, source_hash
 from tangle_ray.data.text.synth import generate_stories
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import TangleRayError
 
 
 def test_jsonl_folder(corpus):
@@ -97,7 +97,7 @@ def test_bad_input_gives_config_error(tmp_path, content, kind, message):
         pq.write_table(pa.table({"text": ["fine"]}), tmp_path / f"validation.{ext}")
     else:
         (tmp_path / f"validation.{ext}").write_bytes(b'{"text": "fine"}\n' if kind == "jsonl" else b"fine\n")
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(TangleRayError, match=message):
         load_text_source(TextSource(kind=kind, path=str(tmp_path)))
 
 
@@ -120,37 +120,37 @@ def test_single_file_is_the_corpus_with_a_held_out_test_slice(corpus, tmp_path):
         assert len(dsd["test"]) == 2
     (tmp_path / "two.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
     with pytest.raises(
-        ConfigError, match="two.jsonl': test_fraction=0.1 of 2 documents leaves the test split empty"
+        TangleRayError, match="two.jsonl': test_fraction=0.1 of 2 documents leaves the test split empty"
     ):
         load_text_source(TextSource(kind="jsonl", path=str(tmp_path / "two.jsonl")))
 
 
 def test_missing_files_and_bad_options(tmp_path, corpus):
-    with pytest.raises(ConfigError, match="no 'validation' file"):
+    with pytest.raises(TangleRayError, match="no 'validation' file"):
         (tmp_path / "only").mkdir()
         (tmp_path / "only" / "train.jsonl").write_text('{"text": "a"}\n')
         load_text_source(TextSource(kind="jsonl", path=str(tmp_path / "only")))
-    with pytest.raises(ConfigError, match="missing.jsonl' does not exist"):
+    with pytest.raises(TangleRayError, match="missing.jsonl' does not exist"):
         load_text_source(
             TextSource(kind="jsonl", path=str(corpus), files={"train": "missing.jsonl", "validation": "x"})
         )
-    with pytest.raises(ConfigError, match="path '.*nowhere.jsonl' does not exist"):
+    with pytest.raises(TangleRayError, match="path '.*nowhere.jsonl' does not exist"):
         load_text_source(TextSource(kind="jsonl", path=str(tmp_path / "nowhere.jsonl")))
     file = str(corpus / "train.jsonl")
-    with pytest.raises(ConfigError, match="is a file; files \\(split name -> file\\) needs a folder path"):
+    with pytest.raises(TangleRayError, match="is a file; files \\(split name -> file\\) needs a folder path"):
         load_text_source(TextSource(kind="jsonl", path=file, files={"train": "a", "validation": "b"}))
     with pytest.raises(
-        ConfigError, match="test_fraction applies to a single-file path.*test split is 'validation'"
+        TangleRayError, match="test_fraction applies to a single-file path.*test split is 'validation'"
     ):
         load_text_source(TextSource(kind="jsonl", path=str(corpus), test_fraction=0.1))
-    with pytest.raises(ConfigError, match="test_fraction=1.0 must lie strictly between 0 and 1"):
+    with pytest.raises(TangleRayError, match="test_fraction=1.0 must lie strictly between 0 and 1"):
         TextSource(kind="jsonl", path=file, test_fraction=1.0)
     for path, what in ((file, "file"), (str(corpus), "folder")):
-        with pytest.raises(ConfigError, match=f"is a local {what} but kind is 'hub'.*--kind text\\|jsonl"):
+        with pytest.raises(TangleRayError, match=f"is a local {what} but kind is 'hub'.*--kind text\\|jsonl"):
             load_text_source(TextSource(path=path))
-    with pytest.raises(ConfigError, match="kind 'csv' is unknown"):
+    with pytest.raises(TangleRayError, match="kind 'csv' is unknown"):
         TextSource(kind="csv", path=".")
-    with pytest.raises(ConfigError, match="text_mode 'word'"):
+    with pytest.raises(TangleRayError, match="text_mode 'word'"):
         TextSource(kind="text", path=".", text_mode="word")
 
 
@@ -160,7 +160,7 @@ LOCAL_HINT = "tangle-ray data prepare --kind jsonl --path FILE.*data.source: \\{
 def test_hub_without_network_fails_fast(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(sources, "hub_reachable", lambda timeout=3.0: False)
-    with pytest.raises(ConfigError, match=f"unreachable.*{LOCAL_HINT}") as info:
+    with pytest.raises(TangleRayError, match=f"unreachable.*{LOCAL_HINT}") as info:
         load_text_source(TextSource())
     assert "TextSource" not in str(info.value)
 
@@ -168,5 +168,5 @@ def test_hub_without_network_fails_fast(monkeypatch):
 def test_hub_in_offline_mode_fails_fast(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(sources, "hub_reachable", lambda timeout=3.0: pytest.fail("probed in offline mode"))
-    with pytest.raises(ConfigError, match=f"not available offline.*{LOCAL_HINT}"):
+    with pytest.raises(TangleRayError, match=f"not available offline.*{LOCAL_HINT}"):
         load_text_source(TextSource(kind="hub", path="someone/not-cached-dataset"))

@@ -12,7 +12,7 @@ from tiktoken_ext.openai_public import r50k_pat_str
 
 from tangle_ray.data.text import tokenizer as tokenizer_mod
 from tangle_ray.data.text.tokenizer import BPE_ENV, PACKAGED_BPE, PACKAGED_SHA256, get_tokenizer
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import TangleRayError
 
 TEXT = (
     "Once upon a time, Lily's  dog—named \"Max\"—ate 1234 cookies!\n\n  It's 3.14°C outside; naïve café, 日本語, "
@@ -75,10 +75,10 @@ def test_override_loads_as_given_and_is_reread(offline, bpe_file, other_bpe_file
 
 def test_packaged_file_is_checked(offline, other_bpe_file, tmp_path, monkeypatch):
     monkeypatch.setattr(tokenizer_mod, "PACKAGED_BPE", tmp_path / "gpt2.tiktoken")
-    with pytest.raises(ConfigError, match=f"cannot be read.*reinstall tangle-ray, or set {BPE_ENV}"):
+    with pytest.raises(TangleRayError, match=f"cannot be read.*reinstall tangle-ray, or set {BPE_ENV}"):
         get_tokenizer()
     shutil.copy(other_bpe_file, tmp_path / "gpt2.tiktoken")  # parses, but is not the file we ship
-    with pytest.raises(ConfigError, match=f"gpt2.tiktoken'?\\) is corrupt: reinstall.*{PACKAGED_SHA256}"):
+    with pytest.raises(TangleRayError, match=f"gpt2.tiktoken'?\\) is corrupt: reinstall.*{PACKAGED_SHA256}"):
         get_tokenizer()
 
 
@@ -87,23 +87,23 @@ def test_other_encodings_download_and_say_what_to_do_offline(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(tokenizer_mod.tiktoken, "get_encoding", no_network)
-    with pytest.raises(ConfigError, match="'cl100k_base'.*no network.*TIKTOKEN_CACHE_DIR.*'gpt2'") as info:
+    with pytest.raises(TangleRayError, match="'cl100k_base'.*no network.*TIKTOKEN_CACHE_DIR.*'gpt2'") as info:
         get_tokenizer("cl100k_base")
     assert "--" not in str(info.value)  # no command-line flag: none fits every entry point
 
 
 def test_bad_tokenizer_arguments(offline, bpe_file, tmp_path):
-    with pytest.raises(ConfigError, match="unknown encoding 'nope'.*allowed.*gpt2"):
+    with pytest.raises(TangleRayError, match="unknown encoding 'nope'.*allowed.*gpt2"):
         get_tokenizer("nope")
-    with pytest.raises(ConfigError, match="missing.tiktoken' cannot be read: No such file"):
+    with pytest.raises(TangleRayError, match="missing.tiktoken' cannot be read: No such file"):
         get_tokenizer(bpe_file=str(tmp_path / "missing.tiktoken"))
     junk = tmp_path / "junk.tiktoken"
     junk.write_text("this is not a bpe file\n")
-    with pytest.raises(ConfigError, match="junk.tiktoken' line 1 is not '<base64 token> <rank>'"):
+    with pytest.raises(TangleRayError, match="junk.tiktoken' line 1 is not '<base64 token> <rank>'"):
         get_tokenizer(bpe_file=str(junk))
     short = tmp_path / "short.tiktoken"
     short.write_bytes(b"\n".join(Path(bpe_file).read_bytes().splitlines()[:100]))
-    with pytest.raises(ConfigError, match="has 100 tokens; a GPT-2 vocabulary has the ranks 0..50255"):
+    with pytest.raises(TangleRayError, match="has 100 tokens; a GPT-2 vocabulary has the ranks 0..50255"):
         get_tokenizer(bpe_file=str(short))
-    with pytest.raises(ConfigError, match="supported for"):
+    with pytest.raises(TangleRayError, match="supported for"):
         get_tokenizer("cl100k_base", bpe_file=str(junk))

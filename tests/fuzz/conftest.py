@@ -1,4 +1,4 @@
-"""Fuzzing the boundary: mutated files and options either load as valid or fail with one ConfigError.
+"""Fuzzing the boundary: mutated files and options either load as valid or fail with one TangleRayError.
 
 Each example runs under a wall-clock alarm (a hang fails it). Examples per test: ``TANGLE_RAY_FUZZ_EXAMPLES``
 (default 400: 4,000 cases in CI in under a minute, a fixed sequence; e.g. 10000 for a long run, which draws
@@ -20,7 +20,7 @@ import yaml
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 
-from tangle_ray.errors import ConfigError, clip
+from tangle_ray.errors import TangleRayError, clip
 
 DEFAULT_EXAMPLES = 400
 EXAMPLES = int(os.environ.get("TANGLE_RAY_FUZZ_EXAMPLES", DEFAULT_EXAMPLES))
@@ -60,13 +60,13 @@ def within(seconds: float = HANG_S) -> Iterator[None]:
 
 
 def outcome(call: Callable[[], Any]) -> tuple[str, Any]:
-    """("error", message) for a ConfigError, ("ok", value) otherwise; any other exception or a hang fails."""
+    """("error", message) for a TangleRayError, ("ok", value) otherwise; any other exception or a hang fails."""
     try:
         with within():
             value = call()
-    except ConfigError as e:
+    except TangleRayError as e:
         message = str(e)
-        assert message.strip(), "a ConfigError without a message"
+        assert message.strip(), "an error without a message"
         assert len(message) < 2000, f"a message of {len(message)} characters: values must be shortened"
         event("refused")
         return "error", message

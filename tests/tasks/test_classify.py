@@ -15,7 +15,7 @@ from PIL import Image
 from tangle_ray.configs import build
 from tangle_ray.data.images.batches import PrefetchedBatches
 from tangle_ray.data.images.prepare import ImageStore
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import ConfigError, TangleRayError
 from tangle_ray.tasks import get_task
 from tangle_ray.tasks.classify import ClassifyTask, ImageData
 
@@ -129,24 +129,24 @@ def test_epoch_sampling_shows_each_image_once_per_epoch_on_any_split_of_the_batc
 
 
 def test_prepare_errors(tmp_path, folder):
-    with pytest.raises(ConfigError, match="holds no prepared images .*give data.source"):
+    with pytest.raises(TangleRayError, match="holds no prepared images .*give data.source"):
         TASK.prepare(data(tmp_path), space(), seed=0)
-    with pytest.raises(ConfigError, match="image folder '.*nowhere' is not a directory"):
+    with pytest.raises(TangleRayError, match="image folder '.*nowhere' is not a directory"):
         TASK.prepare(data(tmp_path, source={"path": str(tmp_path / "nowhere")}), space(), seed=0)
-    with pytest.raises(ConfigError, match="data.source = .*unexpected keyword argument 'folder'"):
+    with pytest.raises(TangleRayError, match="data.source = .*unexpected keyword argument 'folder'"):
         TASK.prepare(data(tmp_path, source={"folder": "x"}), space(), seed=0)
     good = data(tmp_path, source={"path": str(folder)})
     with pytest.raises(
-        ConfigError,
+        TangleRayError,
         match=r"label 2 \(3 classes\) is out of range .*fixed.num_classes = 2; "
         r"allowed labels 0..1",
     ):
         TASK.prepare(good, space(num_classes=2), seed=0)
-    with pytest.raises(ConfigError, match=r"space 'vit-test': fixed.in_chans = 2: .*allowed: \[1, 3\]"):
+    with pytest.raises(TangleRayError, match=r"space 'vit-test': fixed.in_chans = 2: .*allowed: \[1, 3\]"):
         TASK.prepare(good, space(in_chans=2), seed=0)
-    with pytest.raises(ConfigError, match=r"space 'gpt': the classify task needs .*missing: \['img_size'\]"):
+    with pytest.raises(TangleRayError, match=r"space 'gpt': the classify task needs .*missing: \['img_size'\]"):
         TASK.prepare(good, SimpleNamespace(name="gpt", fixed={"in_chans": 3, "num_classes": 3}), seed=0)
-    with pytest.raises(ConfigError, match=r"image split 'valid' would be empty \(15 training images in 3 classes"):
+    with pytest.raises(TangleRayError, match=r"image split 'valid' would be empty \(15 training images in 3 classes"):
         TASK.prepare(
             data(tmp_path, dir=str(tmp_path / "new"), source={"path": str(folder)}, valid_fraction=0.05),
             space(),
@@ -155,7 +155,7 @@ def test_prepare_errors(tmp_path, folder):
     TASK.prepare(good, space(), seed=0)
     valid = TASK.eval_set(good, fixed(), "valid", num=10, seed=0)[1]
     with pytest.raises(
-        ConfigError, match="was split with valid_fraction 0.2, the run asks for data.valid_fraction = 0.4"
+        TangleRayError, match="was split with valid_fraction 0.2, the run asks for data.valid_fraction = 0.4"
     ):
         TASK.prepare(data(tmp_path, valid_fraction=0.4, source={"path": str(folder)}), space(), seed=0)
     TASK.prepare(good, space(), seed=1)  # another run seed keeps the folder's split

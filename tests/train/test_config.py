@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tangle_ray import load_space
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import ConfigError, TangleRayError
 from tangle_ray.train.config import from_dict, load_config
 from tangle_ray.train.deepspeed import deepspeed_config, lr_factor
 from tangle_ray.train.runner import preflight
@@ -145,11 +145,11 @@ def test_resume_checks_workers_and_space_before_any_worker_starts(tmp_path, data
 def test_export_of_a_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
     from tangle_ray.train.export import export_run
 
-    with pytest.raises(ConfigError, match="no checkpoint found"):
+    with pytest.raises(TangleRayError, match="no checkpoint found"):
         export_run(tmp_path / "no-run")
     folder = _fake_checkpoint(tmp_path / "run", world_size=1, space_choices={})
     (folder / "run_state.json").write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="run_state.json is 16 bytes, its manifest says .*: truncated or modified"):
+    with pytest.raises(TangleRayError, match="run_state.json is 16 bytes, its manifest says .*: truncated or modified"):
         export_run(tmp_path / "run")
 
 
@@ -157,5 +157,5 @@ def test_retrain_from_a_missing_supernet_is_refused_on_the_driver(tmp_path, data
     cfg = load_config(None, ["method=fixed", "space=gpt-nano", f"data.dir={data_dir}", f"run.storage_path={tmp_path}",
                              "arch={n_layer: 2, n_embd: 32, n_head: [2, 2, 2, 2], mlp_ratio: [2, 2, 2, 2]}",
                              "init=inherit", f"init_from={tmp_path / 'no-supernet'}"])
-    with pytest.raises(ConfigError, match="missing.*supernet.safetensors"):
+    with pytest.raises(TangleRayError, match="missing.*supernet.safetensors"):
         preflight(cfg)

@@ -5,7 +5,7 @@ import json
 import pytest
 import ray
 
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import TangleRayError
 from tangle_ray.tune.tuner import run_search
 
 
@@ -19,11 +19,11 @@ def test_input_errors_before_tune_starts(make_config, tmp_path):
         ({"algorithm": "bayes"}, r"allowed: \['random', 'evolution'\]"),
     ]
     for overrides, words in cases:
-        with pytest.raises(ConfigError, match=words):
+        with pytest.raises(TangleRayError, match=words):
             run_search(make_config(**overrides))
     config = make_config()
     config.run_dir().mkdir(parents=True)
     (config.run_dir() / "search.json").write_text(json.dumps({"identity": {"seed": 7}}))
-    with pytest.raises(ConfigError, match="other settings"):
+    with pytest.raises(TangleRayError, match="other settings"):
         run_search(config)
     assert ray.is_initialized() == ray_was_up  # all raised before Tune started

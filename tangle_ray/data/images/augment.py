@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import ConfigError, DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -82,7 +82,7 @@ def open_image(data: bytes, where: str) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ConfigError(f"image {where!r} cannot be decoded: {e}") from None
+        raise DataError(f"image {where!r} cannot be decoded: {e}") from None
 
 
 def _resized(img: Image.Image, box: tuple[float, float, float, float], size: int, mode: str, where: str) -> Image.Image:
@@ -96,7 +96,7 @@ def _resized(img: Image.Image, box: tuple[float, float, float, float], size: int
             (size, size), Image.Resampling.BILINEAR, box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
         )
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ConfigError(f"image {where!r} cannot be decoded: {e}") from None
+        raise DataError(f"image {where!r} cannot be decoded: {e}") from None
     return img
 
 

@@ -31,7 +31,7 @@ from tangle_ray.data.images.augment import (
     train_image,
 )
 from tangle_ray.data.images.prepare import ImageStore
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import ConfigError, DataError
 from tangle_ray.keyed import name_key
 
 Key = tuple[int, int]  # (step, micro_index)
@@ -65,7 +65,7 @@ class ImageBatches:
         if micro_batch < 1 or seed < 0 or img_size < 1:
             raise ConfigError(f"micro_batch={micro_batch} and img_size={img_size} must be >= 1, seed={seed} >= 0")
         if store.num_classes > num_classes:
-            raise ConfigError(
+            raise DataError(
                 f"prepared images {str(store.dir)!r} have {store.num_classes} classes; the model has {num_classes}"
             )
         self.store, self.split, self.micro_batch, self.seed = store, split, micro_batch, seed

@@ -27,7 +27,7 @@ from PIL import Image
 from tangle_ray.configs import read_json
 from tangle_ray.data.folder import prepare_lock, temporary_name
 from tangle_ray.data.images.sources import ImageSource, OpenedSource, open_source, split_balanced
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import ConfigError, DataError, TangleRayError
 
 FORMAT_VERSION = 2  # 1: an unreleased draft without the split files
 META = "meta.json"
@@ -39,16 +39,16 @@ def read_image_meta(data_dir: str | Path) -> dict[str, Any]:
     """The ``meta.json`` of a prepared image folder (ConfigError when missing, corrupt or outdated)."""
     path = Path(data_dir) / META
     if not path.is_file():
-        raise ConfigError(f"{str(path)!r} is missing: {str(data_dir)!r} is not a prepared image folder")
+        raise DataError(f"{str(path)!r} is missing: {str(data_dir)!r} is not a prepared image folder")
     try:
         meta = read_json(path, META)
-    except ConfigError as e:
-        raise ConfigError(f"{str(path)!r} is corrupt ({e}): prepare again") from None
+    except TangleRayError as e:
+        raise DataError(f"{str(path)!r} is corrupt ({e}): prepare again") from None
     if not isinstance(meta, dict) or meta.get("kind") != "images":
         kind = meta.get("kind") if isinstance(meta, dict) else None
-        raise ConfigError(f"{str(path)!r} does not describe prepared images (kind {kind!r})")
+        raise DataError(f"{str(path)!r} does not describe prepared images (kind {kind!r})")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(
+        raise DataError(
             f"{str(path)!r} has format {meta.get('format_version')!r}, not {FORMAT_VERSION}: prepare again"
         )
     return meta
@@ -69,7 +69,7 @@ class ImageStore:
             self.splits = {s: np.load(self.dir / f"{s}.npy", allow_pickle=False) for s in SPLITS}
             size = (self.dir / "images.bin").stat().st_size
         except (OSError, ValueError) as e:
-            raise ConfigError(f"prepared images {str(self.dir)!r} are incomplete ({e}): prepare again") from None
+            raise DataError(f"prepared images {str(self.dir)!r} are incomplete ({e}): prepare again") from None
         try:
             n, counts = self.meta["records"], [self.meta["splits"][s]["images"] for s in SPLITS]
             consistent = (
@@ -82,7 +82,7 @@ class ImageStore:
         except (KeyError, TypeError):
             consistent = False
         if not consistent:
-            raise ConfigError(f"prepared images {str(self.dir)!r} do not match meta.json: prepare again")
+            raise DataError(f"prepared images {str(self.dir)!r} do not match meta.json: prepare again")
         self._bin: np.memmap | None = None
 
     def __len__(self) -> int:
@@ -153,7 +153,7 @@ def prepare_images(
 def _current_meta(out: Path) -> dict[str, Any] | None:
     try:
         return ImageStore(out).meta
-    except ConfigError:
+    except TangleRayError:
         return None
 
 
@@ -198,7 +198,7 @@ def _write_splits(folder: Path, meta: dict[str, Any], valid_fraction: float, see
     out = {}
     for name, records in (("train", rest + lo), ("valid", share + lo), ("test", np.arange(test_lo, test_hi))):
         if len(records) == 0:
-            raise ConfigError(
+            raise DataError(
                 f"image split {name!r} would be empty ({hi - lo} training images in "
                 f"{meta['num_classes']} classes, valid_fraction={valid_fraction}): give more images per "
                 "class or another valid_fraction"
@@ -217,7 +217,7 @@ def _check_replaceable(out: Path) -> None:
         except (OSError, ValueError, AttributeError):
             kind = None
         if kind != "images":
-            raise ConfigError(
+            raise DataError(
                 f"data.dir {str(out)!r} exists and holds no prepared images (no images meta.json): "
                 "choose an empty or new folder"
             )
@@ -236,7 +236,7 @@ def _write(opened: OpenedSource, folder: Path, short_side: int, quality: int) ->
             for where, data, label in opened.splits[split]():
                 if label < 0 or (classes is not None and label >= len(classes)):
                     allowed = f"0..{len(classes) - 1}" if classes is not None else ">= 0"
-                    raise ConfigError(f"image {where!r}: label {label} is out of range (allowed {allowed})")
+                    raise DataError(f"image {where!r}: label {label} is out of range (allowed {allowed})")
                 img = _inspect(data, where)
                 if short_side and min(img.size) > short_side:
                     data = _shrink(data, short_side, quality)
@@ -248,7 +248,7 @@ def _write(opened: OpenedSource, folder: Path, short_side: int, quality: int) ->
                 sides = [min(sides[0], *img.size), max(sides[1], *img.size)]
                 bar.update()
             if len(labels) == start:
-                raise ConfigError(f"image source split {split!r} holds no images")
+                raise DataError(f"image source split {split!r} holds no images")
             parts[split] = [start, len(labels)]
     np.save(folder / "offsets.npy", np.asarray(offsets, np.int64))
     np.save(folder / "labels.npy", np.asarray(labels, np.int64))
@@ -271,7 +271,7 @@ def _inspect(data: bytes, where: str) -> Image.Image:
         img.verify()
         return img
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ConfigError(f"image {where!r} cannot be decoded: {e}") from None
+        raise DataError(f"image {where!r} cannot be decoded: {e}") from None
 
 
 def _shrink(data: bytes, short_side: int, quality: int) -> bytes:

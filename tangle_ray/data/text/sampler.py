@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import ConfigError, DataError
 from tangle_ray.keyed import name_key
 
 
@@ -13,7 +13,7 @@ def _check(tokens: np.ndarray, block_size: int, what: str) -> None:
     if block_size < 1:
         raise ConfigError(f"block_size={block_size} must be at least 1")
     if tokens.ndim != 1 or len(tokens) < block_size + 1:
-        raise ConfigError(
+        raise DataError(
             f"{what} has {len(tokens)} tokens; a window of block_size={block_size} needs at least {block_size + 1}"
         )
 

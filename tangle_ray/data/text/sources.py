@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasets import Dataset, DatasetDict
 
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import ConfigError, DataError
 
 KINDS = ("hub", "text", "jsonl", "parquet", "saved")
 TEXT_MODES = ("paragraph", "line")
@@ -79,14 +79,14 @@ def split_files(src: TextSource) -> dict[str, list[Path]]:
     for split, name in src.splits.items():
         if src.files:
             if name not in src.files:
-                raise ConfigError(f"data source files has no {name!r} entry; given: {sorted(src.files)}")
+                raise DataError(f"data source files has no {name!r} entry; given: {sorted(src.files)}")
             paths = [Path(src.path) / src.files[name] if Path(src.path).is_dir() else Path(src.files[name])]
         else:
             root = Path(src.path)
             if not root.exists():
-                raise ConfigError(f"data source path {src.path!r} does not exist")
+                raise DataError(f"data source path {src.path!r} does not exist")
             if not root.is_dir():
-                raise ConfigError(
+                raise DataError(
                     f"data source path {src.path!r} is not a directory: give a folder holding "
                     f"{src.train_split}.* and {src.test_split}.* files, or files (split name -> file)"
                 )
@@ -96,7 +96,7 @@ def split_files(src: TextSource) -> dict[str, list[Path]]:
                 if p.suffix in _EXTENSIONS[src.kind]
             )
             if not paths:
-                raise ConfigError(
+                raise DataError(
                     f"data source {src.path!r} has no {name!r} file for kind {src.kind!r} "
                     f"(looked for {name}.* / {name}-* with extension {'/'.join(_EXTENSIONS[src.kind])})"
                 )
@@ -108,35 +108,35 @@ def split_files(src: TextSource) -> dict[str, list[Path]]:
 
 def _check_file(path: Path, kind: str) -> None:
     if not path.is_file():
-        raise ConfigError(f"data file {str(path)!r} does not exist")
+        raise DataError(f"data file {str(path)!r} does not exist")
     size = path.stat().st_size
     if size == 0:
-        raise ConfigError(f"data file {str(path)!r} is empty")
+        raise DataError(f"data file {str(path)!r} is empty")
     if kind == "parquet":
         try:
             rows = pq.ParquetFile(path).metadata.num_rows
         except (pa.ArrowException, OSError) as e:
-            raise ConfigError(f"data file {str(path)!r} is not a Parquet file ({e})") from e
+            raise DataError(f"data file {str(path)!r} is not a Parquet file ({e})") from e
         if rows == 0:
-            raise ConfigError(f"data file {str(path)!r} holds no rows")
+            raise DataError(f"data file {str(path)!r} holds no rows")
         return
     with open(path, "rb") as f:
         head = f.read(8192)
     if b"\0" in head:
-        raise ConfigError(f"data file {str(path)!r} is binary, not {kind} (UTF-8 text expected)")
+        raise DataError(f"data file {str(path)!r} is binary, not {kind} (UTF-8 text expected)")
     if len(head) == size and not head.strip():
-        raise ConfigError(f"data file {str(path)!r} holds only blank lines: no documents")
+        raise DataError(f"data file {str(path)!r} holds only blank lines: no documents")
 
 
 def _single_file(src: TextSource) -> Path | None:
     """``path`` when it names one text/jsonl/parquet file (the whole corpus), else None."""
     single = src.kind in _BUILDERS and Path(src.path).is_file()
     if single and src.files:
-        raise ConfigError(
+        raise DataError(
             f"data source path {src.path!r} is a file; files (split name -> file) needs a folder path"
         )
     if src.test_fraction is not None and not single:
-        raise ConfigError(
+        raise DataError(
             f"data source test_fraction applies to a single-file path; {src.path!r} is not one (its test "
             f"split is {src.test_split!r})"
         )
@@ -160,7 +160,7 @@ def source_hash(src: TextSource) -> str | None:
     if src.kind == "saved":
         root = Path(src.path)
         if not root.is_dir():
-            raise ConfigError(f"saved dataset {src.path!r} is not a directory")
+            raise DataError(f"saved dataset {src.path!r} is not a directory")
         groups = {"all": sorted(p for p in root.rglob("*") if p.is_file())}
     else:
         groups = _local_files(src)
@@ -196,30 +196,30 @@ def load_hub(dataset_id: str, local_hint: str) -> DatasetDict:
     when the hub is unreachable (instead of datasets' slow retries) or the dataset is not cached offline."""
     how = f"download it elsewhere and use a local copy: {local_hint}"
     if not datasets.config.HF_HUB_OFFLINE and not hub_reachable():
-        raise ConfigError(f"hub dataset {dataset_id!r}: the Hugging Face hub is unreachable; {how}")
+        raise DataError(f"hub dataset {dataset_id!r}: the Hugging Face hub is unreachable; {how}")
     try:
         return datasets.load_dataset(dataset_id)
     except ConnectionError as e:
-        raise ConfigError(f"hub dataset {dataset_id!r} is not available offline ({e}); {how}") from e
+        raise DataError(f"hub dataset {dataset_id!r} is not available offline ({e}); {how}") from e
 
 
 def _load_hub_or_saved(src: TextSource) -> DatasetDict:
     if src.kind == "hub":
         if Path(src.path).exists():
             what = "file" if Path(src.path).is_file() else "folder"
-            raise ConfigError(
+            raise DataError(
                 f"data source path {src.path!r} is a local {what} but kind is 'hub': give its kind "
                 "(--kind text|jsonl|parquet|saved; run file: data.source.kind)"
             )
         return load_hub(src.path, _LOCAL_HINT)
     if not Path(src.path).is_dir():
-        raise ConfigError(f"saved dataset {src.path!r} is not a directory")
+        raise DataError(f"saved dataset {src.path!r} is not a directory")
     try:
         loaded = datasets.load_from_disk(src.path)
     except FileNotFoundError as e:
-        raise ConfigError(f"{src.path!r} is not a dataset saved with save_to_disk: {e}") from e
+        raise DataError(f"{src.path!r} is not a dataset saved with save_to_disk: {e}") from e
     if not isinstance(loaded, DatasetDict):
-        raise ConfigError(f"saved dataset {src.path!r} holds one split; a DatasetDict with splits is needed")
+        raise DataError(f"saved dataset {src.path!r} holds one split; a DatasetDict with splits is needed")
     return loaded
 
 
@@ -264,10 +264,10 @@ def _load_local(src: TextSource, paths: list[Path]) -> Dataset:
         )
     except (datasets.exceptions.DatasetGenerationError, pa.ArrowInvalid, StopIteration, UnicodeError) as e:
         if found := _bad_line(src, paths):
-            raise ConfigError(found) from e
+            raise DataError(found) from e
         cause = e.__cause__ or e
         what = "UTF-8 text" if isinstance(cause, UnicodeError) else src.kind
-        raise ConfigError(
+        raise DataError(
             f"data files {[str(p) for p in paths]} could not be read as {what}: "
             f"{type(cause).__name__}: {str(cause)[:200]}"
         ) from e
@@ -306,7 +306,7 @@ def _documents(src: TextSource, ds: Dataset, where: str, paths: list[Path]) -> D
     """One non-blank document a row in column ``text``."""
     feature = ds.features.get(src.text_field)
     if feature is None:
-        raise ConfigError(
+        raise DataError(
             f"{where} has no text field {src.text_field!r}; columns: {ds.column_names} "
             "(choose it with --text-field / data.source.text_field)"
         )
@@ -320,7 +320,7 @@ def _documents(src: TextSource, ds: Dataset, where: str, paths: list[Path]) -> D
         fn_kwargs={"field": src.text_field, "strip": src.kind == "text"},
     )
     if len(ds) == 0:
-        raise ConfigError(f"{where} holds no (non-blank) documents")
+        raise DataError(f"{where} holds no (non-blank) documents")
     return ds
 
 
@@ -330,7 +330,7 @@ def _hold_out(src: TextSource, ds: Dataset) -> DatasetDict:
     n = len(ds)
     n_test = round(n * fraction)
     if not 0 < n_test < n:
-        raise ConfigError(
+        raise DataError(
             f"data file {src.path!r}: test_fraction={fraction} of {n} documents leaves the "
             f"{'test' if n_test == 0 else 'train'} split empty: give more documents"
         )
@@ -352,7 +352,7 @@ def load_text_source(src: TextSource) -> DatasetDict:
         out = {}
         for split, name in src.splits.items():
             if name not in raw:
-                raise ConfigError(f"data source {src.path!r} has no split {name!r}; available: {sorted(raw)}")
+                raise DataError(f"data source {src.path!r} has no split {name!r}; available: {sorted(raw)}")
             out[split] = _documents(src, raw[name], f"data source {src.path!r} split {name!r}", [])
         return DatasetDict(out)
     single, out = _single_file(src), {}

@@ -11,7 +11,7 @@ import numpy as np
 import tiktoken
 from tiktoken_ext.openai_public import r50k_pat_str
 
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import ConfigError, DataError
 
 BPE_ENV = "TANGLE_RAY_GPT2_BPE"
 ENDOFTEXT = "<|endoftext|>"
@@ -31,9 +31,9 @@ def _packaged_bpe() -> bytes:
     try:
         data = PACKAGED_BPE.read_bytes()
     except OSError as e:
-        raise ConfigError(f"the GPT-2 BPE file shipped with tangle-ray cannot be read ({e}): {fix}") from e
+        raise DataError(f"the GPT-2 BPE file shipped with tangle-ray cannot be read ({e}): {fix}") from e
     if hashlib.sha256(data).hexdigest() != PACKAGED_SHA256:
-        raise ConfigError(f"the GPT-2 BPE file shipped with tangle-ray ({PACKAGED_BPE}) is corrupt: {fix}")
+        raise DataError(f"the GPT-2 BPE file shipped with tangle-ray ({PACKAGED_BPE}) is corrupt: {fix}")
     return data
 
 
@@ -46,12 +46,12 @@ def _parse_bpe(data: bytes, where: str) -> dict[bytes, int]:
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except ValueError as e:
-                raise ConfigError(
+                raise DataError(
                     f"tokenizer BPE file {where!r} line {i} is not '<base64 token> <rank>': it is not a "
                     "tiktoken BPE file"
                 ) from e
     if sorted(ranks.values()) != list(range(_GPT2_RANKS)):
-        raise ConfigError(
+        raise DataError(
             f"tokenizer BPE file {where!r} has {len(ranks)} tokens; a GPT-2 vocabulary has the ranks "
             f"0..{_GPT2_RANKS - 1}, once each"
         )
@@ -69,7 +69,7 @@ def _build(name: str, bpe_file: str | None) -> tiktoken.Encoding:
         try:
             return tiktoken.get_encoding(name)
         except Exception as e:  # tiktoken downloads the BPE file: offline, a proxy, a bad cache...
-            raise ConfigError(
+            raise DataError(
                 f"tokenizer {name!r}: tiktoken could not download its BPE file ({type(e).__name__}: {e}). "
                 "Offline, copy a TIKTOKEN_CACHE_DIR filled on a machine with network, or use 'gpt2' "
                 "(shipped with tangle-ray)"
@@ -80,7 +80,7 @@ def _build(name: str, bpe_file: str | None) -> tiktoken.Encoding:
         try:
             data, where = Path(bpe_file).read_bytes(), bpe_file
         except OSError as e:
-            raise ConfigError(f"tokenizer BPE file {bpe_file!r} cannot be read: {e.strerror}") from e
+            raise DataError(f"tokenizer BPE file {bpe_file!r} cannot be read: {e.strerror}") from e
     return tiktoken.Encoding(
         name=name,
         pat_str=r50k_pat_str,
