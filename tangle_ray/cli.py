@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from tangle_ray.errors import ConfigError, TangleRayError, shorten, write_fault
+from tangle_ray.errors import ConfigError, TangleRayError, write_fault
 from tangle_ray.methods import METHODS, method_for
 
 DEMO_COMMON = [  # run by the search command's method (TangleNAS)
@@ -313,28 +313,16 @@ def cmd_train(args) -> int:
 
 
 def _train(args, method: str, extra: list[str] | None = None) -> int:
-    from tangle_ray.configs import read_settings
     from tangle_ray.train.config import load_config
     from tangle_ray.train.runner import run_training
 
     run_file, overrides = args.run_file, list(args.overrides)
     if run_file and "=" in run_file and not _is_file(run_file):  # no run file, only settings
         run_file, overrides = None, [run_file, *overrides]
-    settings = read_settings(run_file, overrides, "run")[0]
-    asked = settings.get("method", method)
-    if asked != method:  # the command decides the method: a file or setting that says otherwise is a mistake
-        known = isinstance(asked, str) and asked in METHODS
-        hint = f"use `tangle-ray {METHODS[asked].command}`" if known else f"allowed: {sorted(METHODS)}"
-        raise ConfigError(f"{run_file or 'settings'}: method = {shorten(asked)}, but `tangle-ray {args.command}` "
-                          f"runs {method}; {hint}, or remove method")
-    METHODS[method].check_arguments(args, settings)
-    cfg = load_config(run_file, [f"method={method}", *(extra or []), *overrides])
+    cfg = load_config(run_file, [*(extra or []), *overrides], method=method,
+                      check=lambda settings: METHODS[method].check_arguments(args, settings))
     result = run_training(cfg, address=args.address, export=not args.no_export, verbose=args.verbose)
     _print_result(result)
-    if result.test_scores:
-        scores = result.test_scores
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float))
-        print(f"test:       {metrics} on {scores['samples']:,} samples ({result.run_dir / 'test_scores.json'})")
     return 0
 
 
@@ -346,7 +334,7 @@ def _is_file(path: str) -> bool:
 
 
 def _print_result(result) -> None:
-    from tangle_ray.report.runs import against_random_verdict
+    from tangle_ray.report.runs import against_random_verdict, scores_line
 
     print(f"\nrun folder: {result.run_dir}")
     print(f"report:     {result.run_dir / 'summary.md'}")
@@ -356,8 +344,9 @@ def _print_result(result) -> None:
         print(f"export:     {result.export_dir}")
     if result.against_random:
         print(f"vs random:  {against_random_verdict(result.against_random)}")
-    if result.test_scores:
-        print(f"test:       {json.dumps({k: v for k, v in result.test_scores.items() if k != 'arch'})}")
+    if result.test_scores:  # a trained model's test split: once, as summary.md says it
+        print(f"test:       {scores_line(result.test_scores, result.plan.task)} "
+              f"({result.run_dir / 'test_scores.json'})")
 
 
 def cmd_demo(args) -> int:

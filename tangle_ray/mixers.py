@@ -82,8 +82,8 @@ def gdas(
     return out
 
 
-def spos(alphas: Mapping[str, Tensor], gen: torch.Generator, *, step: int = 0, steps: int = 1) -> Weights:
-    """SPOS: a uniformly drawn one-hot row per choice (no gradient)."""
+def uniform(alphas: Mapping[str, Tensor], gen: torch.Generator, *, step: int = 0, steps: int = 1) -> Weights:
+    """A uniformly drawn one-hot row per choice (no gradient): single-path sampling, as SPOS trains."""
     out = {}
     for name, a in alphas.items():
         idx = torch.randint(0, a.size(-1), a.shape[:-1], generator=gen)
@@ -99,7 +99,7 @@ def argmax(
 
 
 MIXERS: dict[str, Callable[..., Weights]] = {
-    "drnas": drnas, "darts": darts, "gdas": gdas, "spos": spos, "argmax": argmax,
+    "drnas": drnas, "darts": darts, "gdas": gdas, "uniform": uniform, "argmax": argmax,
 }
 
 

@@ -72,6 +72,12 @@ def _branches_on(tree: ast.AST, names: set[str]) -> list[str]:
                 found.append(f"line {node.lineno}: a dict keyed by {keys}")
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             found += [f"line {node.lineno}: {node.value!r}" for n in names if f"method={n}" in node.value]
+        defaults = ([node.value] if isinstance(node, ast.AnnAssign) and node.value is not None else
+                    [*node.defaults, *node.kw_defaults] if isinstance(node, ast.arguments) else
+                    [node.body] if isinstance(node, ast.Lambda) else [])
+        for default in defaults:  # a setting's or argument's default spelled out
+            consts = [c.value for c in ast.walk(default) if isinstance(c, ast.Constant)] if default else []
+            found += [f"line {default.lineno}: defaults to {v!r}" for v in consts if v in names]
     return found
 
 
@@ -84,4 +90,14 @@ def test_only_methods_name_a_method():
             continue
         found = _branches_on(ast.parse(path.read_text()), set(METHODS))
         assert not found, f"{path.relative_to(PACKAGE.parent)} names a method: {found}"
-    assert _branches_on(ast.parse('x = m == "spos"\ny = {"spos": 1, "fixed": 2}\nz = "method=fixed"'), set(METHODS))
+    for code in ('x = m == "spos"', 'y = {"spos": 1, "fixed": 2}', 'z = "method=fixed"', 'method: str = "spos"',
+                 'def f(reference="tanglenas"): pass', 'm = field(default_factory=lambda: ["tanglenas"])'):
+        assert _branches_on(ast.parse(code), set(METHODS)), code
+
+
+def test_campaign_pipelines_come_from_the_methods():
+    from tangle_ray.campaign.pipelines import PIPELINES, REFERENCE
+    from tangle_ray.methods import DEFAULT_METHOD, METHODS
+
+    assert DEFAULT_METHOD in METHODS and REFERENCE in METHODS[DEFAULT_METHOD].pipelines
+    assert {p.train for p in PIPELINES.values()} <= {m.command for m in METHODS.values()}

@@ -4,6 +4,7 @@ and plots with units, marks and legends where they cover nothing; from synthetic
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,11 @@ from matplotlib.figure import Figure
 from tangle_ray.models import load_space
 from tangle_ray.report import plots
 from tangle_ray.report.leaderboard import TrialRecord, write_report
-from tangle_ray.report.runs import write_run_report
+from tangle_ray.report.runs import against_random_verdict, write_run_report
 from tangle_ray.tasks import get_task
 from tangle_ray.train.config import RunPlan, load_config
 from tangle_ray.train.progress import PROGRESS_FILE, Progress
+from tangle_ray.train.runner import TrainResult
 
 STEPS = [2, 4, 6, 8]
 
@@ -50,7 +52,9 @@ def _history(space, archs, task, alphas: bool) -> dict[str, list]:
     return {"metrics": metrics, "anytime": anytime, "alphas": rows if alphas else []}
 
 
-def _summary(tmp_path, method: str, *settings: str, space_name: str = "gpt-nano") -> tuple[str, RunPlan]:
+def _summary(tmp_path, method: str, *settings: str, space_name: str = "gpt-nano", **scores) -> tuple[str, RunPlan]:
+    """The summary.md of a synthetic run; ``scores``: ``test_scores`` and ``against_random`` as the runner hands
+    them over."""
     space = load_space(space_name)
     task = get_task(space.family.task)
     rng = random.Random(1)
@@ -66,7 +70,7 @@ def _summary(tmp_path, method: str, *settings: str, space_name: str = "gpt-nano"
     plan = RunPlan(cfg, space, task, cfg.arch, cfg.identity())
     chosen = None if method == "spos" else archs[-1]
     history = _history(space, archs, task, alphas=method == "tanglenas")
-    write_run_report(tmp_path, plan, history, chosen, tmp_path / "export")
+    write_run_report(tmp_path, plan, history, chosen, tmp_path / "export", **scores)
     return (tmp_path / "summary.md").read_text(), plan
 
 
@@ -178,3 +182,52 @@ def test_search_plots_have_units_m_parameters_and_legends_off_the_points(tmp_pat
     assert pareto.xaxis.get_offset_text().get_text() == ""  # no "1e6"
     ticks = [t.get_text() for t in pareto.get_xticklabels() if t.get_text()]
     assert ticks and all(t.endswith("M") for t in ticks), ticks
+
+
+AGAINST_RANDOM = {"samples": 64, "chosen": 0.902, "random": [0.5, 0.75, 0.8125, 0.25], "beaten": 4,
+                  "against_median": {"estimate": 0.1245, "low": 0.05, "high": 0.2, "level": 0.95,
+                                     "verdict": "better", "test": "paired bootstrap over 8 batches"}}
+
+
+def test_summary_shows_accuracy_in_percent_as_the_plots_do_and_losses_unchanged(tmp_path):
+    scores = {"top1": 0.902, "top5": 0.99375, "loss": 0.31204, "samples": 500}
+    text, _ = _summary(tmp_path, "tanglenas", "data.dir=x", space_name="vit-digits", test_scores=scores,
+                       against_random={**AGAINST_RANDOM, "metric": "top1"})
+    assert "top-1 accuracy 90.2%, top-5 accuracy 99.4%, loss 0.3120 (`test_scores.json`)" in text
+    assert ("scores top-1 accuracy 90.2% and beats 4 of 4 random architectures of the space (theirs: best 81.2%, "
+            "median 50.0%, worst 25.0%") in text
+    assert "difference +12.4 percentage points (positive = better), 95% interval [+5.0, +20.0]" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 2 |")]
+    assert len(rows) == 1 and rows[0].split(" | ")[1].endswith("%"), rows  # the any-time table
+    assert not re.search(r"(accuracy|best|median|worst) 0\.\d", text), "an accuracy as a fraction"
+
+
+def test_language_model_summary_keeps_losses_and_perplexity_as_they_were(tmp_path):
+    scores = {"loss": 2.71828, "perplexity": 15.1543, "samples": 256}
+    text, _ = _summary(tmp_path, "tanglenas", test_scores=scores, against_random={**AGAINST_RANDOM, "metric": "loss",
+                                                                                   "chosen": 2.5})
+    assert "loss 2.7183, perplexity 15.15 (`test_scores.json`)" in text and "%," not in text
+    assert "scores loss 2.5000 and beats" in text and "difference +0.1245 (positive = better)" in text
+
+
+def test_a_retrain_prints_its_test_scores_once(tmp_path, capsys):
+    """`tangle-ray retrain` ends with the run's lines; its test scores among them once (they were printed twice,
+    as JSON and as text)."""
+    from tangle_ray.cli import _print_result
+
+    _, plan = _summary(tmp_path, "fixed", "data.dir=x", space_name="vit-digits")
+    scores = {"split": "test", "top1": 0.875, "top5": 1.0, "loss": 0.4, "samples": 64, "params": 1000,
+              "ms_per_sample": 1.5}
+    _print_result(TrainResult(tmp_path, tmp_path, plan.arch, {}, tmp_path / "export", 1.0, scores, None,
+                              plan.space.active(plan.arch), plan))
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if "test" in line.split(":")[0]] == [out.splitlines()[-1]], out
+    assert out.count("87.5%") == 1 and "ms_per_sample" not in out, out
+    assert (f"test:       top-1 accuracy 87.5%, top-5 accuracy 100.0%, loss 0.4000 on 64 held-out test samples "
+            f"({tmp_path / 'test_scores.json'})") in out
+
+
+def test_the_verdict_line_of_a_language_model_is_unchanged():
+    verdict = against_random_verdict({**AGAINST_RANDOM, "metric": "loss"})
+    assert verdict == ("better than the random architectures' median loss: difference +0.1245 (positive = better), "
+                       "95% interval [+0.0500, +0.2000] (paired bootstrap over 8 batches)")

@@ -1,12 +1,15 @@
 """The methods a campaign compares, as pipelines of stages: how each reaches an architecture.
 
 TangleNAS trains and chooses in one search; SPOS trains a supernet (one per seed, shared by random and evolutionary
-search), then a Tune search chooses. A new method for campaigns is one entry here.
+search), then a Tune search chooses. Each training method declares its pipelines (``Method.pipelines``), so a new
+method file brings its own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from tangle_ray.methods import DEFAULT_METHOD, METHODS
 
 
 @dataclass(frozen=True)
@@ -19,8 +22,7 @@ class Pipeline:
     search: str | None = None
 
 
-PIPELINES = {
-    "tanglenas": Pipeline(train="search"),
-    "spos-random": Pipeline(train="supernet", search="random"),
-    "spos-evolution": Pipeline(train="supernet", search="evolution"),
-}
+PIPELINES = {name: Pipeline(train=method.command, search=search)  # the default method's first
+             for method in sorted(METHODS.values(), key=lambda m: m.name != DEFAULT_METHOD)
+             for name, search in method.pipelines.items()}
+REFERENCE = next(iter(METHODS[DEFAULT_METHOD].pipelines))  # what every other pipeline is compared with

@@ -124,7 +124,7 @@ def _compare_one(ref: dict[int, float], base: dict[int, float], direction: str, 
             "paired_p": paired_p, "paired_test": paired_test, "verdict": verdict}
 
 
-def compare(rows: Iterable[Row], directions: Mapping[str, str], reference: str = "tanglenas", level: float = 0.95,
+def compare(rows: Iterable[Row], directions: Mapping[str, str], reference: str, level: float = 0.95,
             resamples: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
     """The reference against every other method, per stage and directed metric, over the seeds both have.
 

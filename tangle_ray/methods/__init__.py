@@ -6,10 +6,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from tangle_ray.methods.base import METHODS, Context, Method, get_method, method_for, register_method
+from tangle_ray.methods.base import DEFAULT_METHOD, METHODS, Context, Method, get_method, method_for, register_method
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["METHODS", "Context", "Method", "get_method", "method_for", "register_method"]
+__all__ = ["DEFAULT_METHOD", "METHODS", "Context", "Method", "get_method", "method_for", "register_method"]

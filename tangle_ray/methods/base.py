@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # the run config imports this registry; methods import nothin
     from tangle_ray.train.config import RunPlan, TrainConfig
 
 METHODS: dict[str, type[Method]] = {}
+DEFAULT_METHOD = "tanglenas"  # what a run file without ``method`` trains
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -116,6 +117,9 @@ class Method:
     superposed_loss: ClassVar[bool] = False  # the training loss is of the superposed supernet
     followed: ClassVar[str] = "model"  # what the any-time curve scores, for the report
     learns_alphas: ClassVar[bool] = False  # it learns architecture parameters (their optimizer is used)
+    # what a campaign compares: pipeline name -> the Tune search that chooses on this method's supernet
+    # (``random``, ``evolution``), or None where the method's own run chooses (``campaign/pipelines.py``)
+    pipelines: ClassVar[dict[str, str | None]] = {}
 
     @classmethod
     def check(cls, cfg: TrainConfig, source: str) -> None:

@@ -35,6 +35,7 @@ class SPOS(Method):
     command = "supernet"
     help = "SPOS supernet training (uniform single paths), the first stage of the two-stage baselines"
     followed = "largest architecture"
+    pipelines = {"spos-random": "random", "spos-evolution": "evolution"}
 
     @classmethod
     def check(cls, cfg: TrainConfig, source: str) -> None:

@@ -44,6 +44,7 @@ class TangleNAS(Method):
     superposed_loss = True
     followed = "argmax architecture"
     learns_alphas = True
+    pipelines = {"tanglenas": None}
 
     @classmethod
     def check(cls, cfg: TrainConfig, source: str) -> None:

@@ -123,15 +123,14 @@ def _summary(plan, history, arch, export_dir, plots: list[Path], test_scores: di
     if against_random:
         lines += _random_lines(against_random, task)
     if test_scores:
-        metrics = ", ".join(f"{m.label} {test_scores[m.key]:{m.fmt}}" for m in task.metrics)
         lines += ["## Test split", "", f"The trained model on {test_scores['samples']:,} held-out test samples: "
-                  f"{metrics} (`test_scores.json`).", ""]
+                  f"{_metrics_text(test_scores, task)} (`test_scores.json`).", ""]
     if history["anytime"]:
         key = f"valid_{task.objective.key}"
         changes = len(arch_changes(history["anytime"], space))
         lines += ["## Any-time performance", "", method.anytime_note(cfg, task.objective.label, changes), "",
                   f"| step | {task.objective.label} | architecture |", "|---:|---:|---|"]
-        lines += [f"| {r['step']} | {r[key]:{task.objective.fmt}} | `{space.describe(r['arch'])}` |"
+        lines += [f"| {r['step']} | {metric_text(task.objective, r[key])} | `{space.describe(r['arch'])}` |"
                   for r in history["anytime"]]
         lines.append("")
     if plots:
@@ -164,10 +163,10 @@ def _random_lines(result: dict[str, Any], task) -> list[str]:
     k = len(randoms)
     return ["## Against random architectures", "",
             f"With the supernet's inherited weights, on {result['samples']:,} held-out test samples, the chosen "
-            f"architecture scores {objective.label} {result['chosen']:{objective.fmt}} and beats "
+            f"architecture scores {objective.label} {metric_text(objective, result['chosen'])} and beats "
             f"{result['beaten']} of {k} random architectures of the space (theirs: best "
-            f"{randoms[0]:{objective.fmt}}, median {randoms[k // 2]:{objective.fmt}}, worst "
-            f"{randoms[-1]:{objective.fmt}}; `against_random.json`).", "", *_median_lines(result, objective)]
+            f"{metric_text(objective, randoms[0])}, median {metric_text(objective, randoms[k // 2])}, worst "
+            f"{metric_text(objective, randoms[-1])}; `against_random.json`).", "", *_median_lines(result, objective)]
 
 
 def against_random_verdict(result: dict[str, Any]) -> str:
@@ -177,10 +176,35 @@ def against_random_verdict(result: dict[str, Any]) -> str:
     if d is None:
         return "too few evaluation batches for an interval: no verdict against random architectures"
     says = {"better": "better than", "worse": "worse than", "indistinguishable": "indistinguishable from"}
+    if _percent(result["metric"]):  # an accuracy: the difference in percentage points, as the plots show it
+        estimate, low, high = (f"{100 * d[k]:+.1f}" for k in ("estimate", "low", "high"))
+        estimate += " percentage points"
+    else:
+        estimate, low, high = (f"{d[k]:+.4f}" for k in ("estimate", "low", "high"))
     text = (f"{says[d['verdict']]} the random architectures' median {result['metric']}: difference "
-            f"{d['estimate']:+.4f} (positive = better), {d['level']:.0%} interval [{d['low']:+.4f}, {d['high']:+.4f}] "
-            f"({d['test']})")
+            f"{estimate} (positive = better), {d['level']:.0%} interval [{low}, {high}] ({d['test']})")
     return text + ("; the interval covers zero" if d["verdict"] == "indistinguishable" else "")
+
+
+def _percent(key: str, label: str = "") -> bool:
+    """Whether a metric is an accuracy, which a person reads in percent (as the plots' ``metric_axis`` shows it)."""
+    return metric_axis(key, label)[1] == 100.0
+
+
+def metric_text(metric, value: float) -> str:
+    """A metric's value as the reports print it: an accuracy in percent with one decimal (``90.2%``), as the plots
+    show it; any other metric (a loss, a perplexity) in its own format, unchanged."""
+    return f"{100 * value:.1f}%" if _percent(metric.key, metric.label) else f"{value:{metric.fmt}}"
+
+
+def _metrics_text(scores: dict[str, Any], task) -> str:
+    """The task's metrics of ``scores``, e.g. ``top-1 accuracy 90.2%, top-5 accuracy 99.4%, loss 0.3120``."""
+    return ", ".join(f"{m.label} {metric_text(m, scores[m.key])}" for m in task.metrics if m.key in scores)
+
+
+def scores_line(scores: dict[str, Any], task) -> str:
+    """A trained model's test-split scores in one line (what ``tangle-ray retrain`` prints once at its end)."""
+    return f"{_metrics_text(scores, task)} on {scores['samples']:,} held-out test samples"
 
 
 def _median_lines(result: dict[str, Any], objective) -> list[str]:

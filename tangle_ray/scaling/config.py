@@ -14,7 +14,7 @@ from typing import Any
 
 from tangle_ray.configs import build, check_range, read_settings
 from tangle_ray.errors import ConfigError, shorten
-from tangle_ray.methods import METHODS
+from tangle_ray.methods import DEFAULT_METHOD, METHODS
 from tangle_ray.names import check_name
 
 MODES = ("weak", "strong")
@@ -32,7 +32,7 @@ class Grid:
     zero_stage: list[int] = field(default_factory=lambda: [2])
     micro_batch: list[int] = field(default_factory=lambda: [4])
     grad_accum: list[int] = field(default_factory=lambda: [1])
-    method: list[str] = field(default_factory=lambda: ["tanglenas"])
+    method: list[str] = field(default_factory=lambda: [DEFAULT_METHOD])
 
 
 @dataclass(frozen=True)

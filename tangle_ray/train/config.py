@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from tangle_ray.configs import INT64, VOLATILE, build, check_range, identity, read_settings, set_dotted
 from tangle_ray.errors import ConfigError, shorten
-from tangle_ray.methods import Method, get_method
+from tangle_ray.methods import DEFAULT_METHOD, METHODS, Method, get_method
 from tangle_ray.mixers import GDAS_SCHEDULES
 from tangle_ray.models import load_space
 from tangle_ray.names import check_name
@@ -74,7 +75,7 @@ class RunConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     space: str = "gpt-tinystories"
-    method: str = "tanglenas"  # a registered method (``tangle_ray/methods/``); the command sets it
+    method: str = DEFAULT_METHOD  # a registered method (``tangle_ray/methods/``); the command sets it
     mixer: str = "drnas"  # tanglenas: drnas, darts or gdas
     gdas_schedule: str = "reference"  # GDAS temperature: "reference" (TangleNAS's steps) or "linear"
     arch: dict[str, Any] | None = None  # the architecture to train (``tangle-ray retrain``)
@@ -318,9 +319,24 @@ def task_of(space_name: str) -> Task:
     return get_task(load_space(space_name).family.task)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **kw: Any) -> TrainConfig:
-    """A run file (YAML) with ``key.sub=value`` overrides and keyword overrides applied on top."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, method: str | None = None,
+                check: Callable[[dict[str, Any]], None] | None = None, **kw: Any) -> TrainConfig:
+    """A run file (YAML) with ``key.sub=value`` overrides and keyword overrides applied on top, read once.
+
+    ``method``: the method of the command that runs it (a file or setting naming another is refused);
+    ``check``: called with the settings before they are built (the command's checks of its own options)."""
     raw, source = read_settings(path, overrides, "run")
+    if method is not None:
+        asked = raw.get("method", method)
+        if asked != method:  # the command decides the method: a file or setting that says otherwise is a mistake
+            runs = get_method(method).command
+            hint = (f"use `tangle-ray {get_method(asked).command}`" if isinstance(asked, str) and asked in METHODS
+                    else f"allowed: {sorted(METHODS)}")
+            raise ConfigError(f"{path or 'settings'}: method = {shorten(asked)}, but `tangle-ray {runs}` runs "
+                              f"{method}; {hint}, or remove method")
+        raw["method"] = method
+    if check is not None:
+        check(raw)
     for key, value in kw.items():
         if value is not None:
             set_dotted(raw, key, value)

@@ -56,7 +56,7 @@ def _points(seed: int = 0) -> list[dict]:
 
 def test_tables_have_exact_columns_sorted_rows_and_round_trip(tmp_path):
     rows = _rows()
-    comparisons = compare(rows, {"loss": "min", "params": "min"})
+    comparisons = compare(rows, {"loss": "min", "params": "min"}, "tanglenas")
     write_tables(tmp_path, rows, comparisons)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["comparisons.csv", "results.csv"]  # no temp files left
     results = pd.read_csv(tmp_path / "results.csv")
@@ -123,7 +123,7 @@ def test_the_pareto_front_follows_the_direction():
 
 def test_the_report_holds_the_tables_the_overlap_and_relative_plot_links(tmp_path):
     rows = _rows()
-    comparisons = compare(rows, {"loss": "min", "params": "min"})
+    comparisons = compare(rows, {"loss": "min", "params": "min"}, "tanglenas")
     stages = [{"name": "tanglenas/seed0", "status": "done", "wall_s": 120.0, "device_hours": 0.0333},
               {"name": "spos-random/seed0", "status": "failed", "wall_s": 60.0, "device_hours": 0.0167}]
     plots = {"any-time loss against wall time": tmp_path / "anytime_wall.png", "loss against parameters":

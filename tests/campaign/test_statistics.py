@@ -49,12 +49,12 @@ def test_a_planted_difference_is_better_with_an_interval_off_zero(n):
     loss = _rows({"tanglenas": base - 0.5 + rng.normal(0, 0.01, n), "spos-random": base})
     top1 = _rows({"tanglenas": base + 0.5 + rng.normal(0, 0.01, n), "spos-random": base}, "top1")
     for rows, sign in ((loss, -1), (top1, 1)):
-        (c,) = compare(rows, DIRECTIONS)
+        (c,) = compare(rows, DIRECTIONS, "tanglenas")
         assert list(c) == KEYS and c["n"] == n and c["method"] == "tanglenas" and c["baseline"] == "spos-random"
         assert sign * c["mean_diff"] == pytest.approx(0.5, abs=0.05)
         assert c["ci_low"] <= c["mean_diff"] <= c["ci_high"] and not c["ci_low"] <= 0 <= c["ci_high"]
         assert c["verdict"] == "better" and c["welch_p"] < 0.05 and c["paired_p"] < 0.05
-    (worse,) = compare(_rows({"tanglenas": base + 0.5, "spos-random": base}), DIRECTIONS)
+    (worse,) = compare(_rows({"tanglenas": base + 0.5, "spos-random": base}), DIRECTIONS, "tanglenas")
     assert worse["verdict"] == "worse" and worse["ci_low"] > 0
 
 
@@ -63,7 +63,7 @@ def test_pure_noise_never_says_better_where_the_interval_covers_zero():
     covered = 0
     for _ in range(40):
         rows = _rows({m: rng.normal(1.4, 0.01, 5) for m in ("tanglenas", "spos-random", "spos-evolution")})
-        for c in compare(rows, DIRECTIONS):
+        for c in compare(rows, DIRECTIONS, "tanglenas"):
             if c["ci_low"] <= 0 <= c["ci_high"]:
                 covered += 1
                 assert c["verdict"] == "indistinguishable"
@@ -74,10 +74,10 @@ def test_pure_noise_never_says_better_where_the_interval_covers_zero():
 @pytest.mark.parametrize("n", [1, 2, 5, 6, 9])
 def test_degenerate_samples_give_defined_p_values(n):
     same = np.random.default_rng(n).normal(1.0, 0.1, n)
-    (c,) = compare(_rows({"tanglenas": same, "spos-random": same}), DIRECTIONS)
+    (c,) = compare(_rows({"tanglenas": same, "spos-random": same}), DIRECTIONS, "tanglenas")
     assert c["welch_p"] == 1.0 and c["paired_p"] == 1.0 and c["mean_diff"] == 0.0
     assert c["verdict"] == "indistinguishable"
-    (shifted,) = compare(_rows({"tanglenas": same - 0.25, "spos-random": same}), DIRECTIONS)
+    (shifted,) = compare(_rows({"tanglenas": same - 0.25, "spos-random": same}), DIRECTIONS, "tanglenas")
     assert all(not math.isnan(shifted[k]) for k in ("welch_p", "paired_p", "mean_diff"))
     if n == 1:  # one seed: no interval, no evidence
         assert math.isnan(shifted["ci_low"]) and shifted["paired_p"] == 1.0 == shifted["welch_p"]
@@ -86,7 +86,7 @@ def test_degenerate_samples_give_defined_p_values(n):
         assert shifted["paired_p"] == 0.0 and shifted["verdict"] == "better"
     else:  # Wilcoxon stays defined: every sign the same
         assert shifted["paired_p"] == pytest.approx(2 / 2**n)
-    constant = compare(_rows({"tanglenas": [1.0] * n, "spos-random": [2.0] * n}), DIRECTIONS)[0]
+    constant = compare(_rows({"tanglenas": [1.0] * n, "spos-random": [2.0] * n}), DIRECTIONS, "tanglenas")[0]
     assert constant["welch_p"] == (0.0 if n > 1 else 1.0)
 
 
@@ -94,7 +94,7 @@ def test_degenerate_samples_give_defined_p_values(n):
 def test_the_paired_test_is_t_below_six_seeds_and_wilcoxon_from_six(n, test):
     rng = np.random.default_rng(100 + n)
     a, b = rng.normal(1.0, 0.1, n), rng.normal(1.05, 0.1, n)
-    (c,) = compare(_rows({"tanglenas": a, "spos-random": b}), DIRECTIONS)
+    (c,) = compare(_rows({"tanglenas": a, "spos-random": b}), DIRECTIONS, "tanglenas")
     expected = sps.ttest_rel(a, b).pvalue if test == "paired t" else sps.wilcoxon(a - b).pvalue
     assert c["paired_test"] == test and c["paired_p"] == pytest.approx(expected)
     assert c["welch_p"] == pytest.approx(sps.ttest_ind(a, b, equal_var=False).pvalue)
@@ -105,11 +105,11 @@ def test_seeds_are_paired_metrics_without_a_direction_are_not_compared_and_the_o
     rows = _rows({"tanglenas": rng.normal(1, 0.1, 5), "spos-random": rng.normal(1, 0.1, 3)})
     rows += _rows({"tanglenas": [1.0, 2.0], "spos-random": [1.0, 2.0]}, "inference_s")
     rows += _rows({"spos-evolution": rng.normal(1, 0.1, 4)}, stage="finetune")  # no reference at that stage
-    (c,) = compare(rows, DIRECTIONS)
+    (c,) = compare(rows, DIRECTIONS, "tanglenas")
     assert c["n"] == 3 and c["metric"] == "loss"
-    assert compare(rows, DIRECTIONS) == compare(list(reversed(rows)), DIRECTIONS)
+    assert compare(rows, DIRECTIONS, "tanglenas") == compare(list(reversed(rows)), DIRECTIONS, "tanglenas")
     with pytest.raises(ValueError, match="two values"):
-        compare(rows + rows[:1], DIRECTIONS)
+        compare(rows + rows[:1], DIRECTIONS, "tanglenas")
 
 
 def test_ranks_put_the_best_first_and_share_ties():
@@ -148,5 +148,5 @@ def test_two_seeds_whose_bootstrap_excludes_zero_are_not_called_better_without_t
     gap = rng.uniform(0.5, 1.5)
     # differences 1x and 3x the gap: both resampled means are negative, but a paired t over 2 seeds gives p ~ 0.3
     values = {"tanglenas": [1.0 - gap, 2.0 - 3 * gap], "spos-random": [1.0, 2.0]}
-    c = _one(compare(_rows(values), DIRECTIONS), "spos-random")
+    c = _one(compare(_rows(values), DIRECTIONS, "tanglenas"), "spos-random")
     assert c["ci_high"] < 0 and c["paired_p"] > 0.05 and c["verdict"] == "indistinguishable"

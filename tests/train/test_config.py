@@ -159,3 +159,27 @@ def test_retrain_from_a_missing_supernet_is_refused_on_the_driver(tmp_path, data
                              "init=inherit", f"init_from={tmp_path / 'no-supernet'}"])
     with pytest.raises(TangleRayError, match="missing.*supernet.safetensors"):
         preflight(cfg)
+
+
+def test_a_run_file_is_read_once_from_the_command_line_to_the_workers(tmp_path, data_dir, monkeypatch):
+    """The CLI, the config, the driver's checks and the method never read the run file again: it is parsed
+    once into the typed config that the workers receive."""
+    from tangle_ray import cli, configs
+    from tangle_ray.train import runner
+
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(f"space: gpt-nano\nsteps: 3\nrun: {{storage_path: {tmp_path / 'runs'}}}\n"
+                        f"data: {{dir: {data_dir}}}\n")
+    reads, real = [], configs.read_text
+    monkeypatch.setattr(configs, "read_text", lambda path, *a, **k: reads.append(Path(path)) or real(path, *a, **k))
+
+    class ReachedRay(Exception):
+        pass
+
+    def joined(*args, **kwargs):
+        raise ReachedRay
+
+    monkeypatch.setattr(runner, "connect", joined)  # where the workers would be started next
+    with pytest.raises(ReachedRay):
+        cli.main(["search", str(run_file), "optimizer.lr=1e-3"])
+    assert reads.count(run_file) == 1
