@@ -26,6 +26,7 @@ import numpy as np
 from tangle_ray import storage
 from tangle_ray.configs import read_json, set_dotted
 from tangle_ray.errors import ConfigError
+from tangle_ray.train.history import RunHistory
 
 STAGE_FILE = "stage.json"
 KINDS = ("train", "tune", "measure")
@@ -182,7 +183,7 @@ def _measure(raw: dict[str, Any], name: str, test_samples: int) -> dict[str, Any
     result = run_training(from_dict(raw, f"stage {name}"), export=False)
     h = result.history
     return {"run_dir": str(result.run_dir), "arch": result.arch,
-            "history": {"metrics": h["metrics"], "anytime": h["anytime"], "resources": h.get("resources", [])}}
+            "history": {"metrics": h.metrics, "anytime": h.anytime, "resources": h.resources}}
 
 
 def _tune(raw: dict[str, Any], name: str, test_samples: int) -> dict[str, Any]:
@@ -216,11 +217,11 @@ def _metrics(scores: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in scores.items() if isinstance(v, float) and k != "ms_per_sample"}
 
 
-def _anytime(history: dict[str, list], key: str) -> list[list[float]]:
+def _anytime(history: RunHistory, key: str) -> list[list[float]]:
     """The any-time curve of a run: (seconds since the run started, validation score of the architecture it
     followed), the step of each any-time record placed in time by the progress records around it."""
-    rows = [r for r in history["anytime"] if f"valid_{key}" in r]
-    timed = [(r["step"], r["elapsed_s"]) for r in history["metrics"] if "elapsed_s" in r]
+    rows = [r for r in history.anytime if f"valid_{key}" in r]
+    timed = [(r["step"], r["elapsed_s"]) for r in history.metrics if "elapsed_s" in r]
     if not rows or not timed:
         return []
     steps, seconds = zip(*sorted(timed))

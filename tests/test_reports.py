@@ -16,6 +16,7 @@ from tangle_ray.report.leaderboard import TrialRecord, write_report
 from tangle_ray.report.runs import against_random_verdict, write_run_report
 from tangle_ray.tasks import get_task
 from tangle_ray.train.config import RunPlan, load_config
+from tangle_ray.train.history import RunHistory
 from tangle_ray.train.progress import PROGRESS_FILE, Progress
 from tangle_ray.train.runner import TrainResult
 
@@ -36,7 +37,7 @@ def figures(monkeypatch) -> dict[str, Figure]:
     return seen
 
 
-def _history(space, archs, task, alphas: bool) -> dict[str, list]:
+def _history(space, archs, task, alphas: bool) -> RunHistory:
     rng = random.Random(0)
     metrics = [{"step": s, "train_loss": 3.0 - 0.1 * s, f"{task.unit}_per_s": 1000.0,
                 **({"arch_loss": 3.1 - 0.1 * s, "arch_entropy": 1.0 - 0.01 * s} if alphas else {})} for s in STEPS]
@@ -49,7 +50,7 @@ def _history(space, archs, task, alphas: bool) -> dict[str, list]:
             probs = [[1 / len(d.values)] * len(d.values)]
             row[d.name] = probs * space.max_layers if d.per_layer else probs[0]
         rows.append(row)
-    return {"metrics": metrics, "anytime": anytime, "alphas": rows if alphas else []}
+    return RunHistory(metrics=metrics, anytime=anytime, alphas=rows if alphas else [])
 
 
 def _summary(tmp_path, method: str, *settings: str, space_name: str = "gpt-nano", **scores) -> tuple[str, RunPlan]:

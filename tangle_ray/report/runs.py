@@ -10,9 +10,10 @@ from typing import Any
 
 from tangle_ray.report.plots import metric_axis, plot_anytime, plot_choice_trajectory
 from tangle_ray.space import Arch, SearchSpace
+from tangle_ray.train.history import RunHistory
 
 
-def write_run_report(run_dir: Path, plan, history: dict[str, list], arch: Arch | None, export_dir: Path | None,
+def write_run_report(run_dir: Path, plan, history: RunHistory, arch: Arch | None, export_dir: Path | None,
                      test_scores: dict[str, Any] | None = None,
                      against_random: dict[str, Any] | None = None) -> Path:
     """Every file of a finished run's report; ``plan`` is the run's ``train.config.RunPlan``."""
@@ -20,20 +21,20 @@ def write_run_report(run_dir: Path, plan, history: dict[str, list], arch: Arch |
     run_dir.mkdir(parents=True, exist_ok=True)
     if arch is not None:
         (run_dir / "arch.json").write_text(json.dumps(space.active(arch), indent=2) + "\n")
-    _write_csv(run_dir / "metrics.csv", history["metrics"])
-    _write_csv(run_dir / "anytime.csv", [{k: v for k, v in r.items() if k != "arch"} for r in history["anytime"]])
+    _write_csv(run_dir / "metrics.csv", history.metrics)
+    _write_csv(run_dir / "anytime.csv", [{k: v for k, v in r.items() if k != "arch"} for r in history.anytime])
     plots = []
-    if history["alphas"]:
-        _write_csv(run_dir / "alphas.csv", list(_alpha_rows(history["alphas"], space)))
-        plots += plot_alpha_trajectories(history["alphas"], space, run_dir, arch)
-    if history["anytime"]:
+    if history.alphas:
+        _write_csv(run_dir / "alphas.csv", list(_alpha_rows(history.alphas, space)))
+        plots += plot_alpha_trajectories(history.alphas, space, run_dir, arch)
+    if history.anytime:
         key = f"valid_{objective.key}"
-        steps, values = zip(*[(r["step"], r[key]) for r in history["anytime"]])
+        steps, values = zip(*[(r["step"], r[key]) for r in history.anytime])
         ylabel, scale = metric_axis(objective.key, f"validation {objective.label}", plan.task.unit.removesuffix("s"))
         method = plan.config.method_class
         plots.append(plot_anytime(steps, values, run_dir / "anytime.png", f"validation {objective.label} of "
                                   f"the {method.followed}", ylabel=ylabel, scale=scale,
-                                  changes=arch_changes(history["anytime"], space),
+                                  changes=arch_changes(history.anytime, space),
                                   change_label=f"{method.followed} changed"))
     summary = _summary(plan, history, arch, export_dir, plots, test_scores, against_random)
     (run_dir / "summary.md").write_text(summary)
@@ -96,7 +97,7 @@ def _summary(plan, history, arch, export_dir, plots: list[Path], test_scores: di
              against_random: dict[str, Any] | None) -> str:
     cfg, space, task = plan.config, plan.space, plan.task
     method = cfg.method_class
-    unit, last = task.unit, history["metrics"][-1] if history["metrics"] else {}
+    unit, last = task.unit, history.metrics[-1] if history.metrics else {}
     per_sample = task.units_per_sample(space.fixed)
     lines = [
         f"# Run `{cfg.run.name}`", "",
@@ -118,20 +119,20 @@ def _summary(plan, history, arch, export_dir, plots: list[Path], test_scores: di
                   f"{space.param_count(arch) / 1e6:.2f}M parameters, "
                   f"{space.flops(arch) / 1e9:.3g} GFLOPs per sample of {per_sample} {unit} (forward, 2 per "
                   f"multiply-add) = {space.flops(arch) / 2e9:.3g} GMACs (what the papers' tables call FLOPs).", ""]
-    if history["alphas"]:
+    if history.alphas:
         lines += _confidence_lines(history, space, arch)
     if against_random:
         lines += _random_lines(against_random, task)
     if test_scores:
         lines += ["## Test split", "", f"The trained model on {test_scores['samples']:,} held-out test samples: "
                   f"{_metrics_text(test_scores, task)} (`test_scores.json`).", ""]
-    if history["anytime"]:
+    if history.anytime:
         key = f"valid_{task.objective.key}"
-        changes = len(arch_changes(history["anytime"], space))
+        changes = len(arch_changes(history.anytime, space))
         lines += ["## Any-time performance", "", method.anytime_note(cfg, task.objective.label, changes), "",
                   f"| step | {task.objective.label} | architecture |", "|---:|---:|---|"]
         lines += [f"| {r['step']} | {metric_text(task.objective, r[key])} | `{space.describe(r['arch'])}` |"
-                  for r in history["anytime"]]
+                  for r in history.anytime]
         lines.append("")
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
@@ -140,10 +141,10 @@ def _summary(plan, history, arch, export_dir, plots: list[Path], test_scores: di
     return "\n".join(lines)
 
 
-def _confidence_lines(history: dict[str, list], space: SearchSpace, arch: Arch) -> list[str]:
-    first, final = history["metrics"][0], history["alphas"][-1]
+def _confidence_lines(history: RunHistory, space: SearchSpace, arch: Arch) -> list[str]:
+    first, final = history.metrics[0], history.alphas[-1]
     rows = confidence(final, space, int(arch[space.depth_dim]))
-    entropy, start = history["metrics"][-1].get("arch_entropy"), history["metrics"][0].get("arch_entropy")
+    entropy, start = history.metrics[-1].get("arch_entropy"), history.metrics[0].get("arch_entropy")
     h_max = sum(math.log(len(d.values)) * (space.max_layers if d.per_layer else 1) for d in space.dims.values())
     h_max /= sum(space.max_layers if d.per_layer else 1 for d in space.dims.values())
     weakest = min(rows, key=lambda r: r[2])

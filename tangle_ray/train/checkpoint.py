@@ -32,6 +32,7 @@ from tangle_ray.configs import read_json
 from tangle_ray.errors import DataError, TangleRayError, clip
 from tangle_ray.manifest import check_manifest, write_manifest
 from tangle_ray.names import check_name
+from tangle_ray.train.history import RunHistory
 
 DS_TAG = "ds"
 RUN_STATE = "run_state.json"
@@ -46,9 +47,10 @@ log = logging.getLogger(__name__)
 # ===================================================================== writing (workers)
 
 
-def write_run_state(folder: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor], summary: dict) -> None:
+def write_run_state(folder: Path, state: dict[str, Any], history: RunHistory, tensors: dict[str, torch.Tensor],
+                    summary: dict) -> None:
     """Rank 0's files: the run state (JSON + tensors) and the readable summary."""
-    (folder / RUN_STATE).write_text(json.dumps(state) + "\n")
+    (folder / RUN_STATE).write_text(json.dumps({**state, "history": history.to_json()}) + "\n")
     save_file({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, str(folder / RUN_TENSORS))
     (folder / TRAINER_STATE).write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -188,9 +190,10 @@ def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
 
 
 def read_run_state(checkpoint: str | Path) -> dict[str, Any]:
+    """Rank 0's state of a checkpoint: step, world size, space, method state, and the run's ``RunHistory``."""
     state = _read_json(check_checkpoint(checkpoint), RUN_STATE)
     _require(state, checkpoint, RUN_STATE, step=int, world_size=int, space=dict, history=dict)
-    return state
+    return {**state, "history": RunHistory.from_json(state["history"], f"checkpoint {checkpoint}: {RUN_STATE}")}
 
 
 def read_run_tensors(checkpoint: str | Path) -> dict[str, torch.Tensor]:

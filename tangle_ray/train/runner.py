@@ -34,6 +34,7 @@ from tangle_ray.train.checkpoint import (
 )
 from tangle_ray.train.config import RunPlan, TrainConfig
 from tangle_ray.train.export import export_run
+from tangle_ray.train.history import RunHistory
 from tangle_ray.train.progress import PROGRESS_FILE, follow
 from tangle_ray.train.worker import train_loop_per_worker
 
@@ -45,7 +46,7 @@ class TrainResult:
     run_dir: Path
     checkpoint: Path
     arch: dict[str, Any] | None  # what the run chose or trained; None for a SPOS supernet
-    history: dict[str, list]
+    history: RunHistory
     export_dir: Path | None
     seconds: float
     test_scores: dict[str, Any] | None = None  # a run of one architecture: its exported model on the test split

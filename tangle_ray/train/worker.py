@@ -35,6 +35,7 @@ from tangle_ray.space import space_to_dict
 from tangle_ray.train import checkpoint as ckpt
 from tangle_ray.train.config import RunPlan
 from tangle_ray.train.deepspeed import deepspeed_config, lr_factor, weight_optimizer
+from tangle_ray.train.history import RunHistory
 from tangle_ray.train.progress import Progress, quiet_worker
 from tangle_ray.train.resources import MemoryMeter, snapshot
 
@@ -86,7 +87,7 @@ class Worker:
         self.meter.check(0)
         self.nodes = self._gather_node_ids()
         self.progress = Progress(plan.run_dir, rank, plan.space, task.unit, cfg.steps)
-        self.history: dict[str, list] = {"alphas": [], "metrics": [], "anytime": [], "resources": []}
+        self.history = RunHistory()
         self.step = 0
         self._restore()
 
@@ -98,7 +99,7 @@ class Worker:
         last_log = (self.step, t0)
         window: list[dict[str, float]] = []
         if self.step == 0 and "alphas" in (extra := self.method.progress()):  # where the trajectories start
-            self.history["alphas"].append({"step": 0, **extra["alphas"]})
+            self.history.alphas.append({"step": 0, **extra["alphas"]})
         while self.step < cfg.steps:
             if cfg.inject_failure_at_step == self.step and start == 0 and self.ctx.rank == 0:
                 raise RuntimeError(f"injected failure at step {self.step} (inject_failure_at_step)")
@@ -127,7 +128,7 @@ class Worker:
         arch = self.method.reported_arch()
         extra = self.method.progress()
         ranks = self._gather(snapshot(self.engine, self.meter))
-        self.history.setdefault("resources", []).append({"step": self.step, "ranks": ranks})
+        self.history.resources.append({"step": self.step, "ranks": ranks})
         row = {"step": self.step, **means, f"{self.ctx.task.unit}_per_s": units_per_s, "lr": self.engine.get_lr()[0],
                "elapsed_s": elapsed_s, "optimizer_state_bytes": ranks[0]["optimizer_state_bytes"]}
         if arch is not None:
@@ -135,8 +136,8 @@ class Worker:
         if "arch_entropy" in extra:
             row["arch_entropy"] = extra["arch_entropy"]
         if "alphas" in extra:
-            self.history["alphas"].append({"step": self.step, **extra["alphas"]})
-        self.history["metrics"].append(row)
+            self.history.alphas.append({"step": self.step, **extra["alphas"]})
+        self.history.metrics.append(row)
         self.progress.record(row, arch, eta_s)
 
     def _evaluate(self) -> None:
@@ -147,7 +148,7 @@ class Worker:
                        self.ctx.cfg.micro_batch_size)
         row = {"step": self.step, **{f"valid_{m.key}": scores[m.key] for m in self.ctx.task.metrics},
                "arch": self.method.eval_arch()}
-        self.history["anytime"].append(row)
+        self.history.anytime.append(row)
         self.progress.scalar("anytime_valid_loss", scores["loss"], self.step)
 
     # ---------------------------------------------------------------- the divergence guard
@@ -183,15 +184,15 @@ class Worker:
             if ctx.rank == 0:
                 method_state, tensors = self.method.state()
                 state = {"step": self.step, "world_size": ctx.world, "space": space_to_dict(ctx.space),
-                         "history": self.history, "method": method_state}
+                         "method": method_state}
                 summary = {"step": self.step, "world_size": ctx.world, "zero_stage": ctx.cfg.zero_stage,
                            "method": ctx.cfg.method, "arch": self.method.reported_arch(), "nodes": self.nodes}
-                ckpt.write_run_state(folder, state, tensors, summary)
+                ckpt.write_run_state(folder, state, self.history, tensors, summary)
             ckpt.seal(folder, ctx.rank, ctx.world)
             if ctx.world > 1:
                 dist.barrier()
-            last = self.history["metrics"][-1] if self.history["metrics"] else {}
-            ray.train.report({**last, "step": self.step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            ray.train.report({**self.history.last_metrics, "step": self.step},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     def _restore(self) -> None:
         import ray.train

@@ -17,8 +17,8 @@ TIMING = {"tokens_per_s", "elapsed_s", "optimizer_state_bytes"}
 
 
 def _history(result) -> dict:
-    metrics = [{k: v for k, v in row.items() if k not in TIMING} for row in result.history["metrics"]]
-    return {"metrics": metrics, "alphas": result.history["alphas"], "anytime": result.history["anytime"],
+    metrics = [{k: v for k, v in row.items() if k not in TIMING} for row in result.history.metrics]
+    return {"metrics": metrics, "alphas": result.history.alphas, "anytime": result.history.anytime,
             "arch": result.arch}
 
 

@@ -26,7 +26,8 @@ def final_state(run: Run) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
 
 def history(run: Run) -> dict[str, list]:
     """What the run recorded: metrics, alphas and any-time rows (as of its latest checkpoint)."""
-    return run.history if isinstance(run, TrainResult) else read_run_state(latest_checkpoint(run))["history"]
+    recorded = run.history if isinstance(run, TrainResult) else read_run_state(latest_checkpoint(run))["history"]
+    return recorded.to_json()
 
 
 def steps(run: Run) -> list[int]:

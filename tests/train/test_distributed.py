@@ -32,7 +32,7 @@ def test_two_workers_equal_one_worker_for_the_same_global_batch(local_ray, tiny_
     assert_same_numbers(one, two)
     _, a0 = final_state(one)
     assert any(not torch.allclose(a, torch.zeros_like(a), atol=1e-3) for a in a0.values()), "alphas did not move"
-    assert [m["step"] for m in two.history["metrics"]] == [1, 2, 3, 4]
+    assert [m["step"] for m in two.history.metrics] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("stage", [0, 1, 3])
@@ -58,8 +58,8 @@ def test_export_of_zero3_run_equals_the_supernet_single_path(local_ray, tiny_con
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_spos_with_changing_depth_runs_under_zero(local_ray, tiny_config, stage):
     run = _run(tiny_config, f"spos-z{stage}", method="spos", scaling__num_workers=2, zero_stage=stage, steps=6)
-    assert [m["step"] for m in run.history["metrics"]] == list(range(1, 7))
-    assert all(m["train_loss"] < 11.5 for m in run.history["metrics"])
+    assert [m["step"] for m in run.history.metrics] == list(range(1, 7))
+    assert all(m["train_loss"] < 11.5 for m in run.history.metrics)
     assert run.arch is None and not (run.export_dir / "model").exists()  # SPOS chooses nothing
     supernet = load_supernet(run.export_dir / "supernet")
     arch = supernet.space.sample(random.Random(stage))
@@ -86,7 +86,7 @@ def test_fixed_two_workers_equal_one_worker_with_dropout(local_ray, tiny_config,
     runs = [run_training(tiny_config(method="fixed", arch=str(arch), scaling__num_workers=w, zero_stage=2))
             for w in (1, 2)]
     assert_same_numbers(*runs)
-    assert runs[0].history["metrics"][-1]["train_loss"] != runs[1].history["metrics"][0]["train_loss"]
+    assert runs[0].history.metrics[-1]["train_loss"] != runs[1].history.metrics[0]["train_loss"]
 
 
 def test_spos_samples_a_path_per_micro_batch():
@@ -110,7 +110,7 @@ def test_killed_run_resumes_to_the_same_state(local_ray, tiny_config):
         run_training(cfg)
     assert read_run_state(latest_checkpoint(cfg.run_dir()))["step"] == 2
     resumed = run_training(cfg)
-    assert [m["step"] for m in resumed.history["metrics"]] == [1, 2, 3, 4]
+    assert [m["step"] for m in resumed.history.metrics] == [1, 2, 3, 4]
     assert_same_state(uninterrupted, resumed, atol=0)
 
 
@@ -118,5 +118,5 @@ def test_worker_failure_restarts_from_the_last_checkpoint(local_ray, tiny_config
     uninterrupted = _run(tiny_config, "drnas-w2-z2", mixer="drnas", scaling__num_workers=2, zero_stage=2)
     run = run_training(tiny_config(mixer="drnas", scaling__num_workers=2, zero_stage=2,
                                    inject_failure_at_step=3, max_failures=1))
-    assert [m["step"] for m in run.history["metrics"]] == [1, 2, 3, 4]
+    assert [m["step"] for m in run.history.metrics] == [1, 2, 3, 4]
     assert_same_state(uninterrupted, run, atol=0)

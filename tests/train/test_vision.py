@@ -45,7 +45,7 @@ def test_every_flow_on_mnist(local_ray, mnist, tmp_path):
     model = load_model(search.export_dir / "model")
     scores = evaluate_on_split(mnist, "test", model=search.export_dir / "model", num_samples=200)
     assert 0.0 <= scores["top1"] <= scores["top5"] <= 1.0 and scores["samples"] == 200
-    assert scores["params"] == model.num_parameters() == search.history["metrics"][-1]["arch_params"]
+    assert scores["params"] == model.num_parameters() == search.history.metrics[-1]["arch_params"]
     assert arch == search.arch or arch == {k: v[:arch["depth"]] if isinstance(v, list) else v
                                            for k, v in search.arch.items()}
 
