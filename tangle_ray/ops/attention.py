@@ -6,7 +6,8 @@ cut into ``h`` blocks of ``D/h`` rows, and a width ``e`` uses the first ``e/h`` 
 is computed once for all widths; each width's 1/sqrt(head dim) and its mixing weight are folded into q alone
 (k and v stay unmasked: the zeros in q and the column mask of the output projection remove what a width does
 not own). Softmax is not linear, so the head counts each run their attention (same FLOPs as one attention of
-width D) and are mixed after it.
+width D) and are mixed after it; only q, k and v are kept for the backward pass, which recomputes the head
+counts' attentions (so the superposition keeps the activations of one attention, as the fixed layer does).
 
 ``head_dim=d`` (AutoFormer): every head is ``d`` wide whatever the width, so q, k and v of ``h`` heads are
 ``h*d`` wide. The rows of ``c_attn`` are ordered (head, q/k/v, feature): ``h`` heads are its first ``3hd`` rows
@@ -27,6 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from tangle_ray.ops.linear import EntangledLinear
 
@@ -187,11 +189,20 @@ class EntangledAttention(nn.Module):
         ind = self.head_ind.to(x.dtype)
         q_scale = (w_embd * _from_bits(self.inv_sqrt_head_dim, x.dtype))[:, None, :] @ ind  # [heads, 1, D]
         keep = (w_head.to(x.dtype)[:, None] * w_embd)[:, None, :] @ ind  # mixing weight of every feature
+        if torch.is_grad_enabled():  # keep q, k, v for backward; each head count's attention is recomputed there
+            z = checkpoint(self._mix_head_counts, q, k, v, q_scale, keep, use_reentrant=False)
+        else:
+            z = self._mix_head_counts(q, k, v, q_scale, keep)
+        return self.c_proj(z, w_embd)
+
+    def _mix_head_counts(self, q: Tensor, k: Tensor, v: Tensor, q_scale: Tensor, keep: Tensor) -> Tensor:
+        """sum over head counts h of keep_h * attention_h(q * q_scale_h, k, v). The dropout of a recomputation
+        draws what the forward drew (checkpoint restores the generator state)."""
         z = None
         for i, h in enumerate(self.heads):
             y = self._attend(q * q_scale[i, 0], k, v, h, scale=1.0)
             z = y * keep[i, 0] if z is None else torch.addcmul(z, y, keep[i, 0])
-        return self.c_proj(z, w_embd)
+        return z
 
     def _output_mix(self, x: Tensor, w_embd: Tensor, w_head: Tensor) -> Tensor:
         """Weight-sharing baseline: every (width, heads) path on its own slice, outputs padded and mixed."""
