@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+import pydantic
+import pydantic_core
 import yaml
+from pydantic_core import core_schema as cs
 
 from tangle_ray.errors import ConfigError, clip, shorten
 
@@ -289,114 +293,150 @@ def set_dotted(raw: dict[str, Any], dotted: str, value: Any, what: str = "") -> 
 
 
 def build(cls: type, raw: Any, source: str, generic: str, prefix: str = ""):
-    """``cls(**raw)`` with nested dataclasses built recursively and every scalar checked against its type.
+    """Dataclass ``cls`` (nested dataclasses too) from the mapping ``raw``, validated by pydantic against its
+    annotations (``_validator``); the first problem is one ConfigError naming where (the file, or the override
+    that set it), the dotted key (``prefix`` first), the value and what is allowed.
 
     Checks in ``__post_init__`` name the config ``generic`` (e.g. "run config"); that name is replaced by
-    ``source`` (the file) in the error.
+    ``source`` (the file, or the override) in the error.
     """
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {shorten(raw)}")
-    bad_keys = [k for k in raw if not isinstance(k, str)]
-    if bad_keys:
-        raise ConfigError(f"{source}: setting names must be strings, got {shorten(bad_keys)}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        origins = {source_of(source, prefix + u) for u in unknown}
-        where = origins.pop() if len(origins) == 1 else source
-        raise ConfigError(f"{where}: unknown setting(s) {shorten([prefix + u for u in unknown], 200)}; "
-                          f"allowed: {[prefix + f for f in fields]}")
-    missing = [n for n, f in fields.items()
-               if n not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"{source}: missing setting(s) {[prefix + m for m in missing]}")
-    hints = get_type_hints(cls)
-    kwargs = {}
-    for name, value in raw.items():
-        typ = hints[name]
-        kwargs[name] = (build(typ, value, source, generic, f"{prefix}{name}.") if dataclasses.is_dataclass(typ)
-                        else coerce(value, typ, f"{source_of(source, prefix + name)}: {prefix}{name}"))
     try:
-        return cls(**kwargs)
-    except ConfigError as e:  # a check in __post_init__: name the file (or the override) instead of the generic
-        text = str(e)
-        if text.startswith(f"{generic}: "):  # "run config: zero_stage = 7 ...": the setting named first
-            first = text[len(generic) + 2:].split(" ", 1)[0].split("[", 1)[0].strip(",:;")
-            if first in fields or "." in first:  # a dotted name is named in full
-                dotted = first if "." in first else prefix + first
-                raise ConfigError(text.replace(generic, source_of(source, dotted), 1)) from None
-        raise ConfigError(text.replace(generic, source, 1)) from None
+        return _validator(cls).validate_python(raw)
+    except pydantic_core.ValidationError as e:
+        errors = e.errors(include_url=False)
+    raise ConfigError(_message(cls, errors, source, generic, prefix)) from None
 
 
-def coerce(value: Any, typ: Any, where: str) -> Any:
-    """Check a value against its annotation: ints (64-bit) where ints, finite numbers (made float) where floats,
-    strings without NUL, mappings and lists of plain data."""
-    is_union = get_origin(typ) in (Union, UnionType)
-    if value is None:
-        if is_union and type(None) in get_args(typ):
-            return None
-        raise ConfigError(f"{where} must not be empty")
-    base = next(t for t in get_args(typ) if t is not type(None)) if is_union else typ
-    if base in (int, float) and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+@functools.cache
+def _validator(cls: type) -> pydantic_core.SchemaValidator:
+    """pydantic's validator of dataclass ``cls`` (it builds the nested dataclasses and runs every
+    ``__post_init__``) with ``_SCALARS`` for its scalars, lists and mappings strict (no set for a list, no
+    string for a tuple), a list accepted for a tuple, and unknown keys refused."""
+
+    def tighten(schema: Any) -> Any:
+        if isinstance(schema, list):
+            return [tighten(s) for s in schema]
+        if not isinstance(schema, dict) or schema.get("type") in _SCALARS:
+            return _SCALARS.get(schema.get("type"), schema) if isinstance(schema, dict) else schema
+        out = {k: tighten(v) if k in _NESTED else v for k, v in schema.items()}
+        if out["type"] in ("list", "dict", "tuple"):
+            out["strict"] = True
+        if out["type"] == "dataclass-args":
+            out["extra_behavior"] = "forbid"
+        return cs.no_info_before_validator_function(_listed, out) if out["type"] == "tuple" else out
+
+    return pydantic_core.SchemaValidator(tighten(pydantic.TypeAdapter(cls).core_schema))
+
+
+def _number(value: Any) -> Any:
+    """A number written as text as that number (YAML 1.1 reads 1e-3, without a dot, as a string); an int beyond
+    the floats is not finite."""
+    if isinstance(value, str):
         try:
-            value = float(value.strip())
+            return float(value.strip())
         except ValueError:
-            raise ConfigError(f"{where} = {shorten(value)} must be a number") from None
-    if base is int and isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if base is bool and not isinstance(value, bool):
-        raise ConfigError(f"{where} = {shorten(value)} must be true or false")
-    if base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} = {shorten(value)} must be an integer")
-        if not INT64[0] <= value <= INT64[1]:
-            raise ConfigError(f"{where} = {shorten(value)} is outside the 64-bit integer range")
-    if base is float:
-        return finite(value, where)
-    if base is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} = {shorten(value)} must be a string")
-        if "\x00" in value or len(value) > MAX_STRING:
-            raise ConfigError(f"{where} = {shorten(value)} must be a string of at most {MAX_STRING} characters "
-                              "without NUL")
-    if get_origin(base) is tuple:
-        n = len(get_args(base))
-        if not isinstance(value, (list, tuple)) or len(value) != n:
-            raise ConfigError(f"{where} = {shorten(value)} must be a list of {n} numbers")
-        return tuple(finite(v, f"{where}[{i}]") for i, v in enumerate(value))
-    if base is dict or get_origin(base) is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} = {shorten(value)} must be a mapping")
-        item_type = (get_args(base) or (str, Any))[1]
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ConfigError(f"{where}: key {shorten(k)} must be a string")
-            out[k] = finite(v, f"{where}.{k}") if item_type is float else check_plain(v, f"{where}.{k}")
-        return out
-    if base is list or get_origin(base) is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where} = {shorten(value)} must be a list")
-        return check_plain(value, where)
+            return value
+    if isinstance(value, int) and not isinstance(value, bool) and not -1e308 < value < 1e308:
+        raise pydantic_core.PydanticCustomError("finite_number", "Input should be a finite number")
     return value
 
 
-def finite(value: Any, where: str) -> float:
-    """``value`` as a float if it is a finite number (not a boolean), else a ConfigError."""
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where} = {shorten(value)} must be a number")
+def _integral(value: Any) -> Any:
+    value = _number(value)
+    return int(value) if isinstance(value, float) and value.is_integer() else value  # 3.0 is 3, not 3.5
+
+
+def _listed(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value  # YAML writes a tuple as a list
+
+
+def _plain(value: Any) -> Any:
     try:
-        out = float(value)
-    except OverflowError:
-        out = math.inf
-    if not math.isfinite(out):
-        raise ConfigError(f"{where} = {shorten(value)} must be a finite number (not NaN or infinite)")
-    return out
+        return check_plain(value, "")
+    except ConfigError as e:  # "[0] = nan: must be a finite number": relative to the value's own key
+        raise pydantic_core.PydanticCustomError("plain_data", "{detail}", {"detail": str(e)}) from None
+
+
+_SCALARS = {  # strict: no "yes" or 1 for true, no number for a string, no boolean for a number
+    "bool": cs.bool_schema(strict=True),
+    "int": cs.no_info_before_validator_function(_integral, cs.int_schema(strict=True, ge=INT64[0], le=INT64[1])),
+    "float": cs.no_info_before_validator_function(_number, cs.float_schema(strict=True, allow_inf_nan=False)),
+    "str": cs.str_schema(strict=True, max_length=MAX_STRING, pattern=r"^[^\x00]*$"),
+    "any": cs.no_info_after_validator_function(_plain, cs.any_schema()),  # in mappings and lists: plain data
+}
+_NESTED = ("schema", "definitions", "fields", "items_schema", "keys_schema", "values_schema")
+_TEXT = f"must be a string of at most {MAX_STRING} characters without NUL"
+_INT64 = "is outside the 64-bit integer range"
+_ALLOWED = {  # pydantic's error type -> what the setting allows
+    "bool_type": "must be true or false", "int_type": "must be an integer", "float_type": "must be a number",
+    "greater_than_equal": _INT64, "less_than_equal": _INT64,
+    "finite_number": "must be a finite number (not NaN or infinite)", "string_type": "must be a string",
+    "string_too_long": _TEXT, "string_pattern_mismatch": _TEXT, "dict_type": "must be a mapping",
+    "dataclass_type": "must be a mapping", "list_type": "must be a list",
+}
+
+
+def _message(cls: type, errors: list[dict[str, Any]], source: str, generic: str, prefix: str) -> str:
+    """pydantic's ``errors`` as one line: keys that are no strings, unknown or missing keys (all of them), else
+    the first error."""
+
+    def dotted(loc: tuple) -> str:
+        return prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+    if bad := [e["input"] for e in errors if e["type"] == "invalid_key"]:
+        return f"{source}: setting names must be strings, got {shorten(bad)}"
+    if unknown := [e["loc"] for e in errors if e["type"] == "unexpected_keyword_argument"]:
+        group = unknown[0][:-1]
+        names = sorted(dotted(loc) for loc in unknown if loc[:-1] == group)
+        origins = {source_of(source, n) for n in names}
+        allowed = [dotted((*group, f.name)) for f in dataclasses.fields(_type_at(cls, group))]
+        return (f"{origins.pop() if len(origins) == 1 else source}: unknown setting(s) {shorten(names, 200)}; "
+                f"allowed: {allowed}")
+    if missing := [dotted(e["loc"]) for e in errors if e["type"] == "missing" and isinstance(e["loc"][-1], str)]:
+        return f"{source}: missing setting(s) {missing}"
+    kind, loc, value = errors[0]["type"], errors[0]["loc"], errors[0].get("input")
+    ctx = errors[0].get("ctx", {})
+    if kind in ("value_error", "assertion_error"):  # raised by __post_init__ of the dataclass at ``loc``
+        return _renamed(ctx["error"], _type_at(cls, loc), source, generic, dotted(loc) + "." if loc else prefix)
+    if loc and loc[-1] == "[key]":
+        return f"{source_of(source, dotted(loc[:-2]))}: {dotted(loc[:-2])}: key {shorten(value)} must be a string"
+    loc = loc[:-1] if kind == "missing" else loc  # an item missing from a tuple: the tuple is wrong
+    name, where = dotted(loc), source_of(source, dotted(tuple(p for p in loc if isinstance(p, str))))
+    if kind == "plain_data":
+        return f"{where}: {name}{ctx['detail']}"
+    if value is None:
+        return f"{where}: {name} must not be empty"
+    if kind in ("tuple_type", "too_long", "missing"):
+        value, n = list(value) if isinstance(value, tuple) else value, len(get_args(_type_at(cls, loc)))
+        return f"{where}: {name} = {shorten(value)} must be a list of {n} numbers"
+    return f"{where}: {name} = {shorten(value)} {_ALLOWED.get(kind, errors[0]['msg'])}"
+
+
+def _renamed(error: BaseException, cls: type, source: str, generic: str, prefix: str) -> str:
+    """A ConfigError of ``cls.__post_init__`` with ``generic`` replaced by ``source``, or by the override that set
+    the setting it names first; any other exception is raised as it is."""
+    if not isinstance(error, ConfigError):
+        raise error
+    text = str(error)
+    if text.startswith(f"{generic}: "):  # "run config: zero_stage = 7 ...": the setting named first
+        first = text[len(generic) + 2:].split(" ", 1)[0].split("[", 1)[0].strip(",:;")
+        if first in {f.name for f in dataclasses.fields(cls)} or "." in first:  # a dotted name is named in full
+            return text.replace(generic, source_of(source, first if "." in first else prefix + first), 1)
+    return text.replace(generic, source, 1)
+
+
+def _type_at(cls: Any, loc: tuple) -> Any:
+    """The annotation of the setting at pydantic's error location ``loc`` under dataclass ``cls``, Optional
+    unwrapped."""
+    typ = cls
+    for part in (*loc, None):
+        if get_origin(typ) in (Union, UnionType):
+            typ = next(t for t in get_args(typ) if t is not type(None))
+        if part is not None:
+            typ = get_type_hints(typ).get(part, Any) if dataclasses.is_dataclass(typ) else Any
+    return typ
 
 
 def check_range(value: float, where: str, lo: float | None = None, hi: float | None = None,

@@ -47,7 +47,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
             ["lag", "population"],
         ),
         ({"constraints": {"min_params": 10, "max_params": 5}}, ["min_params", "max_params"]),
-        ({"random": {"num_trials": "many"}}, ["random.num_trials", "number"]),
+        ({"random": {"num_trials": "many"}}, ["random.num_trials", "'many'", "must be an integer"]),
         ({"resources": {"cpus_per_trial": 0}}, ["cpus_per_trial", "gpus_per_trial"]),
     ],
 )
@@ -61,6 +61,26 @@ def test_bad_settings_name_source_option_value_and_allowed(raw, words):
 def test_missing_required_setting():
     with pytest.raises(ConfigError, match="missing setting.*data"):
         search_config_from_dict({"supernet": "x"})
+
+
+def test_nested_type_errors_name_the_file_the_dotted_key_the_value_and_the_type(tmp_path):
+    """pydantic validates the nested dataclasses; its errors still come out as one line of our own."""
+    path = tmp_path / "s.yaml"
+    path.write_text("supernet: a\ndata: {dir: b}\nresources: {cpus_per_trial: lots}\n")
+    cases = [
+        ([], f"{path}: resources.cpus_per_trial = 'lots' must be a number"),
+        (["resources.cpus_per_trial=1", "evolution.lag=2.5"],
+         "override evolution.lag=2.5: evolution.lag = 2.5 must be an integer"),
+        (["resources.cpus_per_trial=1", "run={name: [x]}"],
+         "override run={name: [x]}: run.name = ['x'] must be a string"),
+        (["resources.cpus_per_trial=1", "evolution.population=0"],  # a __post_init__ check of a nested dataclass
+         "override evolution.population=0: evolution.population = 0 must be at least 1"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError) as e:
+            load_search_config(path, overrides)
+        assert str(e.value) == message and "pydantic" not in str(e.value)
+        assert e.value.__cause__ is None and e.value.__suppress_context__
 
 
 def _conc(n: int, **resources) -> dict:
