@@ -122,6 +122,9 @@ class TrainConfig:
         self.method_class.check(self, source)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"{source}: precision = {shorten(self.precision)}; allowed: {list(PRECISIONS)}")
+        if self.precision == "fp16" and not self.scaling.use_gpu:
+            raise ConfigError(f"{source}: precision = 'fp16' needs GPU workers (scaling.use_gpu: true): DeepSpeed's "
+                              "CPU accelerator has no fp16; on CPUs use 'fp32', 'bf16' or 'auto' (fp32)")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(
                 f"{source}: zero_stage = {shorten(self.zero_stage)} does not exist; allowed: [0, 1, 2, 3]")

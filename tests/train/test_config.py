@@ -41,6 +41,7 @@ def test_defaults_are_the_tanglenas_lm_settings():
         (["optimizer.lr=fast"], ["optimizer.lr", "'fast'", "number"]),
         (["optimiser.lr=1"], ["unknown", "optimiser"]),
         (["precision=fp8"], ["precision", "fp8", "bf16"]),
+        (["precision=fp16"], ["precision = 'fp16'", "scaling.use_gpu", "CPU accelerator has no fp16"]),
         (["compile=true", "method=spos"], ["compile", "'spos'", "ZeRO stages 0-2"]),
         (["compile=true", "zero_stage=3"], ["compile", "zero_stage 3"]),
         (["steps"], ["key=value"]),
