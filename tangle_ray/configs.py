@@ -480,9 +480,9 @@ def check_space_bounds(space: Any) -> None:
         for v in d.values:
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"{where}: value {shorten(v)} must be a finite number")
-    depth = max(space.dims[space.depth_dim].values)
+    depth = space.max_layers  # the deepest choice, or the deepest choices of all stages together
     if depth > MAX_LAYERS:
-        raise ConfigError(f"{space.source}: choices.{space.depth_dim} = {shorten(depth)} layers; "
+        raise ConfigError(f"{space.source}: choices.{'+'.join(space.depth_dims)} = {shorten(depth)} layers; "
                           f"at most {MAX_LAYERS} are allowed")
     for key, value in space.fixed.items():
         if isinstance(value, float) and not math.isfinite(value):

@@ -9,6 +9,11 @@ An architecture is a plain dict (and the same JSON on disk): global choices as s
 lists over the maximum number of layers, for example
 ``{"n_layer": 6, "n_embd": 576, "n_head": [8, 6, 12, 8, 6, 8, 12], "mlp_ratio": [4, 3, 2, 4, 4, 3, 2]}``.
 Entries of layers beyond the depth are carried along but have no effect.
+
+Depth is one choice (``depth_dims`` of one name: the first ``depth`` layers are active) or one choice per stage
+(MobileNetV3: the layers form consecutive stages, stage ``s`` holds as many as its depth choice's largest value,
+and its first ``arch[depth_dims[s]]`` are active); ``active_layers`` says which, and everything below counts,
+keys, mutates and prints the active layers only.
 """
 
 from __future__ import annotations
@@ -54,15 +59,37 @@ class SearchSpace:
     model: str  # the family's name
     fixed: dict[str, Any]
     dims: dict[str, Dim]
-    depth_dim: str  # the choice that sets the number of layers
+    depth_dims: tuple[str, ...]  # the choices that set the number of layers: one, or one per stage
     family: Any = field(default=None, repr=False, compare=False)  # a tangle_ray.models ModelFamily
     description: str = ""
     source: str = field(default="<dict>", repr=False)
 
     # ----------------------------------------------------------------- shape of the space
     @property
+    def depth_dim(self) -> str:
+        """The depth choice of a space without stages (GPT, ViT)."""
+        if len(self.depth_dims) != 1:
+            raise AttributeError(f"space {self.name!r} has a depth per stage ({list(self.depth_dims)}), not one "
+                                 "depth_dim: use active_layers")
+        return self.depth_dims[0]
+
+    @property
+    def stages(self) -> list[range]:
+        """The layers of each depth choice: consecutive runs of as many layers as its largest value."""
+        out, start = [], 0
+        for name in self.depth_dims:
+            n = int(max(self.dims[name].values))
+            out.append(range(start, start + n))
+            start += n
+        return out
+
+    @property
     def max_layers(self) -> int:
-        return int(max(self.dims[self.depth_dim].values))
+        return sum(len(s) for s in self.stages)
+
+    def active_layers(self, arch: Arch) -> list[int]:
+        """Indices of the layers ``arch`` runs: the first ``arch[d]`` of the stage of each depth choice ``d``."""
+        return [i for s, name in zip(self.stages, self.depth_dims) for i in s[: int(arch[name])]]
 
     @property
     def global_dims(self) -> list[Dim]:
@@ -74,9 +101,10 @@ class SearchSpace:
 
     def num_architectures(self) -> int:
         """Distinct architectures, counting only the choices of layers that are active."""
-        others = math.prod(len(d.values) for d in self.global_dims if d.name != self.depth_dim)
+        others = math.prod(len(d.values) for d in self.global_dims if d.name not in self.depth_dims)
         per_layer = math.prod(len(d.values) for d in self.layer_dims)
-        return sum(others * per_layer ** int(n) for n in self.dims[self.depth_dim].values)
+        return others * math.prod(sum(per_layer ** int(n) for n in self.dims[name].values)
+                                  for name in self.depth_dims)
 
     # ----------------------------------------------------------------- architectures
     def largest(self) -> Arch:
@@ -95,7 +123,8 @@ class SearchSpace:
     def validate(self, arch: Arch, source: str = "architecture") -> Arch:
         """``arch`` with every per-layer list as long as the deepest choice, if it belongs to this space;
         else a ConfigError naming the problem. Lists may stop after the active layers (as ``active`` writes
-        them): the inactive rest is filled with the smallest choice, which computes nothing."""
+        them): the inactive rest is filled with the smallest choice, which computes nothing. With a depth per
+        stage a list holds a value for every layer or for the active layers only (then in their order)."""
         if not isinstance(arch, dict):
             raise ConfigError(f"{source}: expected a dict of choices, got {type(arch).__name__}")
         unknown = sorted(map(str, set(arch) - set(self.dims)))
@@ -107,17 +136,25 @@ class SearchSpace:
                 + (f"; missing: {missing}" if missing else "")
                 + f"; allowed keys: {list(self.dims)}"
             )
-        depth = arch[self.depth_dim]
-        depth = int(depth) if self.dims[self.depth_dim].allows(depth) else self.max_layers
+        depths = {n: arch[n] if self.dims[n].allows(arch[n]) else max(self.dims[n].values) for n in self.depth_dims}
+        active = self.active_layers(depths)
+        depth, staged = len(active), len(self.depth_dims) > 1
         full = dict(arch)
         for d in self.dims.values():
             value = arch[d.name]
             if d.per_layer:
-                if not isinstance(value, (list, tuple)) or not depth <= len(value) <= self.max_layers:
+                if not isinstance(value, (list, tuple)) or not depth <= len(value) <= self.max_layers or (
+                        staged and len(value) not in (depth, self.max_layers)):
+                    per = f"layer ({self.max_layers}) or per active layer" if staged else "layer"
                     raise ConfigError(
-                        f"{source}: {d.name!r} must be a list of one value per layer ({depth} active, at most "
+                        f"{source}: {d.name!r} must be a list of one value per {per} ({depth} active, at most "
                         f"{self.max_layers}), got {shorten(value)}"
                     )
+                if staged and len(value) < self.max_layers:  # the active layers' values, in their places
+                    placed = [min(d.values)] * self.max_layers
+                    for i, v in zip(active, value):
+                        placed[i] = v
+                    value = placed
                 full[d.name] = value = list(value) + [min(d.values)] * (self.max_layers - len(value))
                 for i, v in enumerate(value):
                     if not d.allows(v):
@@ -130,9 +167,9 @@ class SearchSpace:
 
     def key(self, arch: Arch) -> tuple:
         """A hashable identity of ``arch`` that ignores inactive layers (two archs that compute alike)."""
-        depth = int(arch[self.depth_dim])
+        active = self.active_layers(arch)
         return tuple(
-            tuple(arch[d.name][:depth]) if d.per_layer else arch[d.name] for d in self.dims.values()
+            tuple(arch[d.name][i] for i in active) if d.per_layer else arch[d.name] for d in self.dims.values()
         )
 
     def sample(self, rng: random.Random) -> Arch:
@@ -151,14 +188,14 @@ class SearchSpace:
         Layers that become active when the depth grows get fresh random choices.
         """
         child = {k: list(v) if isinstance(v, list) else v for k, v in arch.items()}
-        old_depth = int(arch[self.depth_dim])
+        old = set(self.active_layers(arch))
         for d in self.global_dims:
             if rng.random() < p_global:
                 child[d.name] = rng.choice(d.values)
-        new_depth = int(child[self.depth_dim])
+        new = set(self.active_layers(child))
         for d in self.layer_dims:
             for i in range(self.max_layers):
-                grown = old_depth <= i < new_depth
+                grown = i in new and i not in old
                 if grown or rng.random() < p_layer:
                     child[d.name][i] = rng.choice(d.values)
         return child
@@ -202,16 +239,16 @@ class SearchSpace:
 
     def describe(self, arch: Arch) -> str:
         """A compact one-line architecture: global choices, then the per-layer choices of active layers."""
-        depth = int(arch[self.depth_dim])
+        active = self.active_layers(arch)
         return " ".join(
-            f"{k}={','.join(map(str, arch[k][:depth]))}" if self.dims[k].per_layer else f"{k}={arch[k]}"
+            f"{k}={','.join(str(arch[k][i]) for i in active)}" if self.dims[k].per_layer else f"{k}={arch[k]}"
             for k in self.dims
         )
 
     def active(self, arch: Arch) -> Arch:
-        """``arch`` without the entries of inactive layers (for files a person reads)."""
-        depth = int(arch[self.depth_dim])
-        return {k: list(arch[k][:depth]) if d.per_layer else arch[k] for k, d in self.dims.items()}
+        """``arch`` without the entries of inactive layers (for files a person reads; ``validate`` reads it back)."""
+        active = self.active_layers(arch)
+        return {k: [arch[k][i] for i in active] if d.per_layer else arch[k] for k, d in self.dims.items()}
 
     # ----------------------------------------------------------------- asked of the model family
     def param_count(self, arch: Arch) -> int:

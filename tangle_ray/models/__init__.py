@@ -72,10 +72,12 @@ def space_from_dict(raw: Any, source: str = "<dict>") -> SearchSpace:
             raise ConfigError(f"{source}: missing key {key!r}")
     family = get_family(raw["model"], source)
     dims = parse_dims(raw, source)
-    _check_dims(family, dims, source)
+    fixed = _check_fixed(family, raw["fixed"], source)
+    schema, depth_dims = _space_dims(family, fixed, source)
+    _check_dims(family, schema, depth_dims, dims, source)
     space = SearchSpace(
-        name=str(raw["name"]), model=family.name, fixed=_check_fixed(family, raw["fixed"], source), dims=dims,
-        depth_dim=family.depth_dim, family=family, description=str(raw.get("description", "")), source=source,
+        name=str(raw["name"]), model=family.name, fixed=fixed, dims=dims, depth_dims=depth_dims, family=family,
+        description=str(raw.get("description", "")), source=source,
     )
     check_space_bounds(space)
     family.check(space)
@@ -88,6 +90,16 @@ def load_model(folder: str | Path) -> nn.Module:
     path = Path(folder)
     config = read_model_config(path)
     return get_family(config.get("model"), f"model folder {path}: config.json").load_model(path)
+
+
+def _space_dims(family: ModelFamily, fixed: dict[str, Any], source: str) -> tuple[dict[str, bool], tuple[str, ...]]:
+    """The choices of a ``family`` space with these (checked) fixed settings, name -> chosen per layer, and its
+    depth choices: the family's ``dims`` and ``depth_dim``, or, for a family whose number of stages is a fixed
+    setting (one depth choice per stage), what its ``stage_dims(fixed, source)`` says."""
+    stage_dims = getattr(family, "stage_dims", None)
+    if stage_dims is not None:
+        return stage_dims(fixed, source)
+    return family.dims, (family.depth_dim,)
 
 
 def _check_fixed(family: ModelFamily, fixed: Any, source: str) -> dict[str, Any]:
@@ -113,19 +125,20 @@ def _check_fixed(family: ModelFamily, fixed: Any, source: str) -> dict[str, Any]
     return out
 
 
-def _check_dims(family: ModelFamily, dims: dict, source: str) -> None:
-    for name, per_layer in family.dims.items():
+def _check_dims(family: ModelFamily, schema: dict[str, bool], depth_dims: tuple[str, ...], dims: dict,
+                source: str) -> None:
+    for name, per_layer in schema.items():
         where = "per_layer" if per_layer else "choices"
         if name not in dims:
             raise ConfigError(
-                f"{source}: missing choice {where}.{name} (a {family.name} space needs {list(family.dims)})"
+                f"{source}: missing choice {where}.{name} (a {family.name} space needs {list(schema)})"
             )
         if dims[name].per_layer != per_layer:
             raise ConfigError(f"{source}: {name!r} belongs under {where!r}")
-    unknown = sorted(set(dims) - set(family.dims))
+    unknown = sorted(set(dims) - set(schema))
     if unknown:
-        raise ConfigError(f"{source}: unknown choice(s) {unknown}; a {family.name} space has {list(family.dims)}")
-    for name in family.integer_dims:
+        raise ConfigError(f"{source}: unknown choice(s) {unknown}; a {family.name} space has {list(schema)}")
+    for name in dict.fromkeys((*family.integer_dims, *depth_dims)):  # depths count layers
         bad = [v for v in dims[name].values if not isinstance(v, int)]
         if bad:
             raise ConfigError(f"{source}: {name} values {bad} must be integers")

@@ -8,12 +8,15 @@ weight-sharing baseline (each choice computed on its own slice, outputs mixed) f
 """
 
 from tangle_ray.ops.attention import EntangledAttention, head_layout
+from tangle_ray.ops.conv import EntangledBatchNorm2d, EntangledConv2d
 from tangle_ray.ops.embedding import EntangledEmbedding
 from tangle_ray.ops.linear import EntangledLinear, prefix_indicators
 from tangle_ray.ops.norm import EntangledLayerNorm
 
 __all__ = [
     "EntangledAttention",
+    "EntangledBatchNorm2d",
+    "EntangledConv2d",
     "EntangledEmbedding",
     "EntangledLayerNorm",
     "EntangledLinear",

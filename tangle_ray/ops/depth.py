@@ -27,12 +27,18 @@ def superpose_depth(x: Tensor, layers: Sequence[Layer], depths: Sequence[int], w
     return out
 
 
-def path_depth(x: Tensor, layers: Sequence[Layer], depth: int, keep_all_params: bool) -> tuple[Tensor, Tensor | float]:
-    """``x`` after the first ``depth`` layers, and a zero that touches the other layers' parameters (or 0.0)."""
+def first_token(x: Tensor) -> Tensor:
+    return x[:, :1]
+
+
+def path_depth(x: Tensor, layers: Sequence[Layer], depth: int, keep_all_params: bool,
+               probe: Callable[[Tensor], Tensor] = first_token) -> tuple[Tensor, Tensor | float]:
+    """``x`` after the first ``depth`` layers, and a zero that touches the other layers' parameters (or 0.0): they
+    run on ``probe(x)`` (one token; a convolutional family passes one pixel of one image)."""
     zero: Tensor | float = 0.0
     for i, layer in enumerate(layers):
         if i < depth:
             x = layer(x)
         elif keep_all_params:
-            zero = zero + 0.0 * layer(x[:, :1].detach()).sum()
+            zero = zero + 0.0 * layer(probe(x).detach()).sum()
     return x, zero
