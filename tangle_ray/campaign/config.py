@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tangle_ray.campaign.pipelines import PIPELINES, REFERENCE
+from tangle_ray.campaign.pipelines import DEFAULT_PIPELINES, PIPELINES, REFERENCE
 from tangle_ray.configs import INT64, build, check_range, read_settings, read_yaml, set_dotted
 from tangle_ray.errors import ConfigError, shorten
 from tangle_ray.names import check_name
@@ -43,7 +43,7 @@ class CampaignConfig:
     name: str
     space: str
     data: dict[str, Any]  # over every run's data section (a stage's own settings may still change it)
-    methods: list[str] = field(default_factory=lambda: list(PIPELINES))  # every pipeline
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_PIPELINES))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     reference: str = REFERENCE  # the method every other is compared with
     stages: CampaignStages = field(default_factory=CampaignStages)

@@ -26,3 +26,5 @@ PIPELINES = {name: Pipeline(train=method.command, search=search)  # the default 
              for method in sorted(METHODS.values(), key=lambda m: m.name != DEFAULT_METHOD)
              for name, search in method.pipelines.items()}
 REFERENCE = next(iter(METHODS[DEFAULT_METHOD].pipelines))  # what every other pipeline is compared with
+DEFAULT_PIPELINES = [name for method in sorted(METHODS.values(), key=lambda m: m.name != DEFAULT_METHOD)
+                     if method.compared_by_default for name in method.pipelines]  # the paper's three

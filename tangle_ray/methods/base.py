@@ -120,10 +120,25 @@ class Method:
     # what a campaign compares: pipeline name -> the Tune search that chooses on this method's supernet
     # (``random``, ``evolution``), or None where the method's own run chooses (``campaign/pipelines.py``)
     pipelines: ClassVar[dict[str, str | None]] = {}
+    compared_by_default: ClassVar[bool] = True  # a campaign without ``methods`` compares its pipelines
+    Settings: ClassVar[type | None] = None  # the dataclass of its ``method_settings`` section, if it has one
+
+    @classmethod
+    def settings_of(cls, cfg: TrainConfig, source: str = "run config") -> Any:
+        """The method's own settings (``method_settings``), typed and checked; None for a method without any."""
+        from tangle_ray.configs import build
+
+        if cls.Settings is None:
+            if cfg.method_settings:
+                raise ConfigError(f"{source}: method_settings = {cfg.method_settings!r}: method {cls.name!r} has no "
+                                  "settings of its own; remove method_settings")
+            return None
+        return build(cls.Settings, cfg.method_settings, source, "run config", "method_settings.")
 
     @classmethod
     def check(cls, cfg: TrainConfig, source: str) -> None:
         """Refuse settings this method cannot honour (naming file, key, value and what is allowed)."""
+        cls.settings_of(cfg, source)
         if cfg.compile and cfg.zero_stage == 3:
             raise ConfigError(f"{source}: compile = true works under ZeRO stages 0-2 (got zero_stage 3, whose "
                               "parameter hooks run inside the forward); set compile: false or zero_stage: 2")

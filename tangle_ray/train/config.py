@@ -78,6 +78,7 @@ class TrainConfig:
     method: str = DEFAULT_METHOD  # a registered method (``tangle_ray/methods/``); the command sets it
     mixer: str = "drnas"  # tanglenas: drnas, darts or gdas
     gdas_schedule: str = "reference"  # GDAS temperature: "reference" (TangleNAS's steps) or "linear"
+    method_settings: dict[str, Any] = field(default_factory=dict)  # the method's own section (``Method.Settings``)
     arch: dict[str, Any] | None = None  # the architecture to train (``tangle-ray retrain``)
     init: str = "scratch"  # "scratch", or "inherit" the weights of ``init_from`` (``tangle-ray retrain``)
     init_from: str | None = None  # a supernet folder written by `tangle-ray export`
