@@ -30,7 +30,7 @@ from tangle_ray import storage
 from tangle_ray.cluster import check_resources, connect
 from tangle_ray.configs import read_json, to_dict
 from tangle_ray.errors import ConfigError
-from tangle_ray.evaluate import evaluate_arch
+from tangle_ray.evaluate import calibration_batches, evaluate_arch
 from tangle_ray.folders import load_supernet, load_weights, unique_tensors
 from tangle_ray.manifest import check_manifest, write_manifest
 from tangle_ray.models import load_space, space_from_dict
@@ -63,6 +63,7 @@ class SearchResult:
     out_dir: Path
     trials: list[TrialRecord]  # in proposal order
     task: Task
+    space: SearchSpace
 
     @property
     def best(self) -> TrialRecord:
@@ -70,7 +71,8 @@ class SearchResult:
 
     @property
     def best_arch(self) -> Arch:
-        return self.best.arch
+        """The best architecture's active layers, as ``best_arch.json`` holds it."""
+        return self.space.active(self.best.arch)
 
 
 @dataclass
@@ -102,14 +104,17 @@ def cached_model(shared: SharedSupernet) -> nn.Module:
 
 
 def evaluate_trial(
-    config: dict, shared: SharedSupernet, task: Task, x: np.ndarray, y: np.ndarray, batch_size: int
+    config: dict, shared: SharedSupernet, task: Task, x: np.ndarray, y: np.ndarray, batch_size: int,
+    calibration: list[np.ndarray] | None = None,
 ) -> None:
-    """The Tune trial: score ``config["arch"]`` and report the task's metrics, params, FLOPs and the arch."""
+    """The Tune trial: score ``config["arch"]`` and report the task's metrics, params, FLOPs and the arch;
+    ``calibration``: the batches a family that calibrates prepares the extracted architecture on."""
     start = time.perf_counter()
     net = cached_model(shared)
     ready = time.perf_counter()
     arch = config["arch"]
-    scores = evaluate_arch(net, arch, task, _tensor(x), _tensor(y), batch_size)
+    calibration = None if calibration is None else [_tensor(b) for b in calibration]
+    scores = evaluate_arch(net, arch, task, _tensor(x), _tensor(y), batch_size, calibration=calibration)
     space: SearchSpace = net.space
     tune.report(
         {
@@ -131,10 +136,13 @@ def load_checked_supernet(config: SearchConfig) -> Supernet:
                          load_space(config.space) if config.space is not None else None)
 
 
-def make_trainable(config: SearchConfig, supernet: Supernet, task: Task, x: np.ndarray, y: np.ndarray):
-    """``evaluate_trial`` bound to the shared supernet and samples (object store), with trial resources."""
+def make_trainable(config: SearchConfig, supernet: Supernet, task: Task, x: np.ndarray, y: np.ndarray,
+                   calibration: list[np.ndarray] | None = None):
+    """``evaluate_trial`` bound to the shared supernet, samples and calibration batches (object store), with
+    trial resources."""
     trainable = tune.with_parameters(
-        evaluate_trial, shared=SharedSupernet.of(supernet), task=task, x=x, y=y, batch_size=config.eval.batch_size
+        evaluate_trial, shared=SharedSupernet.of(supernet), task=task, x=x, y=y, batch_size=config.eval.batch_size,
+        calibration=calibration,
     )
     r = config.resources
     return tune.with_resources(trainable, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
@@ -233,11 +241,14 @@ def run_search(
     check_resumable(config)
     check_output_dir(config.run_dir(), "search config: run.storage_path")
     e, data = config.eval, str(storage.localize(config.data.dir, "search config: data.dir"))
-    x, y = task.eval_set(task.data_config(dir=data), space.fixed, e.split, e.samples, e.seed)
+    data_config = task.data_config(dir=data)  # the data section's defaults: calibration images and batch size
+    x, y = task.eval_set(data_config, space.fixed, e.split, e.samples, e.seed)
+    calibration = calibration_batches(task, data_config, space)
     connect(address, verbose=verbose)
     r = config.resources
     check_resources(1, {"CPU": r.cpus_per_trial, "GPU": r.gpus_per_trial}, "search config: resources (one trial)")
-    trainable = make_trainable(config, supernet, task, x.numpy(), y.numpy())
+    trainable = make_trainable(config, supernet, task, x.numpy(), y.numpy(),
+                               None if calibration is None else [b.numpy() for b in calibration])
     searcher = make_searcher(config, space, task.objective.key, task.objective.mode)
     lines = [] if config.verbose else [TrialLines(task, config.total_trials, space)]
     tuner = make_tuner(config, trainable, searcher, task, [*lines, *callbacks])
@@ -274,7 +285,7 @@ def run_search(
     write_report(trials, config.run_dir(), task, space, config.eval.split)
     if remote:
         storage.push(config.run_dir(), remote)
-    return SearchResult(config.run_dir(), trials, task)
+    return SearchResult(config.run_dir(), trials, task, space)
 
 
 def _record(config: dict, metrics: dict, task: Task) -> TrialRecord:

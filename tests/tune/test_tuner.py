@@ -59,7 +59,7 @@ def test_random_search_trials_equal_evaluate_arch_and_report(local_ray, make_con
     out = result.out_dir
     best = json.loads((out / "best_arch.json").read_text())
     assert space.key(space.validate(best)) == space.key(result.best.arch)
-    assert json.loads((out / "best_arch.json").read_text()) == space.active(result.best.arch)
+    assert json.loads((out / "best_arch.json").read_text()) == space.active(result.best.arch) == result.best_arch
     rows = list(csv.DictReader((out / "leaderboard.csv").read_text().splitlines()))
     assert [int(r["rank"]) for r in rows] == list(range(1, 9)) and float(rows[0]["loss"]) == result.best.metrics["loss"]
     front = list(csv.DictReader((out / "pareto.csv").read_text().splitlines()))
