@@ -1,8 +1,11 @@
 """Data-layer benchmark. Text: preparation vs raw tiktoken throughput, and the sampler's time per batch.
 Images: the loader's images per second of one core (decode + augment at 224 x 224) against a training step of
-an AutoFormer-T-size ViT.
+an AutoFormer-T-size ViT. Pipelines: whether the input pipelines keep a GPU fed (the text sampler at the paper's
+micro-batch against the H100 step times of docs/benchmarks.md; tangle_ray's image path against a plain PIL
+baseline, per core, and the cores one GPU's AutoFormer-T step needs).
 
-    python bench/data.py [--part text|images|all] [--mb 20] [--bpe-file FILE] [--repeat 2] [--images 64]
+    python bench/data.py [--part text|images|pipelines|all] [--mb 20] [--bpe-file FILE] [--repeat 2]
+                         [--images 64] [--tokens 100000000] [--micro-batch 64] [--mfu M]
 
 Every figure is the best of ``--repeat`` runs; CPU seconds (this process, its threads and its worker
 processes) give throughput per core even when other work shares the machine. Text preparation is measured end to
@@ -15,20 +18,27 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import platform
+import random
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import datasets
+import numpy as np
+import torch
+from PIL import Image
 
 from tangle_ray.data import TextSource, WindowSampler, get_tokenizer, load_split, prepare_text, read_meta
 from tangle_ray.data.text.synth import write_demo_corpus
 from tangle_ray.data.text.tokenizer import BPE_ENV
 
 CHARS_PER_STORY = 357  # average length of a synthetic story
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def cpu_seconds() -> float:
@@ -248,6 +258,193 @@ def vit_step_seconds(repeat: int) -> tuple[float, float, str]:
     return wall, cpu, f"the AutoFormer-T space's ViT (12 layers, E=240, 4 heads of 64, ratio 4; {params:.1f}M)"
 
 
+# ------------------------------------------------------------------------------------------------- pipelines
+# H100 step times recorded in docs/benchmarks.md (one NVIDIA H100 80GB HBM3, bf16, gpt-tinystories):
+H100_FIXED_STEP = (16.1e-3, 30 * 224)  # section 1: the largest fixed model's step, 16.1 ms at micro-batch 30 x 224
+H100_TANGLENAS_TOKENS_S = 93_806  # section 2: compiled TangleNAS search, weight-split tokens per second
+H100_PEAK = 989e12  # dense bf16 FLOP/s (tangle_ray.scaling.config.PEAK_BF16_FLOPS["h100"])
+PAPER_MICRO_BATCH, PAPER_BLOCK = 12, 224  # TangleNAS's train_tinystories_drnas.py: 12 x 224 tokens per micro-batch
+GPT2_VOCAB = 50_257
+
+
+def write_tokens(path: Path, n: int, seed: int = 0) -> None:
+    """``n`` random GPT-2 token ids (uint16, as prepare_text writes them), written in chunks."""
+    rng = np.random.default_rng(seed)
+    with open(path, "wb") as f:
+        for start in range(0, n, 10_000_000):
+            f.write(rng.integers(0, GPT2_VOCAB, min(10_000_000, n - start), dtype=np.uint16).tobytes())
+
+
+def pipeline_text(args: argparse.Namespace, tmp: Path) -> float:
+    """The WindowSampler's time per micro-batch at the paper's 12 x 224 on a memory-mapped token file, against the
+    H100 step times of docs/benchmarks.md. Returns the CPU ms per micro-batch."""
+    write_tokens(tmp / "train.bin", args.tokens)
+    tokens = np.memmap(tmp / "train.bin", dtype=np.uint16, mode="r")
+    sampler = WindowSampler(tokens, PAPER_BLOCK, PAPER_MICRO_BATCH, seed=0, split="train")
+    sampler.get(0, 0)
+    walls, cpus = [], []
+    for r in range(args.repeat):
+        wall, cpu = time.perf_counter(), time.process_time()
+        for step in range(args.steps):
+            sampler.get(r * args.steps + step, 0)  # new windows every round: no round re-reads the same pages
+        walls.append((time.perf_counter() - wall) / args.steps)
+        cpus.append((time.process_time() - cpu) / args.steps)
+    wall, cpu = statistics.median(walls), statistics.median(cpus)
+    tokens_mb = PAPER_MICRO_BATCH * PAPER_BLOCK
+    fixed = H100_FIXED_STEP[0] / H100_FIXED_STEP[1] * tokens_mb  # scaled linearly: smaller batches run no faster
+    search = tokens_mb / H100_TANGLENAS_TOKENS_S  # per weight micro-batch; it reads an architecture one too
+    x, y = sampler.get(0, 0)
+    print(
+        f"\ntext: WindowSampler, micro-batch {PAPER_MICRO_BATCH} x {PAPER_BLOCK},"
+        f" np.memmap of {len(tokens) / 1e6:,.0f}M"
+        f" random GPT-2 token ids (uint16, {tokens.nbytes / 1e6:,.0f} MB, page cache warm)\n"
+        f"  per micro-batch: {wall * 1e3:.3f} ms wall, {cpu * 1e3:.3f} ms CPU (median of {args.repeat} x {args.steps});"
+        f" x and y int64: {(x.nbytes + y.nbytes) / 1e3:.0f} kB to copy to the GPU\n"
+        f"  H100 gpt-tinystories, largest fixed model (docs/benchmarks.md section 1: 16.1 ms per 30 x 224, scaled to"
+        f" {PAPER_MICRO_BATCH} x {PAPER_BLOCK}: {fixed * 1e3:.2f} ms): sampler = {wall / fixed:.2%} of the step\n"
+        f"  H100 TangleNAS search, compiled (section 2: {H100_TANGLENAS_TOKENS_S:,} weight tokens/s ="
+        f" {search * 1e3:.1f}"
+        f" ms per weight micro-batch, which also reads an architecture micro-batch): {2 * wall / search:.2%}"
+    )
+    return cpu * 1e3
+
+
+def baseline_params(width: int, height: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(top, left, h, w): torchvision's RandomResizedCrop.get_params, with Python's ``random``."""
+    area = width * height
+    for _ in range(10):
+        target = area * random.uniform(*scale)
+        aspect = math.exp(random.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return random.randint(0, height - h), random.randint(0, width - w), h, w
+    w, h = width, height
+    if width / height < ratio[0]:
+        h = int(round(width / ratio[0]))
+    elif width / height > ratio[1]:
+        w = int(round(height * ratio[1]))
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def pil_baseline(encoded: list[bytes], resample: int) -> torch.Tensor:
+    """The plain torchvision-style path, written with PIL, numpy and torch: open, RandomResizedCrop (crop, then
+    resize to 224 x 224), horizontal flip, ToTensor (uint8 HWC -> float CHW / 255), Normalize, stacked."""
+    mean = torch.tensor(IMAGENET_MEAN_STD[0])[:, None, None]
+    std = torch.tensor(IMAGENET_MEAN_STD[1])[:, None, None]
+    out = []
+    for data in encoded:
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        top, left, h, w = baseline_params(*img.size)
+        img = img.crop((left, top, left + w, top + h)).resize((224, 224), resample)
+        if random.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.array(img, np.uint8, copy=True)).permute(2, 0, 1).contiguous().float().div(255)
+        out.append(x.sub_(mean).div_(std))
+    return torch.stack(out)
+
+
+def run_pipelines(args: argparse.Namespace, tmp: Path) -> None:
+    from tangle_ray import load_space
+    from tangle_ray.data.images.augment import Augment, train_image
+    from tangle_ray.data.images.batches import ImageBatches
+    from tangle_ray.data.images.prepare import ImageStore, prepare_images
+    from tangle_ray.data.images.sources import ImageSource
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core, as in a DataLoader worker (idle OpenMP threads would count as CPU time)
+    pipeline_text(args, tmp)
+
+    write_jpegs(tmp / "jpegs", args.images)
+    store = ImageStore(prepare_images(ImageSource(path=str(tmp / "jpegs")), tmp / "images"))
+    mb = args.micro_batch
+    plain = Augment(randaugment=False, random_erase=0, mixup_alpha=0, cutmix_alpha=0, label_smoothing=0)
+    ours = {name: ImageBatches(store, "train", mb, 0, 224, 3, store.num_classes, aug)
+            for name, aug in (("plain", plain), ("recipe", Augment()))}
+    steps = max(1, math.ceil(args.images / mb))
+    picks = [ours["plain"].records_of(step, 0) for step in range(steps)]  # every variant decodes these images
+    encoded = [[store.encoded(r) for r in p] for p in picks]
+    sizes = [Image.open(io.BytesIO(e)).size for p in encoded for e in p]
+    n = steps * mb
+
+    def decode_only() -> None:
+        for batch in encoded:
+            for data in batch:
+                Image.open(io.BytesIO(data)).convert("RGB")
+
+    def recipe_uint8() -> None:  # ImageBatches.get up to the uint8 stack, with the same draws
+        b = ours["recipe"]
+        for step, recs in enumerate(picks):
+            rngs = [np.random.default_rng(seed) for seed in b._seeds(step, 0)[2:]]
+            np.stack([train_image(store.encoded(r), store.where(r), 224, "RGB", b.augment, g)
+                      for r, g in zip(recs, rngs)])
+
+    variants = {
+        "full-size JPEG decode only (Image.open + convert)": decode_only,
+        "PIL baseline: open, RandomResizedCrop (bilinear), flip, to-tensor, normalize":
+            lambda: [pil_baseline(batch, Image.Resampling.BILINEAR) for batch in encoded],
+        "PIL baseline with bicubic resize (AutoFormer's --train-interpolation)":
+            lambda: [pil_baseline(batch, Image.Resampling.BICUBIC) for batch in encoded],
+        "tangle_ray: crop + flip (batches.py, augment.py)": lambda: [ours["plain"].get(s, 0) for s in range(steps)],
+        "tangle_ray: AutoFormer-T recipe (+ RandAugment, erasing, mixup/cutmix)":
+            lambda: [ours["recipe"].get(s, 0) for s in range(steps)],
+        "  its per-image part only, uint8 out (normalise, erase, mix left to the GPU)": recipe_uint8,
+    }
+    names = list(variants)
+    random.seed(0)
+    for fn in variants.values():
+        fn()  # warm: imports, page cache, allocator
+    times: dict[str, list[float]] = {k: [] for k in names}
+    order = list(names)
+    for _ in range(args.repeat):  # rounds, each variant once per round in a new order: load hits all alike
+        random.shuffle(order)
+        for name in order:
+            cpu = time.process_time()
+            variants[name]()
+            times[name].append((time.process_time() - cpu) / n)
+    per_image = {k: statistics.median(v) for k, v in times.items()}
+    base, recipe_name = names[1], names[4]
+
+    def ratio(a: str, b: str) -> float:  # median over rounds of the round's ratio
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+    kb = sum(len(e) for p in encoded for e in p) / n / 1e3
+    print(
+        f"\nimages: {len(store)} synthetic JPEGs (PIL, quality 90, random colour fields plus noise), {n} decoded per"
+        f" variant per round ({steps} micro-batches of {mb}): median {statistics.median(w for w, _ in sizes)} x"
+        f" {statistics.median(h for _, h in sizes)}, {kb:.0f} kB; 224 x 224, normalised float32; one core, one torch"
+        f" thread; {args.repeat} rounds, medians"
+    )
+    print(f"{'':78} {'img/CPU-s':>9} {'ms/img':>7} {'vs baseline':>11}")
+    for name in names:
+        vs = "" if name == base else f"{ratio(base, name):10.2f}x"
+        print(f"{name:78} {1 / per_image[name]:9.0f} {per_image[name] * 1e3:7.2f} {vs:>11}")
+    print("  vs baseline: the baseline's time over the row's (above 1: faster than the baseline), per round")
+    recipe_rate = 1 / per_image[recipe_name]
+
+    gpt = load_space("gpt-tinystories")
+    sequences = H100_FIXED_STEP[1] / gpt.fixed["block_size"]
+    gpt_mfu = 3 * gpt.flops(gpt.largest()) * sequences / H100_FIXED_STEP[0] / H100_PEAK
+    mfu = args.mfu if args.mfu is not None else gpt_mfu
+    space = load_space("autoformer-t")
+    small, large = space.flops(space.smallest()), space.flops(space.largest())
+    print(
+        f"\ncores per H100 for AutoFormer-T at 224 x 224 (no H100 images/s in docs/benchmarks.md: FLOPs at an assumed"
+        f" MFU of {mfu:.1%}{'' if args.mfu else ' = the measured H100 gpt-tinystories fixed step of section 1'},"
+        f" {H100_PEAK / 1e12:.0f} TFLOP/s peak; a training step = 3 forward FLOPs per image):"
+    )
+    cases = (
+        ("retrain the smallest architecture", 3 * small, 1),
+        ("retrain the largest architecture", 3 * large, 1),
+        ("TangleNAS search (weight step 3F + architecture step ~2F of the largest, 2 images)", 5 * large, 2),
+    )
+    print(f"{'':84} {'GFLOP/img':>9} {'img/s':>7} {'cores':>6}")
+    for name, flops, images in cases:
+        rate = mfu * H100_PEAK / flops * images  # decoded images per second
+        print(f"{name:84} {flops / images / 1e9:9.2f} {rate:7,.0f} {rate / recipe_rate:6.0f}")
+    print(f"  cores = decoded images/s / {recipe_rate:.0f} images/s per core (the tangle_ray recipe row)")
+    torch.set_num_threads(threads)
+
+
 def at_least(least: int | float, kind: type = int) -> Callable[[str], int | float]:
     """An argparse type: a number of ``kind`` no smaller than ``least``."""
 
@@ -265,7 +462,7 @@ def at_least(least: int | float, kind: type = int) -> Callable[[str], int | floa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("text", "images", "all"), default="all",
+    ap.add_argument("--part", choices=("text", "images", "pipelines", "all"), default="all",
                     help="which benchmark to run (default: all)")
     ap.add_argument("--mb", type=at_least(0.01, float), default=20.0,
                     help="corpus size in MB of text, at least 0.01 (default: 20)")
@@ -273,9 +470,17 @@ def main() -> None:
                     help=f"synthetic JPEGs to time the image loader on, at least {MIN_IMAGES} (default: 64)")
     ap.add_argument("--bpe-file", default=os.environ.get(BPE_ENV),
                     help=f"a GPT-2 BPE file (default: ${BPE_ENV}, else the copy shipped with tangle_ray)")
-    ap.add_argument("--repeat", type=at_least(1), default=2, help="runs of each measurement; the best counts "
-                    "(default: 2)")
+    ap.add_argument("--repeat", type=at_least(1), default=2,
+                    help="runs of each measurement; the best counts (pipelines: rounds, the median counts)"
+                         " (default: 2)")
     ap.add_argument("--steps", type=at_least(1), default=2000, help="sampler batches to time (default: 2000)")
+    ap.add_argument("--tokens", type=at_least(PAPER_BLOCK + 1), default=100_000_000,
+                    help="pipelines: random GPT-2 tokens in the memory-mapped file (default: 100000000, 200 MB)")
+    ap.add_argument("--micro-batch", type=at_least(1), default=64,
+                    help="pipelines: images per micro-batch (default: 64, the AutoFormer recipes')")
+    ap.add_argument("--mfu", type=at_least(1e-6, float), default=None,
+                    help="pipelines: assumed H100 MFU of the AutoFormer-T step (default: that of the measured"
+                         " gpt-tinystories step)")
     args = ap.parse_args()
     datasets.disable_progress_bars()
     print(
@@ -287,6 +492,8 @@ def main() -> None:
             run_text(args, Path(tmp))
         if args.part in ("images", "all"):
             run_images(args, Path(tmp))
+        if args.part in ("pipelines", "all"):
+            run_pipelines(args, Path(tmp))
 
 
 if __name__ == "__main__":

@@ -356,6 +356,7 @@ def cmd_demo(args) -> int:
     from tangle_ray.data.text.prepare import prepare_text
     from tangle_ray.data.text.sources import TextSource
     from tangle_ray.data.text.synth import write_demo_corpus
+    from tangle_ray.names import check_output_dir
     from tangle_ray.train.config import load_config
     from tangle_ray.train.runner import run_training
 
@@ -365,6 +366,8 @@ def cmd_demo(args) -> int:
         kind = overrides.pop(0)
         if kind not in DEMOS:
             raise ConfigError(f"demo {kind!r} is not known; allowed: {sorted(DEMOS)}")
+    for folder in ("corpus", "tokens") if kind == "text" else ("images",):  # before anything is written
+        check_output_dir(out / folder, f"--out (its {folder} folder)")
     if kind == "text":
         corpus = write_demo_corpus(out / "corpus", n_train=2000, n_valid=200, seed=0)
         data = prepare_text(TextSource(kind="jsonl", path=str(corpus)), out / "tokens")
@@ -513,9 +516,10 @@ def cmd_data(args) -> int:
 def cmd_spaces(args) -> int:
     from tangle_ray.models import available_spaces, load_space
 
-    for name in available_spaces():
-        s = load_space(name)
-        print(f"{name:18s} {s.model:4s} {s.num_architectures():>22,d} architectures, "
+    spaces = [load_space(name) for name in available_spaces()]
+    width = max((len(s.model) for s in spaces), default=4)  # e.g. mobilenetv3
+    for name, s in zip(available_spaces(), spaces):
+        print(f"{name:18s} {s.model:{width}s} {s.num_architectures():>22,d} architectures, "
               f"{_count(s.param_count(s.smallest()))} to {_count(s.param_count(s.largest()))} parameters")
     return 0
 

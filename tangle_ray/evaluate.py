@@ -5,11 +5,16 @@ and the any-time curve of a training run. What is measured is the task's busines
 are exact, so a score depends on the outputs only; the outputs depend on the batch size at float32
 round-off (torch's kernels differ with the number of rows), so scores are reproduced bit for bit at the same
 batch size.
+
+A family that ``calibrates`` (MobileNetV3: batch norms) is scored with inherited weights as the standalone model
+of the architecture, extracted and prepared by the family on the task's calibration batches
+(``inherited_model``); every other family as the supernet's single path. Both give the same outputs where no
+statistics need preparing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +25,7 @@ from tangle_ray import storage
 from tangle_ray.errors import ConfigError
 from tangle_ray.folders import load_supernet
 from tangle_ray.models import get_family
-from tangle_ray.models.registry import read_model_config
+from tangle_ray.models.registry import check_model_folder
 from tangle_ray.space import Arch, read_arch
 from tangle_ray.tasks import Task, get_task
 
@@ -48,9 +53,27 @@ def score(model: nn.Module, output_of: Callable[[Tensor], Tensor], task: Task, x
         model.train(was_training)
 
 
+def calibration_batches(task: Task, data: Any, space: Any) -> list[Tensor] | None:
+    """The batches an extracted model of ``space`` is prepared on before it is scored (``Task.calibration_set``
+    of the run's or search's data section), or None for a family that needs none."""
+    return task.calibration_set(data, space.fixed) if space.family.calibrates else None
+
+
+def inherited_model(net: nn.Module, arch: Arch, calibration: Sequence[Tensor]) -> nn.Module:
+    """The standalone model of ``arch`` with a supernet's (a ``Supernet`` or its ``net``) weights, prepared by its
+    family on ``calibration`` (MobileNetV3: batch-norm statistics recomputed), in eval mode."""
+    model = net.extract(arch)
+    net.space.family.prepare_for_eval(model, calibration)
+    return model.eval()
+
+
 def evaluate_arch(net: nn.Module, arch: Arch, task: Task, x: Tensor, y: Tensor,
-                  batch_size: int = DEFAULT_BATCH_SIZE, per_sample: bool = False) -> dict[str, Any]:
-    """The single path ``arch`` of a supernet (a ``Supernet`` or its ``net``) with inherited weights."""
+                  batch_size: int = DEFAULT_BATCH_SIZE, per_sample: bool = False,
+                  calibration: Sequence[Tensor] | None = None) -> dict[str, Any]:
+    """``arch`` of a supernet (a ``Supernet`` or its ``net``) with inherited weights: its single path, or, given
+    ``calibration`` batches (``calibration_batches``), its extracted model prepared on them."""
+    if calibration is not None:
+        return evaluate_model(inherited_model(net, arch, calibration), task, x, y, batch_size, per_sample)
     return score(net, lambda xb: net(xb, None, arch=arch)[0], task, x, y, batch_size, per_sample)
 
 
@@ -83,7 +106,7 @@ def evaluate_on_split(
     if model is not None:
         if arch is not None:
             raise ConfigError("evaluate: an architecture goes with a supernet folder; a model folder holds its own")
-        config = read_model_config(Path(model))  # bounded and checked against its manifest, read once
+        config = check_model_folder(Path(model))  # files, manifest, config.json, safetensors header
         family, arch = get_family(config.get("model"), f"model folder {model}: config.json"), config.get("arch")
         net = family.load_model(Path(model))
         task = get_task(family.task)
@@ -98,8 +121,10 @@ def evaluate_on_split(
         if isinstance(arch, (str, Path)):
             arch = read_arch(arch)
         arch = space.validate(sn.argmax_arch() if arch is None else arch, source)
-        x, y = task.eval_set(task.data_config(dir=str(data_dir)), space.fixed, split, num_samples, seed)
-        scores, params = evaluate_arch(sn, arch, task, x, y, batch_size, per_sample), space.param_count(arch)
+        data = task.data_config(dir=str(data_dir))
+        x, y = task.eval_set(data, space.fixed, split, num_samples, seed)
+        scores = evaluate_arch(sn, arch, task, x, y, batch_size, per_sample, calibration_batches(task, data, space))
+        params = space.param_count(arch)
     return {"split": split, "asked": num_samples, **scores, "params": params, "arch": arch}
 
 

@@ -17,9 +17,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from tangle_ray.configs import parse_yaml
+from tangle_ray.configs import parse_yaml, read_json
 from tangle_ray.errors import DataError, TangleRayError, clip, shorten
-from tangle_ray.manifest import check_manifest, remove_manifests, write_manifest
+from tangle_ray.manifest import check_manifest, check_safetensors, remove_manifests, write_manifest
 from tangle_ray.models import space_from_dict
 from tangle_ray.space import SearchSpace, space_to_dict
 from tangle_ray.supernet import Supernet
@@ -39,32 +39,62 @@ def save_supernet(supernet: Supernet, out_dir: str | Path, meta: dict[str, Any] 
     return out
 
 
-def load_supernet(path: str | Path, space: SearchSpace | None = None, **overrides) -> Supernet:
-    """Load a folder written by ``save_supernet`` (or ``tangle-ray export``).
+def check_supernet_folder(path: str | Path, space: SearchSpace | None = None) -> SearchSpace:
+    """The checks every reader of a supernet folder runs (``evaluate``, ``tune``, a run that inherits from one),
+    whether or not its manifest vouches for it; returns the space it was trained on.
 
-    With ``space`` given, the checkpoint must have been trained on a space of the same shape.
-    """
+    Every file is there and matches the manifest; ``space.yaml`` is a valid space (of the same shape as
+    ``space``, when given); ``meta.json`` is a JSON object; both safetensors headers parse (``check_safetensors``)
+    and hold exactly the tensors of that space's supernet with its shapes, compared with the supernet built on the
+    meta device, so that nothing is allocated. A DataError names the folder, the file, the value and says to
+    export again."""
+    from tangle_ray.train.capacity import meta_supernet
+
     folder = Path(path)
+    where = f"supernet checkpoint {folder}"
     missing = [name for name in SUPERNET_FILES if not (folder / name).is_file()]
     if missing:
         raise DataError(
-            f"supernet checkpoint {folder}: missing {missing}; expected a folder written by "
+            f"{where}: missing {missing}; expected a folder written by "
             f"`tangle-ray export RUN` (files {list(SUPERNET_FILES)})"
         )
     check_manifest(folder, "supernet checkpoint", required=SUPERNET_FILES)
     try:
         text = (folder / "space.yaml").read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"supernet checkpoint {folder}: cannot read space.yaml ({clip(str(e), 200)})") from None
+        raise DataError(f"{where}: cannot read space.yaml ({clip(str(e), 200)})") from None
     source = str(folder / "space.yaml")
     stored = space_from_dict(parse_yaml(text, source), source=source)
     if space is not None and space_shape(space) != space_shape(stored):
         want, have = space_shape(space), space_shape(stored)
         diff = sorted(k for k in want if want[k] != have[k])
         raise DataError(
-            f"supernet checkpoint {folder} was trained on space {stored.name!r}, which differs from space = "
+            f"{where} was trained on space {stored.name!r}, which differs from space = "
             f"{space.name!r} in {diff}: {[have[k] for k in diff]} vs {[want[k] for k in diff]}"
         )
+    try:
+        meta = read_json(folder / "meta.json", "supernet meta")
+    except TangleRayError as e:
+        raise DataError(f"{where}: meta.json cannot be read ({clip(str(e), 200)}): export again") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{where}: meta.json holds {type(meta).__name__}, not a JSON object: export again")
+    shapes = meta_supernet(stored)
+    check_safetensors(folder / "supernet.safetensors", where, module=shapes.net)
+    check_safetensors(folder / "alphas.safetensors", where, module=shapes.alphas, empty_ok=True)
+    return stored
+
+
+def load_supernet(path: str | Path, space: SearchSpace | None = None, **overrides) -> Supernet:
+    """Load a folder written by ``save_supernet`` (or ``tangle-ray export``), checked by
+    ``check_supernet_folder`` and, before anything is built, against this machine's memory.
+
+    With ``space`` given, the checkpoint must have been trained on a space of the same shape.
+    """
+    from tangle_ray.train.capacity import check_build
+
+    folder = Path(path)
+    stored = check_supernet_folder(folder, space)
+    check_build(stored, f"supernet checkpoint {folder}")
     supernet = stored.build_supernet(**overrides)
     try:
         load_weights(supernet.net, load_file(str(folder / "supernet.safetensors")), f"supernet checkpoint {folder}")
@@ -72,7 +102,13 @@ def load_supernet(path: str | Path, space: SearchSpace | None = None, **override
     except TangleRayError:
         raise
     except Exception as e:  # corrupt file or shapes of another space
-        raise DataError(f"supernet checkpoint {folder}: cannot load weights ({type(e).__name__}: {e})") from None
+        raise DataError(f"supernet checkpoint {folder}: cannot load weights ({type(e).__name__}: "
+                        f"{clip(str(e), 200)})") from None
+    tensors = {**supernet.net.state_dict(), **{f"alphas.{k}": a for k, a in supernet.alphas.items()}}
+    bad = next((n for n, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()), None)
+    if bad is not None:
+        raise DataError(f"supernet checkpoint {folder}: non-finite values in {bad} (garbled: an export never holds "
+                        "them): export again")
     return supernet
 
 

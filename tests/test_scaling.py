@@ -167,3 +167,23 @@ def _check_outputs(out: Path) -> None:
     report = (out / "report.md").read_text()
     for png in ("throughput_vs_workers.png", "memory_per_worker.png", "loss_vs_compute.png", "arch_vs_supernet.png"):
         assert (out / png).stat().st_size > 10_000 and f"]({png})" in report
+
+
+
+@pytest.mark.parametrize("method", ["tanglenas", "spos", "ofa"])
+def test_predictions_of_a_space_with_a_depth_per_stage(method, tmp_path, capsys):
+    """mbv3-tiny (a depth per stage, batch norms): the step FLOPs and the memory traced on the meta device; the
+    scaling command itself measures language models and says so."""
+    from tangle_ray.scaling.predict import arch_flops, predict_memory, step_flops
+
+    space = load_space("mbv3-tiny")
+    assert step_flops(space, method, 8) > arch_flops(space, space.smallest(), 8) > 0
+    memory = predict_memory(space, method, 8, 3, 2, "fp32")
+    assert memory["peak_bytes"] > memory["activation_bytes"] > 0
+    assert memory["supernet_params"] == sum(p.numel() for p in space.build_supernet().net.parameters())
+    recipe = tmp_path / "mbv3.yaml"
+    recipe.write_text(f"name: mbv3\nrun: {RECIPE.parent.parent / 'runs' / 'tiny-cpu-mbv3-tanglenas.yaml'}\n"
+                      f"grid: {{space: [mbv3-tiny], workers: [1], zero_stage: [0], micro_batch: [8], "
+                      f"method: [{method}]}}\nmode: weak\ntokens: 4096\nwarmup_steps: 2\ndevice: {{name: cpu}}\n")
+    assert main(["scale", str(recipe), "--dry-run", "--out", str(tmp_path / "scale")]) == 2
+    assert "is a classify space; scaling experiments measure language models" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from tangle_ray.configs import INT64, build, check_range, read_settings, read_ya
 from tangle_ray.errors import ConfigError, shorten
 from tangle_ray.names import check_name
 
-STAGE_KINDS = ("search", "supernet", "random", "evolution", "finetune", "retrain")
+STAGE_KINDS = ("search", "supernet", "shrink", "random", "evolution", "finetune", "retrain")
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class StageSettings:
 class CampaignStages:
     search: StageSettings = field(default_factory=StageSettings)  # the TangleNAS search
     supernet: StageSettings = field(default_factory=StageSettings)  # the SPOS supernet, shared by RS and ES
+    shrink: StageSettings = field(default_factory=StageSettings)  # the OFA supernet (progressive shrinking)
     random: StageSettings = field(default_factory=StageSettings)  # SPOS + random search (Ray Tune)
     evolution: StageSettings = field(default_factory=StageSettings)  # SPOS + evolutionary search (Ray Tune)
     finetune: StageSettings = field(default_factory=StageSettings)  # the chosen architecture, inherited weights

@@ -78,8 +78,13 @@ class Fixed(Method):
 
     def build(self) -> nn.Module:
         ctx, arch = self.ctx, self.ctx.plan.arch
-        if ctx.cfg.init == "inherit":
-            return load_supernet(ctx.cfg.init_from, ctx.space, **ctx.model_overrides()).extract(arch)
+        if ctx.cfg.init == "inherit":  # the inherited model as every scorer of the supernet sees it (recalibrated)
+            from tangle_ray.evaluate import calibration_batches, inherited_model
+
+            supernet = load_supernet(ctx.cfg.init_from, ctx.space, **ctx.model_overrides())
+            calibration = calibration_batches(ctx.task, ctx.cfg.data, ctx.space)
+            return (supernet.extract(arch) if calibration is None
+                    else inherited_model(supernet, arch, calibration).train())
         return ctx.space.family.build_model(ctx.space, arch, **ctx.model_overrides())
 
     def step(self, step: int) -> dict[str, float]:

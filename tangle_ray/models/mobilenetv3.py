@@ -557,6 +557,16 @@ class MobileNetV3Family(ModelFamily):
         if max(f["first_width"], f["first_block_width"], f["final_expand_width"], f["last_channel"]) > 1 << 16:
             raise ConfigError(f"{src}: fixed widths must be at most 65536")
 
+    calibrates = True
+
+    def prepare_for_eval(self, model: nn.Module, batches) -> nn.Module:
+        """OFA's ``set_running_statistics`` before a subnet is scored: every batch norm's running statistics
+        recomputed on ``batches`` (the task's calibration images, ``recalibrate_bn``)."""
+        if not batches:
+            raise ValueError("recalibrating batch norms needs at least one batch of images")
+        recalibrate_bn(model, batches)
+        return model
+
     def build_net(self, space: SearchSpace, **overrides) -> EntangledMobileNetV3:
         return EntangledMobileNetV3(space, **overrides)
 

@@ -8,21 +8,23 @@ parameters and FLOPs. Everything outside ``models/`` reaches a family through ``
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from safetensors import safe_open
+import torch
 from safetensors.torch import load_model, save_model
-from torch import nn
+from torch import Tensor, nn
 
 from tangle_ray.configs import read_json
-from tangle_ray.errors import ConfigError, shorten
-from tangle_ray.manifest import check_manifest, remove_manifests, write_manifest
+from tangle_ray.errors import ConfigError, DataError, TangleRayError, clip, shorten
+from tangle_ray.manifest import check_manifest, check_safetensors, remove_manifests, write_manifest
 from tangle_ray.space import Arch, SearchSpace
 from tangle_ray.supernet import Supernet
 
 REQUIRED = object()
+_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -36,16 +38,32 @@ class Setting:
 MODEL_FILES = ("model.safetensors", "config.json")
 
 
-def read_model_config(folder: Path) -> dict[str, Any]:
-    """The ``config.json`` of a model folder whose files are all there and match their manifest."""
+def check_model_folder(folder: str | Path) -> dict[str, Any]:
+    """The checks every reader of an exported model folder runs (``evaluate``, a retrain's test score,
+    ``load_model``), whether or not its manifest vouches for it; returns its ``config.json``.
+
+    Both files are there and match the manifest; ``config.json`` is a JSON object naming a family and holding
+    its settings; ``model.safetensors``'s header parses and holds tensors (``check_safetensors``; the model's
+    own shapes are compared when it is loaded). A DataError names the folder, the file, the value and says to
+    export again."""
+    folder = Path(folder)
     for name in MODEL_FILES:
         if not (folder / name).is_file():
-            raise ConfigError(f"model folder {folder}: missing {name} (write one with save_pretrained or export)")
+            raise DataError(f"model folder {folder}: missing {name} (write one with save_pretrained or export)")
     check_manifest(folder, "model folder", required=MODEL_FILES)
-    config = read_json(folder / "config.json", "model folder file")
-    if not isinstance(config, dict):
-        raise ConfigError(f"model folder {folder}: config.json must hold a JSON object")
+    try:
+        config = read_json(folder / "config.json", "model folder file")
+    except TangleRayError as e:
+        raise DataError(f"model folder {folder}: config.json cannot be read ({clip(str(e), 200)}): "
+                        "export again") from None
+    if not isinstance(config, dict) or not isinstance(config.get("config"), dict):
+        raise DataError(f"model folder {folder}: config.json must hold a JSON object with the model's settings "
+                        "under \"config\": export again")
+    check_safetensors(folder / "model.safetensors", f"model folder {folder}")
     return config
+
+
+read_model_config = check_model_folder  # its former name
 
 
 class Pretrained(nn.Module):
@@ -73,14 +91,27 @@ class Pretrained(nn.Module):
     @classmethod
     def from_pretrained(cls, model_dir: str | Path):
         path = Path(model_dir)
-        meta = read_model_config(path)
+        meta = check_model_folder(path)
+        where = f"model folder {path}"
         try:
-            model = cls(cls.config_class(**meta["config"]))
-            with safe_open(str(path / "model.safetensors"), "pt") as f:  # keep the stored precision
-                model.to(f.get_tensor(f.keys()[0]).dtype)
-            load_model(model, str(path / "model.safetensors"))
+            config = cls.config_class(**meta["config"])
+            with torch.device("meta"):  # shapes only: the file is compared with them before anything is allocated
+                shapes = cls(config)
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise ConfigError(f"model folder {path}: cannot load ({e})") from None
+            raise DataError(f"{where}: config.json does not describe a {cls.family} model "
+                            f"({clip(str(e), 200)}): export again") from None
+        tensors = check_safetensors(path / "model.safetensors", where, module=shapes)
+        try:
+            model = cls(config)
+            model.to(_DTYPES.get(next(iter(tensors.values()))[0], torch.float32))  # keep the stored precision
+            load_model(model, str(path / "model.safetensors"))
+        except Exception as e:  # SafetensorError, shapes: never a traceback
+            raise DataError(f"{where}: cannot load ({type(e).__name__}: {clip(str(e), 200)}): export again") from None
+        bad = next((n for n, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()),
+                   None)
+        if bad is not None:
+            raise DataError(f"{where}: model.safetensors holds non-finite values in {bad} (garbled; an export "
+                            "never holds them): export again")
         return model
 
 
@@ -136,6 +167,19 @@ class ModelFamily:
         what a TangleNAS step computes, against ``flops`` of the architecture it chooses (the scaling command's
         two MFUs)."""
         raise NotImplementedError(f"the {self.name} family does not count its superposed FLOPs")
+
+    # Scoring with inherited weights. A family whose extracted models need preparing before they are scored
+    # (batch-norm statistics gathered under other subnets) sets ``calibrates``: every scorer of an architecture
+    # with a supernet's weights (``evaluate.evaluate_arch`` with calibration batches: Tune trials, ``tangle-ray
+    # evaluate --supernet``, the any-time curve, the comparison with random architectures) and the export of a
+    # model then extract the architecture and call ``prepare_for_eval`` on the task's calibration batches
+    # (``Task.calibration_set``) instead of scoring the supernet's single path.
+    calibrates: ClassVar[bool] = False
+
+    def prepare_for_eval(self, model: nn.Module, batches: Sequence[Tensor]) -> nn.Module:
+        """Make a standalone model extracted from a supernet ready to be scored (in place; returned). Default:
+        nothing to do."""
+        return model
 
     def no_weight_decay(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
         """Whether the weight optimizer exempts a parameter (biases, norms, embeddings by default)."""

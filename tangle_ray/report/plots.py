@@ -111,19 +111,24 @@ def plot_anytime(steps: Sequence[int], values: Sequence[float], path: str | Path
 
 def plot_choice_trajectory(
     steps: Sequence[int], probs: Sequence[Sequence[Sequence[float]]], values: Sequence[float], name: str,
-    path: str | Path, active_layers: int | None = None,
+    path: str | Path, active_layers: int | Sequence[int] | None = None,
 ) -> Path:
     """softmax(alpha) of every option of one choice over the steps: ``probs[panel][step][option]``, one panel
     per layer for a per-layer choice (the paper's MLP-ratio-per-layer figure) or a single panel. One legend for
-    all panels; with ``active_layers`` (the chosen depth), the panels of the layers beyond it are shaded and
-    titled as unused by the chosen architecture."""
+    all panels; with ``active_layers`` (the chosen depth, or the indices of the layers the chosen architecture
+    runs: a depth per stage), the panels of the other layers are shaded and titled as unused by it."""
     fig = Figure(figsize=(2.6 * len(probs) + 1.6, 3.3), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(probs), sharey=True, squeeze=False)[0]
     per_layer = len(probs) > 1
     beyond = False
+    if active_layers is not None and not isinstance(active_layers, int) and \
+            list(active_layers) == list(range(len(active_layers))):
+        active_layers = len(active_layers)  # the first layers: a depth
+    used = (None if active_layers is None else
+            set(range(active_layers)) if isinstance(active_layers, int) else set(active_layers))
     for panel, (ax, rows) in enumerate(zip(axes, probs)):
-        unused = per_layer and active_layers is not None and panel >= active_layers
+        unused = per_layer and used is not None and panel not in used
         beyond |= unused
         for k, value in enumerate(values):
             ax.plot(steps, [r[k] for r in rows], label=f"{value:g}", alpha=0.45 if unused else 1.0,
@@ -131,7 +136,7 @@ def plot_choice_trajectory(
         title = f"layer {panel + 1}" if per_layer else name
         if unused:
             ax.set_facecolor("0.92")
-            title += " (beyond depth)"
+            title += " (beyond depth)" if isinstance(active_layers, int) else " (not run)"
         ax.set(title=title, xlabel="training step", ylim=(0, 1))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
@@ -139,6 +144,7 @@ def plot_choice_trajectory(
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, title=name, loc="outside right center", fontsize=8)
     if per_layer:
-        note = (f"; shaded: layers beyond the chosen depth of {active_layers}" if beyond else "")
+        note = ("" if not beyond else f"; shaded: layers beyond the chosen depth of {active_layers}"
+                if isinstance(active_layers, int) else "; shaded: layers the chosen architecture does not run")
         fig.suptitle(f"Architecture weights of {name}, per layer{note}", fontsize=10)
     return save(fig, path)

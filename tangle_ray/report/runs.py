@@ -41,13 +41,16 @@ def write_run_report(run_dir: Path, plan, history: RunHistory, arch: Arch | None
     return run_dir / "summary.md"
 
 
-def confidence(alphas: dict[str, Any], space: SearchSpace, depth: int) -> list[tuple[str, float, float]]:
+def confidence(alphas: dict[str, Any], space: SearchSpace,
+               active: int | list[int]) -> list[tuple[str, float, float]]:
     """For every active choice: its name, the probability of the chosen value and its margin over the
-    runner-up (softmax of the final architecture parameters)."""
+    runner-up (softmax of the final architecture parameters). ``active``: the layers the chosen architecture
+    runs (``space.active_layers``), or its depth (the first layers)."""
+    layers = list(range(active)) if isinstance(active, int) else list(active)
     rows = []
     for d in space.dims.values():
-        probs = alphas[d.name][:depth] if d.per_layer else [alphas[d.name]]
-        for layer, p in enumerate(probs):
+        probs = [(i, alphas[d.name][i]) for i in layers] if d.per_layer else [(0, alphas[d.name])]
+        for layer, p in probs:
             top = sorted(p, reverse=True)
             rows.append((f"{d.name}[{layer}]" if d.per_layer else d.name, top[0], top[0] - top[1]))
     return rows
@@ -68,7 +71,7 @@ def plot_alpha_trajectories(alphas: list[dict[str, Any]], space: SearchSpace, ou
     """One PNG per choice: softmax(alpha) of each option over the steps, one panel per layer; with the chosen
     ``arch``, the layers beyond its depth are marked."""
     steps = [r["step"] for r in alphas]
-    depth = int(arch[space.depth_dim]) if arch is not None else None
+    depth = space.active_layers(arch) if arch is not None else None  # a depth per stage too
     paths = []
     for d in space.dims.values():
         panels = range(space.max_layers) if d.per_layer else [None]
@@ -143,7 +146,7 @@ def _summary(plan, history, arch, export_dir, plots: list[Path], test_scores: di
 
 def _confidence_lines(history: RunHistory, space: SearchSpace, arch: Arch) -> list[str]:
     first, final = history.metrics[0], history.alphas[-1]
-    rows = confidence(final, space, int(arch[space.depth_dim]))
+    rows = confidence(final, space, space.active_layers(arch))
     entropy, start = history.metrics[-1].get("arch_entropy"), history.metrics[0].get("arch_entropy")
     h_max = sum(math.log(len(d.values)) * (space.max_layers if d.per_layer else 1) for d in space.dims.values())
     h_max /= sum(space.max_layers if d.per_layer else 1 for d in space.dims.values())

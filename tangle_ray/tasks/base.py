@@ -75,6 +75,11 @@ class Task:
         """A fixed evaluation set of ``num`` samples of ``split`` (the same for every caller)."""
         raise NotImplementedError
 
+    def calibration_set(self, data: Any, fixed: dict[str, Any]) -> list[Tensor]:
+        """The fixed batches of inputs a family that ``calibrates`` (batch norms) prepares an extracted model on
+        before it is scored (``ModelFamily.prepare_for_eval``); the same for every caller. Default: none."""
+        return []
+
     def random_batch(self, fixed: dict[str, Any], n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         """``n`` random inputs and targets of the right shapes and ranges (for tests and benchmarks)."""
         raise NotImplementedError

@@ -7,6 +7,7 @@ model takes; images are decoded and resized to fit, and every label must be belo
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch import Tensor
 from tangle_ray.configs import VOLATILE
 from tangle_ray.data.images.augment import Augment
 from tangle_ray.data.images.batches import ImageBatches, PrefetchedBatches, eval_images, eval_records
-from tangle_ray.data.images.prepare import META, ImageStore, prepare_images
+from tangle_ray.data.images.prepare import META, ImageStore, check_image_folder, prepare_images
 from tangle_ray.data.images.sources import ImageSource
 from tangle_ray.errors import ConfigError, TangleRayError
 from tangle_ray.space import SearchSpace
@@ -27,6 +28,10 @@ from tangle_ray.tasks import register_task
 from tangle_ray.tasks.base import Batches, Metric, Task
 
 FIXED = ("img_size", "in_chans", "num_classes")
+MAX_LOADERS = 256  # decoding processes of one trainer on any machine
+MAX_PREFETCH = 64  # micro-batches decoded ahead: each holds micro_batch decoded images
+MAX_CALIBRATION = 100_000  # images a recalibration may hold in memory
+CALIBRATION_SEED = 0  # the key of the calibration images' draw from the weight split: the same in every scorer
 SAMPLINGS = ("replacement", "epochs")
 
 
@@ -47,13 +52,23 @@ class ImageData:
     # image once per epoch, in a fresh permutation per epoch (AutoFormer's and the paper's way)
     sampling: str = "replacement"
     augment: Augment = field(default_factory=Augment)
+    # batch-norm recalibration of an extracted subnet before it is scored (families that ``calibrate``:
+    # MobileNetV3): this many fixed images of the weight split (OFA: 2000 in batches of 200; 256 here so that CPU
+    # tests and Tune trials stay cheap), drawn once by a fixed key, evaluation transform, in batches of
+    # ``calibration_batch_size`` (each batch's statistics are averaged, so the batch size changes the result)
+    calibration_images: int = field(default=256, metadata=VOLATILE)  # scoring only: the weights train alike
+    calibration_batch_size: int = field(default=64, metadata=VOLATILE)
 
     def __post_init__(self) -> None:
         checks = {
+            "calibration_images": (1 <= self.calibration_images <= MAX_CALIBRATION, f"1 to {MAX_CALIBRATION:,}"),
+            "calibration_batch_size": (2 <= self.calibration_batch_size <= MAX_CALIBRATION,
+                                       f"2 (batch statistics) to {MAX_CALIBRATION:,}"),
             "valid_fraction": (0 < self.valid_fraction < 1, "in (0, 1)"),
             "short_side": (self.short_side >= 0, ">= 0"),
-            "num_workers": (self.num_workers >= 0, ">= 0"),
-            "prefetch": (self.prefetch >= 1, ">= 1"),
+            "num_workers": (0 <= self.num_workers <= MAX_LOADERS, f"0 to {MAX_LOADERS} (and at most the cores "
+                            "of a worker's node)"),
+            "prefetch": (1 <= self.prefetch <= MAX_PREFETCH, f"1 to {MAX_PREFETCH} micro-batches"),
             "eval_crop": (self.eval_crop is None or 0 < self.eval_crop <= 1, "in (0, 1], or null (follow training)"),
             "sampling": (self.sampling in SAMPLINGS, str(list(SAMPLINGS))),
         }
@@ -123,7 +138,7 @@ class ClassifyTask(Task):
                 ) from None
             split_seed = seed if meta is None else meta["seed"]
             prepare_images(source, folder, data.valid_fraction, split_seed, short_side=data.short_side)
-        store = ImageStore(folder)
+        store = check_image_folder(folder)  # arrays, ranges, a sample decoded; then the space's classes:
         top = int(store.labels.max())
         if top >= num_classes:
             raise ConfigError(
@@ -131,14 +146,20 @@ class ClassifyTask(Task):
                 f"space {space.name!r} (fixed.num_classes = {num_classes}; "
                 f"allowed labels 0..{num_classes - 1})"
             )
+        check_image_folder(folder, num_classes)
         return replace(data, dir=str(folder.resolve()))
 
     def batches(self, data: ImageData, fixed: dict[str, Any], split: str, micro_batch: int, seed: int,
                 micro_per_step: int = 1) -> Batches:
         """Augmented micro-batches of ``split`` (the training augmentation for every split)."""
         img_size, in_chans, num_classes = _fixed(fixed)
+        cores = os.cpu_count() or 1
+        if data.num_workers > cores:  # on the node that decodes: what it can serve
+            raise ConfigError(f"data.num_workers = {data.num_workers} decoding processes per trainer; this node has "
+                              f"{cores} cores: set at most {cores}")
+        store = check_image_folder(data.dir, num_classes)  # in each worker too: decoded once per process
         batches = ImageBatches(
-            ImageStore(data.dir), split, micro_batch, seed, img_size, in_chans, num_classes, data.augment,
+            store, split, micro_batch, seed, img_size, in_chans, num_classes, data.augment,
             epochs_of=micro_per_step if data.sampling == "epochs" else None,
         )
         return PrefetchedBatches(batches, data.num_workers, data.prefetch) if data.num_workers else batches
@@ -147,10 +168,18 @@ class ClassifyTask(Task):
         self, data: ImageData, fixed: dict[str, Any], split: str, num: int, seed: int
     ) -> tuple[Tensor, Tensor]:
         """``num`` fixed images of ``split`` (all if fewer), evaluation transform; y: int64 class indices."""
-        img_size, in_chans, _ = _fixed(fixed)
-        store = ImageStore(data.dir)
+        img_size, in_chans, num_classes = _fixed(fixed)
+        store = check_image_folder(data.dir, num_classes)
         records = eval_records(store.split(split), num, seed)
         return eval_images(store, records, img_size, in_chans, data.eval_crop, data.augment, data.num_workers)
+
+    def calibration_set(self, data: ImageData, fixed: dict[str, Any]) -> list[Tensor]:
+        """``data.calibration_images`` fixed images of the weight split (``train``; all if fewer), drawn by
+        ``CALIBRATION_SEED`` whatever the run's or search's seed, evaluation transform, in batches of
+        ``data.calibration_batch_size`` (a last batch of one image is left out: it has no batch variance)."""
+        x, _ = self.eval_set(data, fixed, "train", data.calibration_images, CALIBRATION_SEED)
+        b = data.calibration_batch_size
+        return [x[i:i + b] for i in range(0, len(x), b) if len(x[i:i + b]) > 1]
 
     def random_batch(self, fixed: dict[str, Any], n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         """Normal noise images [n, in_chans, img_size, img_size] and class indices [n]."""

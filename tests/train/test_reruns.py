@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import ConfigError, DataError
 from tangle_ray.train import runner
 from tangle_ray.train.config import load_config
 from tangle_ray.train.runner import preflight, run_training
@@ -58,5 +58,5 @@ def test_checks_that_write_nothing_come_before_ray(tmp_path, data_dir, monkeypat
     with pytest.raises(ConfigError, match="meta.json"):
         run_training(load_config(None, ["space=gpt-nano", f"data.dir={tmp_path / 'nothing'}",
                                         f"run.storage_path={tmp_path}"]))
-    with pytest.raises(ConfigError, match="vocabulary"):
+    with pytest.raises(DataError, match="vocabulary"):
         run_training(load_config(None, ["space=gpt-micro", f"data.dir={data_dir}", f"run.storage_path={tmp_path}"]))

@@ -14,6 +14,7 @@ import io
 import json
 import posixpath
 import tarfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache, partial
@@ -255,8 +256,14 @@ def _tar_samples(path: Path, src: ImageSource) -> Iterator[Sample]:
                     key, parts = posixpath.join(folder, stem), {}
                 if ext.lower() in _WDS_IMAGE or ext == "cls":
                     parts["cls" if ext == "cls" else "image"] = tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError) as e:
+            # a tar ends with a block of zeros; a shard cut between two members ends without it (tarfile reads
+            # that as the end and says nothing): the stream read a whole block past the last member, or not
+            position, end = getattr(tar.fileobj, "pos", None), tar.offset
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise DataError(f"webdataset shard {str(path)!r} is not a readable tar file: {e}") from None
+    if position is not None and position < end + tarfile.BLOCKSIZE:
+        raise DataError(f"webdataset shard {str(path)!r} ends after {end:,} bytes without the end of a tar archive: "
+                        "cut short (a copy or download that stopped); copy it again")
     if key is not None:
         yield _tar_sample(path, key, parts)
 

@@ -33,7 +33,7 @@ META = "meta.json"
 TMP = ".tmp"  # suffix of files being written
 MAX_META_BYTES = 1 << 20
 _CHUNK = 1 << 24  # tokens per read when verifying a file
-_VERIFIED: set[tuple] = set()  # files verify_tokens read in this process: (path, size, mtime, vocabulary)
+_VERIFIED: set[tuple] = set()  # files check_token_folder read in this process: (path, size, mtime, vocabulary)
 
 
 def token_dtype(n_vocab: int) -> np.dtype:
@@ -141,18 +141,32 @@ def load_split(data_dir: str | Path, split: str) -> np.memmap:
     return np.memmap(path, dtype=dtype, mode="r", shape=(info["tokens"],))
 
 
-def verify_tokens(data_dir: str | Path, vocab_size: int | None = None, splits: tuple[str, ...] = SPLITS) -> None:
-    """On the driver, before workers read them: every split's file has the size ``meta.json`` gives and every
-    token id is below the vocabulary (``vocab_size`` if smaller than meta's). Reads each file once, in chunks;
-    a file already verified in this process (same size and modification time) is not read again."""
+def check_token_folder(data_dir: str | Path, vocab_size: int | None = None,
+                       splits: tuple[str, ...] = SPLITS) -> dict:
+    """The checks every reader of a prepared token folder runs (``search``'s driver, ``evaluate``, ``tune`` and
+    the workers, through the language-model task); returns its ``meta.json``.
+
+    ``meta.json`` is complete and its files are plain names inside the folder (``read_meta``); the vocabulary it
+    names fits the model's ``vocab_size`` (when given); every split's file has the size ``meta.json`` gives; and
+    every token id is below the vocabulary (a file of random bytes, or prepared with another tokenizer, holds
+    larger ones). Each file is read once, in chunks (page-cached, about 40 ms a GB); a file already checked in
+    this process (same size and modification time) is not read again. A DataError names the folder, the file,
+    the value and says to prepare again."""
     meta = read_meta(data_dir)
-    limit = meta["vocab_size"] if vocab_size is None else min(vocab_size, meta["vocab_size"])
+    path = Path(data_dir) / META
+    if vocab_size is not None and meta["vocab_size"] > vocab_size:
+        raise DataError(
+            f"prepared tokens {str(data_dir)!r}: {str(path)!r} says a vocabulary of {meta['vocab_size']:,} tokens, "
+            f"more than the model's {vocab_size:,}: prepared with another tokenizer, or meta.json is wrong; "
+            "prepare again with the model's tokenizer"
+        )
+    limit = meta["vocab_size"]
     for split in splits:
         tokens = load_split(data_dir, split)
         path = Path(data_dir) / meta["splits"][split]["file"]
-        st = path.stat()
-        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, limit)
-        if key in _VERIFIED:
+        st = path.stat() if len(tokens) else None
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, limit) if st else None
+        if key is None or key in _VERIFIED:
             continue
         for start in range(0, len(tokens), _CHUNK):
             chunk = tokens[start:start + _CHUNK]
@@ -160,9 +174,10 @@ def verify_tokens(data_dir: str | Path, vocab_size: int | None = None, splits: t
                 at = start + int(np.argmax(chunk >= limit))
                 raise DataError(
                     f"data file {str(path)!r} holds token id {int(tokens[at])} at position {at:,}, outside the "
-                    f"vocabulary of {limit}: garbled, or prepared with another tokenizer; prepare again"
+                    f"vocabulary of {limit:,}: garbled, or prepared with another tokenizer; prepare again"
                 )
         _VERIFIED.add(key)
+    return meta
 
 
 def _reusable(out: Path, key: dict) -> bool:

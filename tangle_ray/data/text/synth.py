@@ -10,6 +10,8 @@ import json
 import random
 from pathlib import Path
 
+from tangle_ray.names import check_output_dir
+
 _HEROES = [  # (name, description, pronoun, possessive)
     ("Lily", "a little girl", "she", "her"),
     ("Tom", "a little boy", "he", "his"),
@@ -188,6 +190,7 @@ def generate_stories(n: int, seed: int) -> list[str]:
 def write_demo_corpus(out_dir: str | Path, n_train: int = 2000, n_valid: int = 200, seed: int = 0) -> Path:
     """Write a synthetic corpus as ``train.jsonl`` and ``validation.jsonl`` (one ``{"text": story}`` a line)."""
     out = Path(out_dir)
+    check_output_dir(out, "corpus folder")  # not a file, not under /proc, below a writable folder
     out.mkdir(parents=True, exist_ok=True)
     stories = generate_stories(n_train + n_valid, seed)
     for name, part in (("train", stories[:n_train]), ("validation", stories[n_train:])):
