@@ -352,7 +352,7 @@ class GPTFamily(ModelFamily):
         is not linear), and the products that build each weight mask from the mixing weights (once per pass; a
         mask that only scales the input or the output is a vector, left out). The backward pass doubles the
         matmuls (input and weight gradients) and repeats each mask product once (only the mixing weights need
-        its gradient)."""
+        its gradient), after recomputing the head counts' attentions (kept out of the saved activations)."""
         f, dims = space.fixed, space.dims
         T, V, L = f["block_size"], f["padded_vocab_size"], space.max_layers
         widths, ratios, heads = dims["n_embd"].values, dims["mlp_ratio"].values, dims["n_head"].values
@@ -363,4 +363,6 @@ class GPTFamily(ModelFamily):
         layer_masks += 2 * k * 3 * D * D * (tokens >= 3 * D)  # c_attn masks its input's columns below 3D tokens
         layer_masks += 2 * k * D * D * (tokens >= D)  # the attention's c_proj masks its output below D tokens
         masks = L * layer_masks + 2 * k * V * D * (tokens >= V)  # and lm_head
-        return (3 if backward else 1) * samples * per_sample + (2 if backward else 1) * masks
+        # backward first recomputes what the superposition does not keep: every head count's attention
+        recompute = len(heads) * 4 * L * T * T * D if backward else 0
+        return (3 if backward else 1) * samples * per_sample + samples * recompute + (2 if backward else 1) * masks

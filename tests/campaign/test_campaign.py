@@ -21,7 +21,7 @@ from tangle_ray.campaign.run import run_campaign
 from tangle_ray.data.text.prepare import prepare_text
 from tangle_ray.data.text.sources import TextSource
 from tangle_ray.data.text.synth import write_demo_corpus
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import ClusterError
 
 pytestmark = pytest.mark.ray
 
@@ -68,7 +68,7 @@ def test_campaign_on_two_nodes_overlaps_stages_reports_and_resumes(tokens, tmp_p
         ray.init(address=cluster.address, log_to_driver=False)
         too_big, _ = load_campaign(RECIPE, [f"data.dir={tokens}", "stages.retrain.settings.scaling.num_workers=4",
                                             "stages.retrain.settings.micro_batch_size=4"])
-        with pytest.raises(ConfigError, match=r"stage s0-tanglenas-retrain: 4 workers x 1 CPU \(PACK\) do not "
+        with pytest.raises(ClusterError, match=r"stage s0-tanglenas-retrain: 4 workers x 1 CPU \(PACK\) do not "
                                               r"fit: at most 2 fit; the cluster has 2 CPU"):
             run_campaign(too_big, build_plan(too_big, base, str(RECIPE)), tmp_path / "refused")
         assert not (tmp_path / "refused" / "stages").exists()  # refused before any stage started

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import ConfigError, DataError, StorageError
 from tangle_ray.folders import load_supernet
 from tangle_ray.models import load_model
 from tangle_ray.train.checkpoint import latest_checkpoint, read_trainer_state
@@ -69,13 +69,13 @@ def test_a_full_disk_stops_with_one_line_and_a_rerun_after_freeing_space_resumes
         preflight(cfg)  # _check_writable
     assert f"cannot write to {run_dir} (No space left on device)" in str(refused.value)
     export = run_dir / "export"
-    with pytest.raises(ConfigError) as refused:
+    with pytest.raises(StorageError) as refused:
         export_run(run_dir)
     message = str(refused.value)
     assert "\n" not in message and len(message) < 600, message
     assert f"disk full at {export} (No space left on device): free space there, then export again" in message
     for read, folder in ((load_supernet, export / "supernet"), (load_model, export / "model")):
-        with pytest.raises(ConfigError):  # what the failed export left is not taken for a complete folder
+        with pytest.raises(DataError):  # what the failed export left is not taken for a complete folder
             read(folder)
     assert not (export / "arch.json").exists()
 

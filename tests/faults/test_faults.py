@@ -15,7 +15,7 @@ import subprocess
 import psutil
 import pytest
 
-from tangle_ray.errors import ConfigError
+from tangle_ray.errors import ConfigError, DataError
 from tangle_ray.train.checkpoint import (
     consolidated_weights,
     find_checkpoints,
@@ -83,16 +83,16 @@ def test_an_exception_at_a_step_then_a_checkpoint_cut_short(local_ray, tiny_conf
     body = shard.read_bytes()
     shard.write_bytes(body[: len(body) // 2])  # the write was cut half-way
     assert latest_checkpoint(run_dir) == older  # readers fall back to the previous checkpoint
-    with pytest.raises(ConfigError, match=f"{shard.name} is {len(body) // 2} bytes, its manifest says {len(body)}"):
+    with pytest.raises(DataError, match=f"{shard.name} is {len(body) // 2} bytes, its manifest says {len(body)}"):
         resume_checkpoint(run_dir)  # Ray would resume from exactly this one: refused, naming the file
-    with pytest.raises(ConfigError, match=shard.name):
+    with pytest.raises(DataError, match=shard.name):
         consolidated_weights(newest)
-    with pytest.raises(ConfigError, match=f"{shard.name}.*Ray resumes from this checkpoint"):
+    with pytest.raises(DataError, match=f"{shard.name}.*Ray resumes from this checkpoint"):
         preflight(cfg)  # the rerun stops before Ray starts
     shard.write_bytes(body)
     (newest / "manifest.part1.json").unlink()  # rank 1 never finished writing
     assert latest_checkpoint(run_dir) == older
-    with pytest.raises(ConfigError, match=r"manifest parts \[1\] of 2 are missing"):
+    with pytest.raises(DataError, match=r"manifest parts \[1\] of 2 are missing"):
         resume_checkpoint(run_dir)
 
 

@@ -126,15 +126,9 @@ def test_prepared_token_folders(root, meta, data):
 @pytest.fixture(scope="module")
 def image_dir(root):
     """A prepared image folder of 3 classes (5 training and 2 test images each; PNG and JPEG)."""
-    from PIL import Image
+    from tests.images import write_image_folder
 
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 5), ("val", 2)):
-        for c in "abc":
-            (root / "image-src" / split / c).mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 256, (10 + i, 14, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / "image-src" / split / c / f"{i}.{'png' if i % 2 else 'jpg'}")
+    write_image_folder(root / "image-src")
     return prepare_images(ImageSource(path=str(root / "image-src")), root / "images")
 
 

@@ -218,7 +218,7 @@ OFA_SUBNETS = [
 @pytest.mark.parametrize("depths, kernels, ratios, params, macs", OFA_SUBNETS)
 def test_ofa_mbv3_counts_equal_ofas_own(depths, kernels, ratios, params, macs):
     """OFA's largest w1.2 subnet has 10.7M parameters (7.66M is the largest of the w1.0 supernet)."""
-    space = load_space("ofa-mbv3")
+    space = load_space("ofa-mbv3-w12")
     arch = {**{f"depth_{s + 1}": d for s, d in enumerate(depths)}, "kernel_size": kernels, "expand_ratio": ratios}
     assert space.param_count(arch) == params
     assert space.flops(arch) == 2 * macs
@@ -226,8 +226,17 @@ def test_ofa_mbv3_counts_equal_ofas_own(depths, kernels, ratios, params, macs):
         assert space.family.build_model(space, arch).num_parameters() == params
 
 
+def test_ofa_mbv3_is_the_papers_table_7_space():
+    """TangleNAS's Table 7: the largest architecture has 7.66M parameters and 566.17M multiply-adds (OFA's w1.0
+    supernet; its own code counts 7,664,760 and 566,170,656)."""
+    space = load_space("ofa-mbv3")
+    assert space.param_count(space.largest()) == 7_664_760 == pytest.approx(7.66e6, rel=0.01)
+    assert space.flops(space.largest()) / 2 == 566_170_656 == pytest.approx(566.17e6, rel=1e-4)
+    assert space.num_architectures() == pytest.approx(2.2e19, rel=0.05)
+
+
 def test_flops_of_one_block_by_hand():
-    """A stage-2 block of ofa-mbv3 (48 -> 48 channels, stride 1, SE) at ratio 4, kernel 5 on a 28 x 28 map: middle
+    """A stage-2 block of ofa-mbv3-w12 (48 -> 48 channels, stride 1, SE) at ratio 4, kernel 5 on a 28 x 28 map: middle
     width make_divisible(round(48 * 4), 8) = 192, SE width make_divisible(192 // 4, 8) = 48."""
     spec = BlockSpec(48, 48, 1, "relu", True)
     assert middle_width(48, 4) == 192 and se_width(192) == 48 and spec.residual

