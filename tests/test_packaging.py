@@ -23,4 +23,5 @@ def test_wheel_installs_and_lists_every_space_from_another_folder(tmp_path):
     assert f"{site}" in subprocess.run([sys.executable, "-c", code.replace("sys.exit(main(['spaces']))",
                                         "import tangle_ray; print(tangle_ray.__file__)")],
                                        cwd=tmp_path, capture_output=True, text=True).stdout
-    assert sorted(line.split()[0] for line in out.stdout.splitlines()) == sorted(s.removesuffix(".yaml") for s in spaces)
+    listed = sorted(line.split()[0] for line in out.stdout.splitlines())
+    assert listed == sorted(s.removesuffix(".yaml") for s in spaces)
