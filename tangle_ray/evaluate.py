@@ -24,8 +24,7 @@ from torch import Tensor, nn
 from tangle_ray import storage
 from tangle_ray.errors import ConfigError
 from tangle_ray.folders import load_supernet
-from tangle_ray.models import get_family
-from tangle_ray.models.registry import check_model_folder
+from tangle_ray.models import check_model_folder, get_family
 from tangle_ray.space import Arch, read_arch
 from tangle_ray.tasks import Task, get_task
 

@@ -21,16 +21,16 @@ from tangle_ray.models.registry import (
     REQUIRED,
     ModelFamily,
     Setting,
+    check_model_folder,
     get_family,
-    read_model_config,
     register,
 )
 from tangle_ray.names import check_name
 from tangle_ray.space import SearchSpace, parse_dims
 
 __all__ = [
-    "FAMILIES", "ModelFamily", "Setting", "available_spaces", "get_family", "load_model", "load_space",
-    "register", "space_from_dict", "spaces_dir",
+    "FAMILIES", "ModelFamily", "Setting", "available_spaces", "check_model_folder", "get_family", "load_model",
+    "load_space", "register", "space_from_dict", "spaces_dir",
 ]
 
 for _module in pkgutil.iter_modules(__path__):
@@ -88,7 +88,7 @@ def space_from_dict(raw: Any, source: str = "<dict>") -> SearchSpace:
 def load_model(folder: str | Path) -> nn.Module:
     """The standalone model in an exported model folder, of whichever family its ``config.json`` names."""
     path = Path(folder)
-    config = read_model_config(path)
+    config = check_model_folder(path)
     return get_family(config.get("model"), f"model folder {path}: config.json").load_model(path)
 
 

@@ -63,7 +63,6 @@ def check_model_folder(folder: str | Path) -> dict[str, Any]:
     return config
 
 
-read_model_config = check_model_folder  # its former name
 
 
 class Pretrained(nn.Module):
