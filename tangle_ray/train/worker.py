@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -203,8 +206,7 @@ class Worker:
                            "method": ctx.cfg.method, "arch": self.method.reported_arch(), "nodes": self.nodes}
                 ckpt.write_run_state(folder, state, self.history, tensors, summary)
             ckpt.seal(folder, ctx.rank, ctx.world)
-            if ctx.world > 1:
-                dist.barrier()
+            self._barrier()
             ray.train.report({**self.history.last_metrics, "step": self.step},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -214,7 +216,7 @@ class Worker:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return
-        with checkpoint.as_directory() as folder:
+        with self._local_copy(checkpoint) as folder:
             state = ckpt.read_run_state(folder)
             if state["world_size"] != self.ctx.world:
                 raise ConfigError(
@@ -235,6 +237,39 @@ class Worker:
             self.method.load_state(state["method"], ckpt.read_run_tensors(folder))
             self.history, self.step = state["history"], state["step"]
         self.progress.log(f"resumed at step {self.step}")
+
+    @contextlib.contextmanager
+    def _local_copy(self, checkpoint: Any) -> Iterator[Path]:
+        """The checkpoint as a local folder: itself on a shared file system; else one copy per Ray node,
+        downloaded by the node's first rank while the others wait at a barrier, and removed once every rank
+        has read it.
+
+        Not ``Checkpoint.as_directory``: its folder is shared by the node's processes and only the download is
+        locked, so a rank that arrives after the first download has finished downloads again over the files
+        another rank is reading (seen as a sha256 mismatch on a two-node run)."""
+        import pyarrow.fs
+
+        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+            yield Path(checkpoint.path)
+            return
+        token = self._gather(uuid.uuid4().hex)[0]  # rank 0's: one name for this restore
+        node = self.nodes[self.ctx.rank]
+        folder = Path(tempfile.gettempdir()) / f"tangle_ray_restore_{token}_{node[:12]}"
+        downloads = self.nodes.index(node) == self.ctx.rank  # the node's first rank (not the local rank:
+        # Ray Train numbers those per IP address, and nodes may share one)
+        try:
+            if downloads:
+                checkpoint.to_directory(str(folder))
+            self._barrier()
+            yield folder
+            self._barrier()  # every rank has read it
+        finally:
+            if downloads:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _barrier(self) -> None:
+        if self.ctx.world > 1:
+            dist.barrier()
 
     def _gather_node_ids(self) -> list[str]:
         """The Ray node of every rank, in rank order (shown in trainer_state.json)."""
