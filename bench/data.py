@@ -2,10 +2,12 @@
 Images: the loader's images per second of one core (decode + augment at 224 x 224) against a training step of
 an AutoFormer-T-size ViT. Pipelines: whether the input pipelines keep a GPU fed (the text sampler at the paper's
 micro-batch against the H100 step times of docs/benchmarks.md; tangle_ray's image path against a plain PIL
-baseline, per core, and the cores one GPU's AutoFormer-T step needs).
+baseline, per core, and the cores one GPU's AutoFormer-T step needs). Evaluation: the peak memory of scoring
+``--eval-images`` images at 224 x 224 held as whole tensors (as before) against streamed batch by batch, each in
+a fresh process, side by side, with equal metrics.
 
-    python bench/data.py [--part text|images|pipelines|all] [--mb 20] [--bpe-file FILE] [--repeat 2]
-                         [--images 64] [--tokens 100000000] [--micro-batch 64] [--mfu M]
+    python bench/data.py [--part text|images|pipelines|eval|all] [--mb 20] [--bpe-file FILE] [--repeat 2]
+                         [--images 64] [--tokens 100000000] [--micro-batch 64] [--mfu M] [--eval-images 2000]
 
 Every figure is the best of ``--repeat`` runs; CPU seconds (this process, its threads and its worker
 processes) give throughput per core even when other work shares the machine. Text preparation is measured end to
@@ -175,9 +177,10 @@ def run_images(args: argparse.Namespace, tmp: Path) -> None:
     import torch
 
     from tangle_ray.data.images.augment import Augment
-    from tangle_ray.data.images.batches import ImageBatches, PrefetchedBatches, eval_images
+    from tangle_ray.data.images.batches import EvalImages, ImageBatches, PrefetchedBatches
     from tangle_ray.data.images.prepare import ImageStore, prepare_images
     from tangle_ray.data.images.sources import ImageSource
+    from tangle_ray.tasks.base import materialize
 
     write_jpegs(tmp / "jpegs", args.images)
     files = sorted((tmp / "jpegs").rglob("*.JPEG"))
@@ -203,7 +206,7 @@ def run_images(args: argparse.Namespace, tmp: Path) -> None:
         steps = max(1, len(records) // 8)
         cpu = best_of(args.repeat, lambda: [batches.get(step, 0) for step in range(steps)])[1]
         rows.append((f"{name}, micro-batches of 8", cpu, 8 * steps))
-    cpu = best_of(args.repeat, lambda: eval_images(store, records, 224, 3))[1]
+    cpu = best_of(args.repeat, lambda: materialize(EvalImages(store, records, 224, 3)))[1]
     rows.append(("eval: resize 256 + centre crop", cpu, len(records)))
     torch.set_num_threads(threads)
     print(f"{'one core, 224 x 224, normalised float32':48} {'CPU s':>6} {'img/CPU-s':>10} {'ms/img':>7}")
@@ -445,6 +448,53 @@ def run_pipelines(args: argparse.Namespace, tmp: Path) -> None:
     torch.set_num_threads(threads)
 
 
+def eval_variant(folder: str, streamed: bool, queue) -> None:
+    """In a fresh process: a pooled linear classifier scored on every training image of ``folder`` at 224 x 224
+    in batches of 64, the set held as whole tensors or streamed; (peak resident-set growth in bytes, wall
+    seconds, the metrics)."""
+    import resource
+
+    from tangle_ray.evaluate import score
+    from tangle_ray.tasks import Samples, get_task
+    from tangle_ray.tasks.base import materialize
+
+    task = get_task("classify")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 8))
+    before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    samples = task.eval_set(task.data_config(dir=folder), {"img_size": 224, "in_chans": 3, "num_classes": 8},
+                            "train", 10**9, 0)
+    scores = score(model, model, task, samples if streamed else Samples(*materialize(samples)), 64)
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024  # Linux: kilobytes
+    queue.put((grown, time.perf_counter() - start, scores))
+
+
+def run_eval(args: argparse.Namespace, tmp: Path) -> None:
+    import multiprocessing
+
+    from tangle_ray.data.images.prepare import prepare_images
+    from tangle_ray.data.images.sources import ImageSource
+
+    write_jpegs(tmp / "eval-jpegs", args.eval_images)
+    folder = str(prepare_images(ImageSource(path=str(tmp / "eval-jpegs")), tmp / "eval-images"))
+    spawn = multiprocessing.get_context("spawn")
+    rows = {}
+    for streamed in (False, True):
+        queue = spawn.Queue()
+        process = spawn.Process(target=eval_variant, args=(folder, streamed, queue))
+        process.start()
+        rows[streamed] = queue.get()
+        process.join()
+    (whole, whole_s, whole_scores), (stream, stream_s, stream_scores) = rows[False], rows[True]
+    n, size = whole_scores["samples"], 224 * 224 * 3 * 4
+    print(f"evaluation of {n} images at 224 x 224 ({n * size / 2**20:,.0f} MiB as float32), batches of 64, "
+          "each variant in a fresh process:")
+    print(f"  whole tensors: peak memory +{whole / 2**20:,.0f} MiB, {whole_s:.1f} s")
+    print(f"  streamed:      peak memory +{stream / 2**20:,.0f} MiB, {stream_s:.1f} s")
+    print(f"  streamed / whole: memory {stream / whole:.3f}x, time {stream_s / whole_s:.2f}x; "
+          f"metrics equal: {stream_scores == whole_scores}")
+
+
 def at_least(least: int | float, kind: type = int) -> Callable[[str], int | float]:
     """An argparse type: a number of ``kind`` no smaller than ``least``."""
 
@@ -462,7 +512,7 @@ def at_least(least: int | float, kind: type = int) -> Callable[[str], int | floa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("text", "images", "pipelines", "all"), default="all",
+    ap.add_argument("--part", choices=("text", "images", "pipelines", "eval", "all"), default="all",
                     help="which benchmark to run (default: all)")
     ap.add_argument("--mb", type=at_least(0.01, float), default=20.0,
                     help="corpus size in MB of text, at least 0.01 (default: 20)")
@@ -481,6 +531,8 @@ def main() -> None:
     ap.add_argument("--mfu", type=at_least(1e-6, float), default=None,
                     help="pipelines: assumed H100 MFU of the AutoFormer-T step (default: that of the measured"
                          " gpt-tinystories step)")
+    ap.add_argument("--eval-images", type=at_least(MIN_IMAGES), default=2000,
+                    help="eval: synthetic JPEGs to score, whole and streamed (default: 2000)")
     args = ap.parse_args()
     datasets.disable_progress_bars()
     print(
@@ -494,6 +546,8 @@ def main() -> None:
             run_images(args, Path(tmp))
         if args.part in ("pipelines", "all"):
             run_pipelines(args, Path(tmp))
+        if args.part in ("eval", "all"):
+            run_eval(args, Path(tmp))
 
 
 if __name__ == "__main__":

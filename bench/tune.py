@@ -27,7 +27,7 @@ from ray import tune
 from tangle_ray.evaluate import evaluate_arch
 from tangle_ray.folders import load_supernet, save_supernet
 from tangle_ray.models import load_space
-from tangle_ray.tasks import Task, get_task
+from tangle_ray.tasks import Samples, Task, get_task
 from tangle_ray.tune.config import search_config_from_dict
 from tangle_ray.tune.searchers import RandomSearcher
 from tangle_ray.tune.tuner import make_trainable, make_tuner
@@ -38,9 +38,8 @@ def disk_trial(config: dict, path: str, task: Task, x: np.ndarray, y: np.ndarray
     start = time.perf_counter()
     supernet = load_supernet(path)
     ready = time.perf_counter()
-    scores = evaluate_arch(
-        supernet, config["arch"], task, torch.from_numpy(x.copy()), torch.from_numpy(y.copy()), batch_size
-    )
+    scores = evaluate_arch(supernet, config["arch"], task, Samples(torch.from_numpy(x.copy()),
+                                                                   torch.from_numpy(y.copy())), batch_size)
     tune.report({**scores, "setup_s": ready - start, "eval_s": time.perf_counter() - ready})
 
 
@@ -120,19 +119,13 @@ def bench(args: argparse.Namespace, work: Path) -> None:
 
     # size the evaluation: windows so that the mean architecture takes about target-s
     T, vocab = space.fixed["block_size"], space.fixed["vocab_size"]
-    probe = torch.randint(0, vocab, (4, T))
-    per_window = (
-        statistics.mean(_time(lambda a=a: evaluate_arch(supernet, a, task, probe, probe, 4)) for a in archs[:4]) / 4
-    )
+    probe = Samples(*[torch.randint(0, vocab, (4, T))] * 2)
+    per_window = statistics.mean(_time(lambda a=a: evaluate_arch(supernet, a, task, probe, 4)) for a in archs[:4]) / 4
     windows = max(1, round(args.target_s / per_window))
     tokens = np.random.default_rng(args.seed).integers(0, vocab, size=(windows, T + 1))
     x, y = tokens[:, :-1].copy(), tokens[:, 1:].copy()
-    pure = [
-        _time(
-            lambda a=a: evaluate_arch(supernet, a, task, torch.from_numpy(x), torch.from_numpy(y), args.batch_size)
-        )
-        for a in archs
-    ]
+    samples = Samples(torch.from_numpy(x), torch.from_numpy(y))
+    pure = [_time(lambda a=a: evaluate_arch(supernet, a, task, samples, args.batch_size)) for a in archs]
     ideal = sum(pure) / args.concurrency
 
     ray.init(address="local", num_cpus=args.concurrency, include_dashboard=False, log_to_driver=False)
@@ -149,7 +142,7 @@ def bench(args: argparse.Namespace, work: Path) -> None:
     config = search_config_from_dict({**raw, "run": {"storage_path": str(work / "runs"), "name": "shared"}})
     start = time.perf_counter()
     loaded = load_supernet(path)
-    trainable = make_trainable(config, loaded, task, x, y)  # puts the weights and windows in the object store
+    trainable = make_trainable(config, loaded, task, samples)  # puts the weights and windows in the object store
     load_once = time.perf_counter() - start
     shared = timed_fit(config, trainable, space, task, args.seed)
 

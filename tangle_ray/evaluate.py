@@ -1,10 +1,12 @@
 """Scoring architectures and models: with a supernet's inherited weights, or an exported standalone model.
 
 Serves the two-stage search (every Tune trial), ``tangle-ray evaluate``, the test score of a retrained model
-and the any-time curve of a training run. What is measured is the task's business (``Task.evaluate``): sums
-are exact, so a score depends on the outputs only; the outputs depend on the batch size at float32
-round-off (torch's kernels differ with the number of rows), so scores are reproduced bit for bit at the same
-batch size.
+and the any-time curve of a training run. Evaluation sets are read batch by batch (``Task.eval_set``), so
+memory holds a few batches whatever the set's size; the ranks of a run score a share of the batches each
+(``Shard``). What is measured is the task's business (``Task.tally``, ``Task.summarize``): sums are exact, so a
+score depends on the outputs only; the outputs depend on the batch size at float32 round-off (torch's kernels
+differ with the number of rows), so scores are reproduced bit for bit at the same batch size, on any number
+of ranks.
 
 A family that ``calibrates`` (MobileNetV3: batch norms) is scored with inherited weights as the standalone model
 of the architecture, extracted and prepared by the family on the task's calibration batches
@@ -14,7 +16,9 @@ statistics need preparing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,30 +30,49 @@ from tangle_ray.errors import ConfigError
 from tangle_ray.folders import load_supernet
 from tangle_ray.models import check_model_folder, get_family
 from tangle_ray.space import Arch, read_arch
-from tangle_ray.tasks import Task, get_task
+from tangle_ray.tasks import EvalSet, Task, get_task
+from tangle_ray.tasks.base import Tally, num_batches
 
 DEFAULT_BATCH_SIZE = 16
 
 
-def score(model: nn.Module, output_of: Callable[[Tensor], Tensor], task: Task, x: Tensor, y: Tensor,
-          batch_size: int = DEFAULT_BATCH_SIZE, per_sample: bool = False) -> dict[str, Any]:
-    """The task's metrics of ``output_of`` (a function of ``model``) on (x, y), in eval mode, without gradients;
-    ``per_sample`` adds ``sample_losses`` (each sample's loss, in order)."""
-    if len(x) == 0 or len(x) != len(y):
-        raise ValueError(f"expected equal non-empty inputs and targets, got {tuple(x.shape)}, {tuple(y.shape)}")
+@dataclass(frozen=True)
+class Shard:
+    """This rank's share of an evaluation scored by ``world`` ranks: batches ``rank``, ``rank + world``, ...;
+    ``gather`` (a collective) returns every rank's value in rank order."""
+
+    rank: int
+    world: int
+    gather: Callable[[Any], list[Any]]
+
+
+ALONE = Shard(0, 1, lambda value: [value])
+
+
+def score(model: nn.Module, output_of: Callable[[Tensor], Tensor], task: Task, samples: EvalSet,
+          batch_size: int = DEFAULT_BATCH_SIZE, per_sample: bool = False, shard: Shard = ALONE) -> dict[str, Any]:
+    """The task's metrics of ``output_of`` (a function of ``model``) on ``samples``, in eval mode, without
+    gradients; ``per_sample`` adds ``sample_losses`` (each sample's loss, in order). With a ``shard``, every rank
+    calls it, scores its batches and gets the metrics of the whole set (the same as one rank's)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    n = num_batches(samples, batch_size)
+    mine = range(shard.rank, n, shard.world)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            scores = task.evaluate(lambda xb: output_of(xb.to(device)), x, y, batch_size)
-            if not per_sample:
-                del scores["sample_losses"]
-            return scores
+            tallies = [task.tally(output_of(x.to(device)), y) for x, y in samples.batches(batch_size, mine)]
+            for x, _ in samples.batches(batch_size, [0] * (math.ceil(n / shard.world) - len(mine))):
+                output_of(x.to(device))  # as many passes as the other ranks: ZeRO-3 gathers weights in each
     finally:
         model.train(was_training)
+    ranks = shard.gather(tallies)  # ranks[r][j]: batch r + j * world
+    scores = task.summarize(Tally.of(ranks[i % shard.world][i // shard.world] for i in range(n)))
+    if not per_sample:
+        del scores["sample_losses"]
+    return scores
 
 
 def calibration_batches(task: Task, data: Any, space: Any) -> list[Tensor] | None:
@@ -66,20 +89,20 @@ def inherited_model(net: nn.Module, arch: Arch, calibration: Sequence[Tensor]) -
     return model.eval()
 
 
-def evaluate_arch(net: nn.Module, arch: Arch, task: Task, x: Tensor, y: Tensor,
+def evaluate_arch(net: nn.Module, arch: Arch, task: Task, samples: EvalSet,
                   batch_size: int = DEFAULT_BATCH_SIZE, per_sample: bool = False,
                   calibration: Sequence[Tensor] | None = None) -> dict[str, Any]:
     """``arch`` of a supernet (a ``Supernet`` or its ``net``) with inherited weights: its single path, or, given
     ``calibration`` batches (``calibration_batches``), its extracted model prepared on them."""
     if calibration is not None:
-        return evaluate_model(inherited_model(net, arch, calibration), task, x, y, batch_size, per_sample)
-    return score(net, lambda xb: net(xb, None, arch=arch)[0], task, x, y, batch_size, per_sample)
+        return evaluate_model(inherited_model(net, arch, calibration), task, samples, batch_size, per_sample)
+    return score(net, lambda xb: net(xb, None, arch=arch)[0], task, samples, batch_size, per_sample)
 
 
-def evaluate_model(model: nn.Module, task: Task, x: Tensor, y: Tensor,
+def evaluate_model(model: nn.Module, task: Task, samples: EvalSet,
                    batch_size: int = DEFAULT_BATCH_SIZE, per_sample: bool = False) -> dict[str, Any]:
     """A standalone model (e.g. an extracted one), scored as ``evaluate_arch`` scores a path."""
-    return score(model, lambda xb: model(xb)[0], task, x, y, batch_size, per_sample)
+    return score(model, lambda xb: model(xb)[0], task, samples, batch_size, per_sample)
 
 
 def evaluate_on_split(
@@ -109,8 +132,9 @@ def evaluate_on_split(
         family, arch = get_family(config.get("model"), f"model folder {model}: config.json"), config.get("arch")
         net = family.load_model(Path(model))
         task = get_task(family.task)
-        x, y = task.eval_set(task.data_config(dir=str(data_dir)), family.model_settings(net), split, num_samples, seed)
-        scores, params = evaluate_model(net, task, x, y, batch_size, per_sample), net.num_parameters()
+        samples = task.eval_set(task.data_config(dir=str(data_dir)), family.model_settings(net), split, num_samples,
+                                seed)
+        scores, params = evaluate_model(net, task, samples, batch_size, per_sample), net.num_parameters()
     else:
         sn = load_supernet(supernet)
         space, task = sn.space, get_task(sn.space.family.task)
@@ -121,8 +145,8 @@ def evaluate_on_split(
             arch = read_arch(arch)
         arch = space.validate(sn.argmax_arch() if arch is None else arch, source)
         data = task.data_config(dir=str(data_dir))
-        x, y = task.eval_set(data, space.fixed, split, num_samples, seed)
-        scores = evaluate_arch(sn, arch, task, x, y, batch_size, per_sample, calibration_batches(task, data, space))
+        samples = task.eval_set(data, space.fixed, split, num_samples, seed)
+        scores = evaluate_arch(sn, arch, task, samples, batch_size, per_sample, calibration_batches(task, data, space))
         params = space.param_count(arch)
     return {"split": split, "asked": num_samples, **scores, "params": params, "arch": arch}
 

@@ -1162,10 +1162,10 @@ def test_a_loss_beyond_the_range_of_exp_is_an_infinite_perplexity():
     """A diverged model's cross-entropy above about 709.78 nats: perplexity inf (before: OverflowError)."""
     import torch
 
-    from tangle_ray.tasks import get_task
+    from tangle_ray.tasks import Samples, get_task
 
     logits = torch.zeros(2, 3, 5)
     logits[..., 0] = 2000.0  # every target (class 1) has log-probability -2000
     targets = torch.ones(2, 3, dtype=torch.long)
-    scores = get_task("lm").evaluate(lambda xb: logits[: len(xb)], torch.zeros(2, 3), targets, batch_size=2)
+    scores = get_task("lm").evaluate(lambda xb: logits[: len(xb)], Samples(torch.zeros(2, 3), targets), batch_size=2)
     assert scores["loss"] == pytest.approx(2000.0) and scores["perplexity"] == math.inf

@@ -9,7 +9,7 @@ import importlib
 import pkgutil
 
 from tangle_ray.errors import ConfigError
-from tangle_ray.tasks.base import Batches, Metric, Task
+from tangle_ray.tasks.base import Batches, EvalSet, Metric, Samples, Task
 
 TASKS: dict[str, Task] = {}
 
@@ -29,4 +29,4 @@ for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["TASKS", "Batches", "Metric", "Task", "get_task", "register_task"]
+__all__ = ["TASKS", "Batches", "EvalSet", "Metric", "Samples", "Task", "get_task", "register_task"]

@@ -2,16 +2,20 @@
 
 A task owns its data section of a run file (a dataclass), preparing and checking that data on the driver,
 the training batches (keyed by seed, split, step and global micro-batch index, so that 1 and N workers and
-resumed runs see the same data), the evaluation set of a split, the metrics of an evaluation (summed
-exactly, so they do not depend on the batch size), the Tune metric and its mode, and the unit of throughput.
+resumed runs see the same data), the evaluation set of a split (read batch by batch: an ImageNet validation
+set is never held in memory), the metrics of an evaluation (each batch tallied, the tallies summed exactly in
+batch order, so that a set scored in shards on N workers gives what one worker gives), the Tune metric and
+its mode, and the unit of throughput.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,6 +26,88 @@ class Batches(Protocol):
     """Training or architecture batches: ``get(step, micro_index) -> (x, y)``, a pure function of its key."""
 
     def get(self, step: int, micro_index: int) -> tuple[Tensor, Tensor]: ...
+
+
+class EvalSet(Protocol):
+    """A fixed evaluation set, read batch by batch: the same samples in the same order for every reader.
+    Batch ``i`` of size ``b`` holds samples ``i*b .. i*b+b-1``."""
+
+    def __len__(self) -> int: ...
+
+    def batches(self, size: int, which: Sequence[int]) -> Iterator[tuple[Tensor, Tensor]]:
+        """The inputs and targets of batches ``which``, in that order."""
+        ...
+
+
+@dataclass(frozen=True)
+class Samples:
+    """An evaluation set held in memory."""
+
+    x: Tensor
+    y: Tensor
+
+    def __post_init__(self) -> None:
+        if len(self.x) == 0 or len(self.x) != len(self.y):
+            raise ValueError(f"expected equal non-empty inputs and targets, got {tuple(self.x.shape)}, "
+                             f"{tuple(self.y.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def batches(self, size: int, which: Sequence[int]) -> Iterator[tuple[Tensor, Tensor]]:
+        for i in which:
+            yield self.x[i * size:(i + 1) * size], self.y[i * size:(i + 1) * size]
+
+
+def num_batches(samples: EvalSet, size: int) -> int:
+    return math.ceil(len(samples) / size)
+
+
+def materialize(samples: EvalSet, size: int = 64) -> tuple[Tensor, Tensor]:
+    """The whole set as two tensors (for small sets: calibration images, tests)."""
+    parts = list(samples.batches(size, range(num_batches(samples, size))))
+    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+
+@dataclass
+class Tally:
+    """What an evaluation has seen so far: each unit's loss (a token's, an image's), each sample's loss and
+    integer counts (e.g. correct top-1 predictions). Tallies of consecutive batches add up by concatenation,
+    so a set scored in any grouping of its batches gives the same tally, hence the same metrics."""
+
+    unit_losses: list[np.ndarray] = field(default_factory=list)  # float64, one array per batch
+    sample_losses: list[np.ndarray] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: Tally) -> Tally:
+        self.unit_losses += other.unit_losses
+        self.sample_losses += other.sample_losses
+        for k, n in other.counts.items():
+            self.counts[k] = self.counts.get(k, 0) + n
+        return self
+
+    @classmethod
+    def of(cls, tallies: Iterable[Tally]) -> Tally:
+        """The sum of ``tallies`` (in batch order)."""
+        total = cls()
+        for t in tallies:
+            total.add(t)
+        return total
+
+    @property
+    def samples(self) -> int:
+        return sum(len(a) for a in self.sample_losses)
+
+    @property
+    def units(self) -> int:
+        return sum(len(a) for a in self.unit_losses)
+
+    def mean_loss(self) -> float:
+        """The exactly rounded mean of the units' losses (``math.fsum``): independent of the batch grouping."""
+        return math.fsum(np.concatenate(self.unit_losses).tolist()) / self.units
+
+    def per_sample(self) -> list[float]:
+        return np.concatenate(self.sample_losses).tolist()
 
 
 @dataclass(frozen=True)
@@ -71,8 +157,9 @@ class Task:
         for samplers that walk through the data in order (epochs)."""
         raise NotImplementedError
 
-    def eval_set(self, data: Any, fixed: dict[str, Any], split: str, num: int, seed: int) -> tuple[Tensor, Tensor]:
-        """A fixed evaluation set of ``num`` samples of ``split`` (the same for every caller)."""
+    def eval_set(self, data: Any, fixed: dict[str, Any], split: str, num: int, seed: int) -> EvalSet:
+        """A fixed evaluation set of ``num`` samples of ``split`` (the same for every caller), read from the data
+        folder batch by batch; it pickles small (a path and sample indices), to be read where it is scored."""
         raise NotImplementedError
 
     def calibration_set(self, data: Any, fixed: dict[str, Any]) -> list[Tensor]:
@@ -88,8 +175,18 @@ class Task:
         """Throughput units in one sample (tokens of a window, or 1 image)."""
         raise NotImplementedError
 
-    def evaluate(self, output_of: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, batch_size: int) -> dict[str, Any]:
-        """Every metric of ``self.metrics`` on (x, y), the number of samples and units it rests on, and
+    def tally(self, output: Tensor, y: Tensor) -> Tally:
+        """One batch's tally from the model's output and the targets."""
+        raise NotImplementedError
+
+    def summarize(self, tally: Tally) -> dict[str, Any]:
+        """Every metric of ``self.metrics``, the number of samples and units it rests on, and
         ``sample_losses``: each sample's cross-entropy in order (a text window's mean over its tokens), for tests
         that pair two models over the same samples."""
         raise NotImplementedError
+
+    def evaluate(self, output_of: Callable[[Tensor], Tensor], samples: EvalSet, batch_size: int) -> dict[str, Any]:
+        """``summarize`` of every batch of ``samples``, one at a time. The same batch size reproduces the
+        metrics bit for bit; another gives them to float32 round-off (kernels differ with the number of rows)."""
+        which = range(num_batches(samples, batch_size))
+        return self.summarize(Tally.of(self.tally(output_of(x), y) for x, y in samples.batches(batch_size, which)))

@@ -6,9 +6,7 @@ model takes; images are decoded and resized to fit, and every label must be belo
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,13 +17,13 @@ from torch import Tensor
 
 from tangle_ray.configs import VOLATILE
 from tangle_ray.data.images.augment import Augment
-from tangle_ray.data.images.batches import ImageBatches, PrefetchedBatches, eval_images, eval_records
+from tangle_ray.data.images.batches import EvalImages, ImageBatches, PrefetchedBatches, eval_records
 from tangle_ray.data.images.prepare import META, ImageStore, check_image_folder, prepare_images
 from tangle_ray.data.images.sources import ImageSource
 from tangle_ray.errors import ConfigError, TangleRayError
 from tangle_ray.space import SearchSpace
 from tangle_ray.tasks import register_task
-from tangle_ray.tasks.base import Batches, Metric, Task
+from tangle_ray.tasks.base import Batches, Metric, Tally, Task, materialize
 
 FIXED = ("img_size", "in_chans", "num_classes")
 MAX_LOADERS = 256  # decoding processes of one trainer on any machine
@@ -164,20 +162,18 @@ class ClassifyTask(Task):
         )
         return PrefetchedBatches(batches, data.num_workers, data.prefetch) if data.num_workers else batches
 
-    def eval_set(
-        self, data: ImageData, fixed: dict[str, Any], split: str, num: int, seed: int
-    ) -> tuple[Tensor, Tensor]:
+    def eval_set(self, data: ImageData, fixed: dict[str, Any], split: str, num: int, seed: int) -> EvalImages:
         """``num`` fixed images of ``split`` (all if fewer), evaluation transform; y: int64 class indices."""
         img_size, in_chans, num_classes = _fixed(fixed)
         store = check_image_folder(data.dir, num_classes)
         records = eval_records(store.split(split), num, seed)
-        return eval_images(store, records, img_size, in_chans, data.eval_crop, data.augment, data.num_workers)
+        return EvalImages(store, records, img_size, in_chans, data.eval_crop, data.augment, data.num_workers)
 
     def calibration_set(self, data: ImageData, fixed: dict[str, Any]) -> list[Tensor]:
         """``data.calibration_images`` fixed images of the weight split (``train``; all if fewer), drawn by
         ``CALIBRATION_SEED`` whatever the run's or search's seed, evaluation transform, in batches of
         ``data.calibration_batch_size`` (a last batch of one image is left out: it has no batch variance)."""
-        x, _ = self.eval_set(data, fixed, "train", data.calibration_images, CALIBRATION_SEED)
+        x, _ = materialize(self.eval_set(data, fixed, "train", data.calibration_images, CALIBRATION_SEED))
         b = data.calibration_batch_size
         return [x[i:i + b] for i in range(0, len(x), b) if len(x[i:i + b]) > 1]
 
@@ -189,21 +185,19 @@ class ClassifyTask(Task):
     def units_per_sample(self, fixed: dict[str, Any]) -> int:
         return 1
 
-    def evaluate(self, output_of: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, batch_size: int) -> dict[str, Any]:
-        """Mean cross-entropy (``math.fsum`` of per-image losses) and top-1/top-5 accuracy (integer counts): the
-        same batch size reproduces them bit for bit; another gives the loss to float32 round-off, since a
-        one-row product may take another kernel path than a many-row one. ``y`` holds class indices."""
-        if y.ndim != 1 or len(x) != len(y) or len(y) == 0:
-            raise ValueError(f"expected n > 0 images and n class indices, got x {tuple(x.shape)}, y {tuple(y.shape)}")
-        losses: list[float] = []
-        top1 = top5 = 0
-        for start in range(0, len(x), batch_size):
-            logits = output_of(x[start : start + batch_size]).float()
-            yb = y[start : start + batch_size].to(logits.device)
-            losses.extend(F.cross_entropy(logits, yb, reduction="none").double().cpu().tolist())
-            hits = logits.topk(min(5, logits.size(-1)), dim=-1).indices == yb[:, None]
-            top1 += int(hits[:, 0].sum())
-            top5 += int(hits.any(dim=-1).sum())
-        n = len(y)
-        return {"top1": top1 / n, "top5": top5 / n, "loss": math.fsum(losses) / n, "samples": n, "images": n,
-                "sample_losses": losses}
+    def tally(self, output: Tensor, y: Tensor) -> Tally:
+        """Each image's cross-entropy (in float32, kept as float64) and integer counts of top-1 and top-5 hits.
+        ``y`` holds class indices."""
+        if y.ndim != 1 or len(output) != len(y) or len(y) == 0:
+            raise ValueError(f"expected n > 0 outputs and n class indices, got {tuple(output.shape)}, {tuple(y.shape)}")
+        logits = output.float()
+        y = y.to(logits.device)
+        losses = F.cross_entropy(logits, y, reduction="none").double().cpu().numpy()
+        hits = logits.topk(min(5, logits.size(-1)), dim=-1).indices == y[:, None]
+        return Tally([losses], [losses], {"top1": int(hits[:, 0].sum()), "top5": int(hits.any(dim=-1).sum())})
+
+    def summarize(self, tally: Tally) -> dict[str, Any]:
+        """Mean cross-entropy (``math.fsum`` of per-image losses) and top-1/top-5 accuracy (integer counts)."""
+        n = tally.samples
+        return {"top1": tally.counts["top1"] / n, "top5": tally.counts["top5"] / n, "loss": tally.mean_loss(),
+                "samples": n, "images": n, "sample_losses": tally.per_sample()}

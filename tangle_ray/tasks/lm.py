@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tangle_ray.data.text.prepare import check_token_folder, load_split, prepare_text
-from tangle_ray.data.text.sampler import WindowSampler, eval_windows
+from tangle_ray.data.text.sampler import EvalWindows, WindowSampler, eval_starts
 from tangle_ray.data.text.sources import TextSource
 from tangle_ray.errors import ConfigError
 from tangle_ray.space import SearchSpace
 from tangle_ray.tasks import register_task
-from tangle_ray.tasks.base import Metric, Task
+from tangle_ray.tasks.base import Metric, Tally, Task
 
 
 def lm_loss(logits: Tensor, targets: Tensor | None) -> Tensor | None:
@@ -113,11 +113,12 @@ class LanguageModelling(Task):
         check_token_folder(data.dir, fixed["vocab_size"])  # in each worker too: once per process
         return WindowSampler(load_split(data.dir, split), fixed["block_size"], micro_batch, seed, split)
 
-    def eval_set(self, data: TextData, fixed: dict[str, Any], split: str, num: int,
-                 seed: int) -> tuple[Tensor, Tensor]:
+    def eval_set(self, data: TextData, fixed: dict[str, Any], split: str, num: int, seed: int) -> EvalWindows:
         """``num`` fixed windows of ``split`` (fewer if the split is short) of a checked folder."""
         check_token_folder(data.dir, fixed["vocab_size"])
-        return eval_windows(load_split(data.dir, split), fixed["block_size"], num, seed)
+        block_size = fixed["block_size"]
+        starts = eval_starts(load_split(data.dir, split), block_size, num, seed)
+        return EvalWindows(partial(load_split, data.dir, split), block_size, starts)
 
     def random_batch(self, fixed: dict[str, Any], n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         tokens = torch.randint(0, fixed["vocab_size"], (n, fixed["block_size"] + 1), generator=gen)
@@ -126,18 +127,14 @@ class LanguageModelling(Task):
     def units_per_sample(self, fixed: dict[str, Any]) -> int:
         return fixed["block_size"]
 
-    def evaluate(self, output_of: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, batch_size: int) -> dict[str, Any]:
-        """Mean cross-entropy as the exactly rounded sum (``math.fsum``) of per-token losses over their count:
-        a function of the logits only, so the same batch size reproduces it bit for bit (another batch size
-        can change the logits at float32 round-off: kernels differ with the number of rows)."""
-        losses: list[float] = []
-        windows: list[float] = []  # each window's mean loss, for tests that pair two models over the samples
-        for start in range(0, len(x), batch_size):
-            logits = output_of(x[start:start + batch_size])
-            yb = y[start:start + batch_size].to(logits.device)
-            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), yb.reshape(-1), reduction="none")
-            losses.extend(nll.double().cpu().tolist())
-            windows.extend(nll.view(len(yb), -1).mean(1).double().cpu().tolist())
-        loss = math.fsum(losses) / len(losses)
-        return {"loss": loss, "perplexity": perplexity(loss), "samples": len(x), "tokens": len(losses),
-                "sample_losses": windows}
+    def tally(self, output: Tensor, y: Tensor) -> Tally:
+        """Each token's cross-entropy (in float32, kept as float64) and each window's mean."""
+        nll = F.cross_entropy(output.reshape(-1, output.size(-1)).float(), y.to(output.device).reshape(-1),
+                              reduction="none")
+        return Tally([nll.double().cpu().numpy()], [nll.view(len(y), -1).mean(1).double().cpu().numpy()])
+
+    def summarize(self, tally: Tally) -> dict[str, Any]:
+        """Mean cross-entropy as the exactly rounded sum (``math.fsum``) of per-token losses over their count."""
+        loss = tally.mean_loss()
+        return {"loss": loss, "perplexity": perplexity(loss), "samples": tally.samples, "tokens": tally.units,
+                "sample_losses": tally.per_sample()}

@@ -278,28 +278,29 @@ def compare_with_random(plan: RunPlan, supernet_dir: Path, arch: dict[str, Any],
     median comes with a paired bootstrap interval over the evaluation batches (``against_random.json``)."""
     from tangle_ray.evaluate import calibration_batches, evaluate_arch, evaluate_model, inherited_model
     from tangle_ray.stats import against_median
+    from tangle_ray.tasks import Samples
 
     cfg, task = plan.config, plan.task
     supernet = load_supernet(supernet_dir)
-    x, y = task.eval_set(cfg.data, plan.space.fixed, "test", cfg.eval_samples, cfg.seed)
+    samples = task.eval_set(cfg.data, plan.space.fixed, "test", cfg.eval_samples, cfg.seed)
     calibration = calibration_batches(task, cfg.data, plan.space)  # each architecture's model prepared once
     rng = random.Random(cfg.seed)
     archs = [arch] + [plan.space.sample(rng) for _ in range(k)]
-    key, b = task.objective.key, cfg.micro_batch_size
-    batches = [(x[i:i + b], y[i:i + b]) for i in range(0, len(x) - b + 1, b)] or [(x, y)]  # equal sizes
+    key = task.objective.key
+    b = min(cfg.micro_batch_size, len(samples))
+    which = range(len(samples) // b)  # equal sizes: a short last batch is left out
 
-    def scores_of(a: dict[str, Any]) -> list[float]:
-        if calibration is None:
-            return [evaluate_arch(supernet, a, task, xb, yb, b)[key] for xb, yb in batches]
-        model = inherited_model(supernet, a, calibration)
-        return [evaluate_model(model, task, xb, yb, b)[key] for xb, yb in batches]
+    def scores_of(a: dict[str, Any]) -> list[float]:  # each batch's score, a batch in memory at a time
+        model = None if calibration is None else inherited_model(supernet, a, calibration)
+        return [(evaluate_arch(supernet, a, task, Samples(xb, yb), b) if model is None
+                 else evaluate_model(model, task, Samples(xb, yb), b))[key] for xb, yb in samples.batches(b, which)]
 
     per_batch = [scores_of(a) for a in archs]
     scores = [sum(p) / len(p) for p in per_batch]
-    result = {"metric": key, "samples": sum(len(yb) for _, yb in batches), "chosen": scores[0],
+    result = {"metric": key, "samples": b * len(which), "chosen": scores[0],
               "random": scores[1:], "random_archs": archs[1:],
               "beaten": sum(task.objective.better(scores[0], s) for s in scores[1:])}
-    if len(batches) >= 2:
+    if len(which) >= 2:
         diff = against_median(per_batch[0], per_batch[1:], task.objective.higher_is_better, seed=cfg.seed)
         result["against_median"] = diff.to_dict()
     (plan.run_dir / "against_random.json").write_text(json.dumps(result, indent=2) + "\n")

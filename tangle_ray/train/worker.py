@@ -33,7 +33,7 @@ from tangle_ray.divergence import (
     weights_problem,
 )
 from tangle_ray.errors import ConfigError
-from tangle_ray.evaluate import calibration_batches, inherited_model, score
+from tangle_ray.evaluate import Shard, calibration_batches, inherited_model, score
 from tangle_ray.methods import Context
 from tangle_ray.space import space_to_dict
 from tangle_ray.train import checkpoint as ckpt
@@ -76,7 +76,7 @@ class Worker:
             train=task.batches(cfg.data, fixed, "train", cfg.micro_batch_size, cfg.seed, cfg.micro_per_step),
             valid=task.batches(cfg.data, fixed, "valid", cfg.micro_batch_size, cfg.seed, cfg.micro_per_step),
         )
-        self.eval_x, self.eval_y = task.eval_set(cfg.data, fixed, "valid", cfg.eval_samples, cfg.seed)
+        self.eval_set = task.eval_set(cfg.data, fixed, "valid", cfg.eval_samples, cfg.seed)
         # a family that calibrates (batch norms): the any-time curve scores the extracted, recalibrated path
         self.calibration = calibration_batches(task, cfg.data, plan.space) if cfg.method_class.trains_supernet \
             else None
@@ -149,7 +149,7 @@ class Worker:
 
     def _evaluate(self) -> None:
         """The any-time curve: the evaluated architecture's single path (or the fixed model) with the current
-        weights, on fixed validation samples, in eval mode."""
+        weights, on fixed validation samples, in eval mode; each rank scores a share of the batches."""
         module = self.engine.module
         if self.calibration is not None:  # every rank alike: the same weights, images and arithmetic
             import deepspeed
@@ -162,7 +162,8 @@ class Worker:
             output_of = lambda x: module(x)[0]  # noqa: E731
         else:
             output_of = self.method.output_of(module)
-        scores = score(module, output_of, self.ctx.task, self.eval_x, self.eval_y, self.ctx.cfg.micro_batch_size)
+        scores = score(module, output_of, self.ctx.task, self.eval_set, self.ctx.cfg.micro_batch_size,
+                       shard=Shard(self.ctx.rank, self.ctx.world, self._gather))
         row = {"step": self.step, **{f"valid_{m.key}": scores[m.key] for m in self.ctx.task.metrics},
                "arch": self.method.eval_arch()}
         self.history.anytime.append(row)

@@ -38,7 +38,7 @@ from tangle_ray.names import check_output_dir
 from tangle_ray.report.leaderboard import TrialRecord, ranked, write_report
 from tangle_ray.space import Arch, SearchSpace, space_to_dict
 from tangle_ray.supernet import Supernet
-from tangle_ray.tasks import Task, get_task
+from tangle_ray.tasks import EvalSet, Task, get_task
 from tangle_ray.tune.config import SearchConfig
 from tangle_ray.tune.searchers import check_constraints, make_searcher, saved_searcher_state
 
@@ -104,22 +104,26 @@ def cached_model(shared: SharedSupernet) -> nn.Module:
 
 
 def evaluate_trial(
-    config: dict, shared: SharedSupernet, task: Task, x: np.ndarray, y: np.ndarray, batch_size: int,
-    calibration: list[np.ndarray] | None = None,
+    config: dict, shared: SharedSupernet, task: Task, samples: EvalSet, batch_size: int,
+    calibration: list[np.ndarray] | None = None, data_uri: str | None = None,
 ) -> None:
-    """The Tune trial: score ``config["arch"]`` and report the task's metrics, params, FLOPs and the arch;
-    ``calibration``: the batches a family that calibrates prepares the extracted architecture on."""
+    """The Tune trial: score ``config["arch"]`` and report the task's metrics, params, FLOPs and the arch.
+    ``samples`` are read batch by batch from the data folder on the trial's node (``data_uri``: a folder in a
+    bucket, mirrored to the node first); ``calibration``: the batches a family that calibrates prepares the
+    extracted architecture on."""
     start = time.perf_counter()
     net = cached_model(shared)
+    if data_uri is not None:
+        storage.localize(data_uri, "search config: data.dir")  # the node's mirror, where ``samples`` read
     ready = time.perf_counter()
     arch = config["arch"]
     calibration = None if calibration is None else [_tensor(b) for b in calibration]
-    scores = evaluate_arch(net, arch, task, _tensor(x), _tensor(y), batch_size, calibration=calibration)
+    scores = evaluate_arch(net, arch, task, samples, batch_size, calibration=calibration)
     space: SearchSpace = net.space
     tune.report(
         {
             **scores,
-            "units": len(x) * task.units_per_sample(space.fixed),
+            "units": len(samples) * task.units_per_sample(space.fixed),
             "params": space.param_count(arch),
             "flops": space.flops(arch),
             "index": config["index"],
@@ -136,13 +140,14 @@ def load_checked_supernet(config: SearchConfig) -> Supernet:
                          load_space(config.space) if config.space is not None else None)
 
 
-def make_trainable(config: SearchConfig, supernet: Supernet, task: Task, x: np.ndarray, y: np.ndarray,
+def make_trainable(config: SearchConfig, supernet: Supernet, task: Task, samples: EvalSet,
                    calibration: list[np.ndarray] | None = None):
-    """``evaluate_trial`` bound to the shared supernet, samples and calibration batches (object store), with
-    trial resources."""
+    """``evaluate_trial`` bound to the shared supernet and calibration batches (object store) and the evaluation
+    set (its folder and sample indices), with trial resources."""
+    data_uri = config.data.dir if storage.is_uri(config.data.dir) else None
     trainable = tune.with_parameters(
-        evaluate_trial, shared=SharedSupernet.of(supernet), task=task, x=x, y=y, batch_size=config.eval.batch_size,
-        calibration=calibration,
+        evaluate_trial, shared=SharedSupernet.of(supernet), task=task, samples=samples,
+        batch_size=config.eval.batch_size, calibration=calibration, data_uri=data_uri,
     )
     r = config.resources
     return tune.with_resources(trainable, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
@@ -242,12 +247,12 @@ def run_search(
     check_output_dir(config.run_dir(), "search config: run.storage_path")
     e, data = config.eval, str(storage.localize(config.data.dir, "search config: data.dir"))
     data_config = task.data_config(dir=data)  # the data section's defaults: calibration images and batch size
-    x, y = task.eval_set(data_config, space.fixed, e.split, e.samples, e.seed)
+    samples = task.eval_set(data_config, space.fixed, e.split, e.samples, e.seed)
     calibration = calibration_batches(task, data_config, space)
     connect(address, verbose=verbose)
     r = config.resources
     check_resources(1, {"CPU": r.cpus_per_trial, "GPU": r.gpus_per_trial}, "search config: resources (one trial)")
-    trainable = make_trainable(config, supernet, task, x.numpy(), y.numpy(),
+    trainable = make_trainable(config, supernet, task, samples,
                                None if calibration is None else [b.numpy() for b in calibration])
     searcher = make_searcher(config, space, task.objective.key, task.objective.mode)
     lines = [] if config.verbose else [TrialLines(task, config.total_trials, space)]

@@ -27,10 +27,11 @@ from tangle_ray.data.images.augment import (
     mix,
     train_image,
 )
-from tangle_ray.data.images.batches import ImageBatches, PrefetchedBatches, eval_images, eval_records
+from tangle_ray.data.images.batches import EvalImages, ImageBatches, PrefetchedBatches, eval_records
 from tangle_ray.data.images.prepare import ImageStore, prepare_images, read_image_meta
 from tangle_ray.data.images.sources import ImageSource, split_balanced
 from tangle_ray.errors import ConfigError, TangleRayError
+from tangle_ray.tasks.base import materialize, num_batches
 
 CLASSES = ("ant", "bee", "cow")
 RECIPE = Augment()  # the default DeiT / AutoFormer recipe
@@ -328,9 +329,14 @@ def test_eval_images_fixed(store):
     records = eval_records(store.split("test"), 4, seed=0)
     assert len(records) == 4 and np.array_equal(records, eval_records(store.split("test"), 4, seed=0))
     assert len(eval_records(store.split("test"), 100, seed=0)) == 6
-    x, y = eval_images(store, records, img_size=16, in_chans=3)
-    x2, _ = eval_images(store, records, img_size=16, in_chans=3, num_workers=2)
-    assert x.shape == (4, 3, 16, 16) and torch.equal(x, x2) and y.tolist() == store.labels[records].tolist()
+    images = EvalImages(store, records, img_size=16, in_chans=3)
+    x, y = materialize(images)
+    assert x.shape == (4, 3, 16, 16) and y.tolist() == store.labels[records].tolist()
+    parallel = pickle.loads(pickle.dumps(EvalImages(store, records, img_size=16, in_chans=3, num_workers=2)))
+    for size in (1, 3, 4):  # any batch, read in any order, in any process: the same pixels
+        which = list(reversed(range(num_batches(parallel, size))))
+        for i, (xb, yb) in zip(which, parallel.batches(size, which), strict=True):
+            assert torch.equal(xb, x[i * size:(i + 1) * size]) and torch.equal(yb, y[i * size:(i + 1) * size])
 
 
 def test_evaluation_sees_what_training_saw(store):
@@ -340,7 +346,7 @@ def test_evaluation_sees_what_training_saw(store):
     whole = replace(PLAIN, crop_scale=(1.0, 1.0), hflip=0.0)
     batches = ImageBatches(store, "test", 4, 0, img_size=16, in_chans=3, num_classes=3, augment=whole)
     x, _ = batches.get(0, 0)
-    evaluated, _ = eval_images(store, batches.records_of(0, 0), 16, 3, augment=whole)
+    evaluated, _ = materialize(EvalImages(store, batches.records_of(0, 0), 16, 3, augment=whole))
     assert torch.equal(x, evaluated)
     assert eval_crop(None, PLAIN, [28] * 5, 28) == 1.0 and eval_crop(None, PLAIN, [500] * 5, 224) == 0.875
     assert eval_crop(None, whole, [500] * 5, 224) is None and eval_crop(0.9, whole, [500], 224) == 0.9

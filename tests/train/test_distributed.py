@@ -23,7 +23,7 @@ def _run(tiny_config, key, **overrides):
     return _runs[key]
 
 
-@pytest.mark.parametrize("mixer", ["drnas", "darts"])
+@pytest.mark.parametrize("mixer", ["drnas"])  # DARTS: the same path with a deterministic mixing
 def test_two_workers_equal_one_worker_for_the_same_global_batch(local_ray, tiny_config, mixer):
     """With dropout 0.2: 2 workers x 2 accumulation steps = 1 worker x 4 (2x the accumulation), micro-batch
     by micro-batch, because every dropout mask is keyed by (seed, step, micro-batch index, purpose)."""
@@ -55,7 +55,7 @@ def test_export_of_zero3_run_equals_the_supernet_single_path(local_ray, tiny_con
     assert list((run.run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [2, 3])  # the stages that partition gradients
 def test_spos_with_changing_depth_runs_under_zero(local_ray, tiny_config, stage):
     run = _run(tiny_config, f"spos-z{stage}", method="spos", scaling__num_workers=2, zero_stage=stage, steps=6)
     assert [m["step"] for m in run.history.metrics] == list(range(1, 7))

@@ -15,6 +15,7 @@ from tangle_ray.data.text.prepare import FORMAT_VERSION, SPLITS, load_split
 from tangle_ray.data.text.sampler import eval_windows
 from tangle_ray.folders import load_supernet, save_supernet
 from tangle_ray.models import load_space
+from tangle_ray.tasks import Samples
 from tangle_ray.tune.config import SearchConfig, search_config_from_dict
 
 VOCAB = 97  # gpt-micro
@@ -91,9 +92,9 @@ def supernet(supernet_dir):
 
 
 @pytest.fixture(scope="session")
-def eval_xy(data_dir) -> tuple[torch.Tensor, torch.Tensor]:
+def eval_samples(data_dir) -> Samples:
     """The windows a search with ``eval.samples=32, eval.seed=0`` scores architectures on."""
-    return eval_windows(load_split(data_dir, "valid"), 16, 32, 0)
+    return Samples(*eval_windows(load_split(data_dir, "valid"), 16, 32, 0))
 
 
 @pytest.fixture

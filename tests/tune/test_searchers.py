@@ -77,14 +77,13 @@ def test_evolution_finds_a_known_best_it_did_not_start_with(space):
     assert sum(results[i] for i in range(100, 150)) < sum(results[i] for i in range(50))
 
 
-def test_evolution_improves_on_the_real_supernet(supernet, eval_xy):
-    x, y = eval_xy
+def test_evolution_improves_on_the_real_supernet(supernet, eval_samples):
     es = EvolutionSearcher(
         supernet.space,
         EvolutionConfig(population=10, generations=5, parents=3, mutations=5, crossovers=3),
         seed=0,
     )
-    results = drive(es, lambda a: evaluate_arch(supernet, a, get_task("lm"), x, y)["loss"])
+    results = drive(es, lambda a: evaluate_arch(supernet, a, get_task("lm"), eval_samples)["loss"])
     gen = [[results[i] for i in range(g * 10, g * 10 + 10)] for g in range(5)]
     assert min(results.values()) < min(gen[0])
     assert sum(gen[-1]) < sum(gen[0])

@@ -43,8 +43,7 @@ class Interrupt(tune.Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
-def test_random_search_trials_equal_evaluate_arch_and_report(local_ray, make_config, supernet, eval_xy):
-    x, y = eval_xy
+def test_random_search_trials_equal_evaluate_arch_and_report(local_ray, make_config, supernet, eval_samples):
     space = supernet.space
     cap = sorted(space.param_count(space.sample(random.Random(i))) for i in range(50))[25]  # a median
     config = make_config(algorithm="random", random={"num_trials": 8}, constraints={"max_params": cap})
@@ -52,9 +51,9 @@ def test_random_search_trials_equal_evaluate_arch_and_report(local_ray, make_con
     archs = [t.arch for t in result.trials]
     assert [t.index for t in result.trials] == list(range(8)) and len({space.key(a) for a in archs}) == 8
     for t in result.trials:
-        scores = evaluate_arch(supernet, t.arch, get_task("lm"), x, y)
+        scores = evaluate_arch(supernet, t.arch, get_task("lm"), eval_samples)
         assert t.metrics == {"loss": scores["loss"], "perplexity": scores["perplexity"]}  # exactly `evaluate`'s
-        assert t.units == x.numel()
+        assert t.units == eval_samples.x.numel()
         assert (t.params, t.flops) == (space.param_count(t.arch), space.flops(t.arch)) and t.params <= cap
     out = result.out_dir
     best = json.loads((out / "best_arch.json").read_text())

@@ -12,7 +12,7 @@ decodes ahead in DataLoader worker processes whose item ``key`` is the micro-bat
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import count
 
 import numpy as np
@@ -228,26 +228,26 @@ class _EvalChunks(Dataset):
         )
 
 
-def eval_images(
-    store: ImageStore,
-    records: np.ndarray,
-    img_size: int,
-    in_chans: int,
-    crop: float | None = None,
-    augment: Augment = Augment(),
-    num_workers: int = 0,
-) -> tuple[Tensor, Tensor]:
-    """Images ``records`` with the evaluation transform: x float32 [n, C, H, W], y int64 [n] (in order).
+class EvalImages:
+    """An evaluation set (``tasks.base.EvalSet``) of images ``records`` with the evaluation transform, decoded
+    batch by batch (by ``num_workers`` processes, a few batches ahead, when there are several): memory holds a
+    few batches, whatever the number of images. ``crop`` None: the crop that fits ``augment`` and the images'
+    sizes (``augment.eval_crop``). It pickles as the store's paths and the records."""
 
-    ``crop`` None: the crop that fits ``augment`` and the images' sizes (``augment.eval_crop``)."""
-    sides = [min(open_image(store.encoded(r), store.where(r)).size) for r in records[:64]]  # headers only
-    crop = eval_crop(crop, augment, sides, img_size)
-    chunks = [records[i : i + 64] for i in range(0, len(records), 64)]
-    dataset = _EvalChunks(store, chunks, img_size, _mode(in_chans), crop)
-    workers = min(num_workers, len(chunks))
-    parts = (
-        list(DataLoader(dataset, batch_size=None, num_workers=workers))
-        if workers
-        else [dataset[i] for i in range(len(chunks))]
-    )
-    return normalise(torch.cat(parts)), torch.from_numpy(store.labels[records])
+    def __init__(self, store: ImageStore, records: np.ndarray, img_size: int, in_chans: int,
+                 crop: float | None = None, augment: Augment = Augment(), num_workers: int = 0):
+        sides = [min(open_image(store.encoded(r), store.where(r)).size) for r in records[:64]]  # headers only
+        self.store, self.records, self.num_workers = store, records, num_workers
+        self.img_size, self.mode, self.crop = img_size, _mode(in_chans), eval_crop(crop, augment, sides, img_size)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def batches(self, size: int, which: Sequence[int]) -> Iterator[tuple[Tensor, Tensor]]:
+        chunks = [self.records[i * size:(i + 1) * size] for i in which]
+        dataset = _EvalChunks(self.store, chunks, self.img_size, self.mode, self.crop)
+        workers = min(self.num_workers, len(chunks))
+        decoded = (iter(DataLoader(dataset, batch_size=None, num_workers=workers)) if workers
+                   else (dataset[i] for i in range(len(chunks))))
+        for chunk, images in zip(chunks, decoded, strict=True):
+            yield normalise(images), torch.from_numpy(self.store.labels[chunk])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+
 import numpy as np
 import torch
 
@@ -57,10 +59,9 @@ class WindowSampler:
         return len(self.tokens) - self.block_size
 
 
-def eval_windows(
-    tokens: np.ndarray, block_size: int, num_windows: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed set of ``num_windows`` full windows (x, y), the same for every caller with the same arguments.
+def eval_starts(tokens: np.ndarray, block_size: int, num_windows: int, seed: int) -> np.ndarray:
+    """First token positions of a fixed set of ``num_windows`` full windows, the same for every caller with the
+    same arguments.
 
     Windows are drawn without replacement from the tiling of the split into consecutive blocks, so they do not
     overlap; a short split gives fewer windows (at least one).
@@ -70,5 +71,27 @@ def eval_windows(
         raise ConfigError(f"num_windows={num_windows} must be at least 1")
     available = (len(tokens) - 1) // block_size
     rng = np.random.default_rng(np.random.SeedSequence([seed, name_key("eval")]))
-    chosen = np.sort(rng.choice(available, size=min(num_windows, available), replace=False))
-    return _xy(tokens, chosen * block_size, block_size)
+    return np.sort(rng.choice(available, size=min(num_windows, available), replace=False)) * block_size
+
+
+def eval_windows(
+    tokens: np.ndarray, block_size: int, num_windows: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows of ``eval_starts`` as (x, y) tensors."""
+    return _xy(tokens, eval_starts(tokens, block_size, num_windows, seed), block_size)
+
+
+class EvalWindows:
+    """An evaluation set (``tasks.base.EvalSet``) of fixed windows of a split, read from its memory map batch by
+    batch; it pickles as the split's reader and the window starts."""
+
+    def __init__(self, tokens: Callable[[], np.ndarray], block_size: int, starts: np.ndarray):
+        self.tokens, self.block_size, self.starts = tokens, block_size, starts
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def batches(self, size: int, which: Sequence[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        tokens = self.tokens()
+        for i in which:
+            yield _xy(tokens, self.starts[i * size:(i + 1) * size], self.block_size)
