@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from tangle_ray.ops.linear import prefix_indicators
 
@@ -17,8 +16,8 @@ class EntangledLayerNorm(nn.Module):
     mix equals the sliced layer exactly (normalising over the padded width would not).
     ``reference=True`` (superposition only) is TangleNAS's MixedLayerNormV2 instead: one layer norm over
     the whole padded width with the superposed scale and shift, sum_e w_e pad(gamma[:e]) and likewise beta.
-    The superposition keeps only its inputs for the backward pass and recomputes the per-width statistics
-    there (a fused layer norm keeps no more), so it costs the fixed layer's activation memory.
+    The superposition keeps its input and each width's mean and reciprocal deviation for the backward pass
+    (``SuperposedLayerNorm``: what a fused layer norm keeps), so it costs the fixed layer's activation memory.
     """
 
     def __init__(self, width: int, widths: list[int], bias: bool, eps: float = 1e-5, reference: bool = False):
@@ -38,20 +37,60 @@ class EntangledLayerNorm(nn.Module):
             mask = w.to(x.dtype) @ self.ind.to(x.dtype)  # sum_e w_e 1[j < e]
             bias = None if self.bias is None else self.bias * mask
             return F.layer_norm(x, self.weight.shape, self.weight * mask, bias, self.eps)
-        args = (x, w.to(x.dtype), self.ind.to(x.dtype), self.weight, self.bias, self.widths, self.eps)
-        if torch.is_grad_enabled():  # keep only the inputs for backward and recompute the rest there
-            return checkpoint(_superposed_layer_norm, *args, use_reentrant=False)
-        return _superposed_layer_norm(*args)
+        return SuperposedLayerNorm.apply(x, w.to(x.dtype), self.ind.to(x.dtype), self.weight, self.bias,
+                                         self.widths, self.eps)
 
 
-def _superposed_layer_norm(x: Tensor, w: Tensor, ind: Tensor, weight: Tensor, bias: Tensor | None,
-                           widths: list[int], eps: float) -> Tensor:
-    """sum_e w_e pad(LN_e(x[:e])): every width's statistics, one scale and shift per feature."""
+def width_statistics(x: Tensor, widths: list[int], eps: float) -> tuple[Tensor, Tensor]:
+    """Each width's mean and reciprocal standard deviation over its prefix of the features: [..., widths] each."""
     var_mean = [torch.var_mean(x[..., :e], -1, unbiased=False) for e in widths]
     var = torch.stack([v for v, _ in var_mean], -1)
     mean = torch.stack([m for _, m in var_mean], -1)
-    rstd = torch.rsqrt(var + eps)
-    scale = (w * rstd) @ ind  # sum_e w_e rstd_e 1[j < e]
-    shift = (w * mean * rstd) @ ind
-    y = (x * scale - shift) * weight
-    return y if bias is None else y + bias * (w @ ind)
+    return mean, torch.rsqrt(var + eps)
+
+
+class SuperposedLayerNorm(torch.autograd.Function):
+    """sum_e w_e pad(LN_e(x[:e])) with one scale and shift per feature: ``(x * scale - shift) * weight (+ bias *
+    sum_e w_e 1[j < e])``, where scale and shift superpose each width's statistics.
+
+    Keeps ``x`` and each width's mean and reciprocal deviation for backward, and computes the gradients there
+    width by width: of ``x`` the layer-norm gradient of each prefix, weighted by ``w_e``; of the scale, shift
+    and mixing weights their sums. Autograd through the expression would keep ``x * scale``, the shift and the
+    scale as well (three more [..., D] tensors per layer); recomputing it in backward costs a second forward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, ind: Tensor, weight: Tensor, bias: Tensor | None, widths: list[int],
+                eps: float) -> Tensor:
+        mean, rstd = width_statistics(x, widths, eps)
+        scale = (w * rstd) @ ind  # sum_e w_e rstd_e 1[j < e]
+        shift = (w * mean * rstd) @ ind
+        y = (x * scale - shift) * weight
+        y = y if bias is None else y + bias * (w @ ind)
+        ctx.save_for_backward(x, w, ind, weight, bias, mean, rstd)
+        ctx.widths = widths
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, w, ind, weight, bias, mean, rstd = ctx.saved_tensors
+        shape, D = x.shape, x.shape[-1]
+        x, grad = x.reshape(-1, D), grad.reshape(-1, D)
+        mean, rstd = mean.reshape(-1, len(ctx.widths)), rstd.reshape(-1, len(ctx.widths))
+        grad_scaled = grad * weight  # of the normalised features, before each width's w_e
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[3] else None
+        grad_w = torch.empty_like(w)
+        for i, e in enumerate(ctx.widths):
+            r = rstd[:, i:i + 1]
+            x_hat = (x[:, :e] - mean[:, i:i + 1]) * r
+            g = grad_scaled[:, :e]
+            g_x_hat = (g * x_hat).sum(-1, keepdim=True)
+            grad_w[i] = g_x_hat.sum() if bias is None else g_x_hat.sum() + grad[:, :e].sum(0) @ bias[:e]
+            if grad_x is not None:  # the layer-norm gradient of the prefix
+                grad_x[:, :e] += (w[i] * r) * (g - g.sum(-1, keepdim=True) / e - x_hat * (g_x_hat / e))
+            if grad_weight is not None:
+                grad_weight[:e] += w[i] * (grad[:, :e] * x_hat).sum(0)
+        grad_bias = None if bias is None or not ctx.needs_input_grad[4] else grad.sum(0) * (w @ ind)
+        grad_x = None if grad_x is None else grad_x.view(shape)
+        return grad_x, grad_w, None, grad_weight, grad_bias, None, None

@@ -209,3 +209,35 @@ def test_masked_linear_gradients_match_finite_differences_and_autograd(bias, see
     reference = torch.autograd.grad(plain, [t for t in inputs if t is not None], grad_out)
     for a, b in zip(ours, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias, seed", [(True, 0), (False, 1)])
+def test_superposed_layer_norm_gradients_match_finite_differences_and_autograd(bias, seed):
+    """The superposed layer norm keeps x and each width's statistics and computes its gradients width by width:
+    against float64 finite differences, and against autograd through sum_e w_e pad(LN_e(x[:e]))."""
+    from tangle_ray.ops.norm import EntangledLayerNorm, SuperposedLayerNorm
+
+    torch.manual_seed(seed)
+    widths = [3, 5, 8]
+    norm = EntangledLayerNorm(8, widths, bias).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        if bias:
+            norm.bias.normal_()
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.softmax(torch.randn(3, dtype=torch.float64), 0).requires_grad_()
+    ind = norm.ind.double()
+    inputs = [t for t in (x, w, norm.weight, norm.bias) if t is not None]
+
+    def ours(x, w, weight, bias=None):
+        return SuperposedLayerNorm.apply(x, w, ind, weight, bias, widths, norm.eps)
+
+    assert torch.autograd.gradcheck(ours, inputs)
+    grad_out = torch.randn(2, 3, 8, dtype=torch.float64)
+    got = torch.autograd.grad(ours(*inputs), inputs, grad_out)
+    plain = sum(w[i] * torch.nn.functional.pad(torch.nn.functional.layer_norm(
+        x[..., :e], (e,), norm.weight[:e], None if norm.bias is None else norm.bias[:e], norm.eps), (0, 8 - e))
+        for i, e in enumerate(widths))
+    torch.testing.assert_close(ours(*inputs), plain, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, torch.autograd.grad(plain, inputs, grad_out), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
