@@ -90,6 +90,7 @@ class SharedSupernet:
 
 
 _CACHE: dict[str, nn.Module] = {}  # per worker process: key -> built model
+_MIRRORED: set[str] = set()  # per worker process: data folders in a bucket mirrored to this node
 
 
 def cached_model(shared: SharedSupernet) -> nn.Module:
@@ -113,8 +114,9 @@ def evaluate_trial(
     extracted architecture on."""
     start = time.perf_counter()
     net = cached_model(shared)
-    if data_uri is not None:
-        storage.localize(data_uri, "search config: data.dir")  # the node's mirror, where ``samples`` read
+    if data_uri is not None and data_uri not in _MIRRORED:  # the node's mirror, where ``samples`` read
+        storage.localize(data_uri, "search config: data.dir")
+        _MIRRORED.add(data_uri)
     ready = time.perf_counter()
     arch = config["arch"]
     calibration = None if calibration is None else [_tensor(b) for b in calibration]
