@@ -165,7 +165,7 @@ class ClassifyTask(Task):
     def eval_set(self, data: ImageData, fixed: dict[str, Any], split: str, num: int, seed: int) -> EvalImages:
         """``num`` fixed images of ``split`` (all if fewer), evaluation transform; y: int64 class indices."""
         img_size, in_chans, num_classes = _fixed(fixed)
-        store = check_image_folder(data.dir, num_classes)
+        store = check_image_folder(Path(data.dir).resolve(), num_classes)  # read in any working directory
         records = eval_records(store.split(split), num, seed)
         return EvalImages(store, records, img_size, in_chans, data.eval_crop, data.augment, data.num_workers)
 

@@ -118,7 +118,8 @@ class LanguageModelling(Task):
         check_token_folder(data.dir, fixed["vocab_size"])
         block_size = fixed["block_size"]
         starts = eval_starts(load_split(data.dir, split), block_size, num, seed)
-        return EvalWindows(partial(load_split, data.dir, split), block_size, starts)
+        # an absolute path: the set may be read in another working directory (a Tune trial's)
+        return EvalWindows(partial(load_split, str(Path(data.dir).resolve()), split), block_size, starts)
 
     def random_batch(self, fixed: dict[str, Any], n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         tokens = torch.randint(0, fixed["vocab_size"], (n, fixed["block_size"] + 1), generator=gen)
