@@ -63,7 +63,7 @@ def score(model: nn.Module, output_of: Callable[[Tensor], Tensor], task: Task, s
     model.eval()
     try:
         with torch.no_grad():
-            tallies = [task.tally(output_of(x.to(device)), y) for x, y in samples.batches(batch_size, mine)]
+            tallies = task.tallies(lambda x: output_of(x.to(device)), samples, batch_size, mine)
             for x, _ in samples.batches(batch_size, [0] * (math.ceil(n / shard.world) - len(mine))):
                 output_of(x.to(device))  # as many passes as the other ranks: ZeRO-3 gathers weights in each
     finally:

@@ -185,8 +185,13 @@ class Task:
         that pair two models over the same samples."""
         raise NotImplementedError
 
+    def tallies(self, output_of: Callable[[Tensor], Tensor], samples: EvalSet, batch_size: int,
+                which: Sequence[int]) -> list[Tally]:
+        """The tallies of batches ``which`` of ``samples``, read and scored one at a time."""
+        return [self.tally(output_of(x), y) for x, y in samples.batches(batch_size, which)]
+
     def evaluate(self, output_of: Callable[[Tensor], Tensor], samples: EvalSet, batch_size: int) -> dict[str, Any]:
-        """``summarize`` of every batch of ``samples``, one at a time. The same batch size reproduces the
-        metrics bit for bit; another gives them to float32 round-off (kernels differ with the number of rows)."""
+        """``summarize`` of every batch of ``samples``. The same batch size reproduces the metrics bit for bit;
+        another gives them to float32 round-off (kernels differ with the number of rows)."""
         which = range(num_batches(samples, batch_size))
-        return self.summarize(Tally.of(self.tally(output_of(x), y) for x, y in samples.batches(batch_size, which)))
+        return self.summarize(Tally.of(self.tallies(output_of, samples, batch_size, which)))
