@@ -78,6 +78,7 @@ class SuperposedLayerNorm(torch.autograd.Function):
         x, grad = x.reshape(-1, D), grad.reshape(-1, D)
         mean, rstd = mean.reshape(-1, len(ctx.widths)), rstd.reshape(-1, len(ctx.widths))
         grad_scaled = grad * weight  # of the normalised features, before each width's w_e
+        grad_sum = None if bias is None else grad.sum(0)  # each feature's, over the rows: for the bias terms
         grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[3] else None
         grad_w = torch.empty_like(w)
@@ -86,11 +87,11 @@ class SuperposedLayerNorm(torch.autograd.Function):
             x_hat = (x[:, :e] - mean[:, i:i + 1]) * r
             g = grad_scaled[:, :e]
             g_x_hat = (g * x_hat).sum(-1, keepdim=True)
-            grad_w[i] = g_x_hat.sum() if bias is None else g_x_hat.sum() + grad[:, :e].sum(0) @ bias[:e]
+            grad_w[i] = g_x_hat.sum() if bias is None else g_x_hat.sum() + grad_sum[:e] @ bias[:e]
             if grad_x is not None:  # the layer-norm gradient of the prefix
                 grad_x[:, :e] += (w[i] * r) * (g - g.sum(-1, keepdim=True) / e - x_hat * (g_x_hat / e))
             if grad_weight is not None:
                 grad_weight[:e] += w[i] * (grad[:, :e] * x_hat).sum(0)
-        grad_bias = None if bias is None or not ctx.needs_input_grad[4] else grad.sum(0) * (w @ ind)
+        grad_bias = None if bias is None or not ctx.needs_input_grad[4] else grad_sum * (w @ ind)
         grad_x = None if grad_x is None else grad_x.view(shape)
         return grad_x, grad_w, None, grad_weight, grad_bias, None, None
