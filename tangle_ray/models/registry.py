@@ -63,8 +63,6 @@ def check_model_folder(folder: str | Path) -> dict[str, Any]:
     return config
 
 
-
-
 class Pretrained(nn.Module):
     """A standalone model whose settings are a dataclass ``config``: its folder is ``model.safetensors`` plus a
     ``config.json`` a person reads ({"model": family, "config": ..., "arch": ...})."""
