@@ -157,6 +157,10 @@ class Task:
         for samplers that walk through the data in order (epochs)."""
         raise NotImplementedError
 
+    def check_helpers(self, data: Any) -> None:
+        """After joining Ray, on the driver: ``ClusterError`` when helper actors the batches start in the
+        cluster (decoding actors) can never run there. Default: batches are read in the trainer, nothing to check."""
+
     def eval_set(self, data: Any, fixed: dict[str, Any], split: str, num: int, seed: int) -> EvalSet:
         """A fixed evaluation set of ``num`` samples of ``split`` (the same for every caller), read from the data
         folder batch by batch; it pickles small (a path and sample indices), to be read where it is scored."""

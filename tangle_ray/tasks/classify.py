@@ -6,6 +6,7 @@ model takes; images are decoded and resized to fit, and every label must be belo
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tangle_ray.cluster import check_resources
 from tangle_ray.configs import VOLATILE
 from tangle_ray.data.images.augment import Augment
 from tangle_ray.data.images.batches import EvalImages, ImageBatches, PrefetchedBatches, eval_records
 from tangle_ray.data.images.prepare import META, ImageStore, check_image_folder, prepare_images
+from tangle_ray.data.images.ray_decode import RayDataBatches
 from tangle_ray.data.images.sources import ImageSource
 from tangle_ray.errors import ConfigError, TangleRayError
 from tangle_ray.space import SearchSpace
@@ -43,6 +46,11 @@ class ImageData:
     short_side: int = 0  # preparation: re-encode images with a larger shorter side to this one (0: originals)
     num_workers: int = field(default=0, metadata=VOLATILE)  # decoding processes per trainer (0: in the trainer)
     prefetch: int = field(default=2, metadata=VOLATILE)  # micro-batches decoded ahead per worker
+    # training and architecture batches decoded by up to this many Ray Data actors per trainer and split,
+    # anywhere in the cluster, instead of by the trainer's node (0: off; num_workers then serves evaluation only)
+    decoders: int = field(default=0, metadata=VOLATILE)
+    # the Ray resources of each decoding actor: {CPU: 1, decode: 1} keeps them on nodes declaring ``decode``
+    decoder_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0}, metadata=VOLATILE)
     # evaluation: shorter side to img_size / eval_crop, then the centre crop; none (default): 1.0 where training
     # used no random crop or the images are no larger than img_size, else 0.875 (AutoFormer's 224 of 256)
     eval_crop: float | None = None
@@ -67,6 +75,11 @@ class ImageData:
             "num_workers": (0 <= self.num_workers <= MAX_LOADERS, f"0 to {MAX_LOADERS} (and at most the cores "
                             "of a worker's node)"),
             "prefetch": (1 <= self.prefetch <= MAX_PREFETCH, f"1 to {MAX_PREFETCH} micro-batches"),
+            "decoders": (0 <= self.decoders <= MAX_LOADERS, f"0 to {MAX_LOADERS} Ray Data actors per trainer"),
+            "decoder_resources": (isinstance(self.decoder_resources, dict) and all(
+                isinstance(k, str) and k and isinstance(v, (int, float)) and not isinstance(v, bool)
+                and math.isfinite(v) and v >= 0 for k, v in self.decoder_resources.items()),
+                "a mapping of Ray resource names to amounts >= 0, e.g. {CPU: 1, decode: 1}"),
             "eval_crop": (self.eval_crop is None or 0 < self.eval_crop <= 1, "in (0, 1], or null (follow training)"),
             "sampling": (self.sampling in SAMPLINGS, str(list(SAMPLINGS))),
         }
@@ -152,7 +165,7 @@ class ClassifyTask(Task):
         """Augmented micro-batches of ``split`` (the training augmentation for every split)."""
         img_size, in_chans, num_classes = _fixed(fixed)
         cores = os.cpu_count() or 1
-        if data.num_workers > cores:  # on the node that decodes: what it can serve
+        if data.num_workers > cores and not data.decoders:  # on the node that decodes: what it can serve
             raise ConfigError(f"data.num_workers = {data.num_workers} decoding processes per trainer; this node has "
                               f"{cores} cores: set at most {cores}")
         store = check_image_folder(data.dir, num_classes)  # in each worker too: decoded once per process
@@ -160,7 +173,14 @@ class ClassifyTask(Task):
             store, split, micro_batch, seed, img_size, in_chans, num_classes, data.augment,
             epochs_of=micro_per_step if data.sampling == "epochs" else None,
         )
+        if data.decoders:
+            return RayDataBatches(batches, data.decoders, data.decoder_resources, data.prefetch)
         return PrefetchedBatches(batches, data.num_workers, data.prefetch) if data.num_workers else batches
+
+    def check_helpers(self, data: ImageData) -> None:
+        """With ``data.decoders``: one decoding actor of ``data.decoder_resources`` must fit on some node."""
+        if data.decoders:
+            check_resources(1, data.decoder_resources, "data.decoder_resources (one Ray Data decoding actor)")
 
     def eval_set(self, data: ImageData, fixed: dict[str, Any], split: str, num: int, seed: int) -> EvalImages:
         """``num`` fixed images of ``split`` (all if fewer), evaluation transform; y: int64 class indices."""

@@ -79,6 +79,7 @@ def preflight(cfg: TrainConfig, before_writing: Callable[[], None] | None = None
                if getattr(cfg.data, "source", None) is None and not storage.is_uri(cfg.data.dir) else None)
     if before_writing is not None:
         before_writing()
+        task.check_helpers(cfg.data)
     if (nodes := capacity.nodes_for(cfg)) is not None:  # the joined cluster's nodes, or this machine
         capacity.check_memory(cfg, space, *nodes)
     for warning in cfg.unusual_settings():

@@ -6,13 +6,17 @@ Generators seeded by ``SeedSequence([seed, split_key, step, micro_index])`` and 
 (numbering the micro-batches of a global batch 0..G-1), worker processes and resumed runs get identical
 batches. Images are drawn uniformly with replacement, like the text windows, or in epochs: sample ``n`` of the
 run (``n = (step x G + micro_index) x micro_batch + b`` for ``G`` micro-batches per step) is image
-``perm_e[n mod N]`` of epoch ``e = n // N``, a permutation keyed by ``(seed, split, e)``. :class:`PrefetchedBatches`
-decodes ahead in DataLoader worker processes whose item ``key`` is the micro-batch of that key.
+``perm_e[n mod N]`` of epoch ``e = n // N``, a permutation keyed by ``(seed, split, e)``. ``get`` is
+``finish(decode(...))``: the per-image part (uint8 out) and the batch part, so that another node can decode.
+:class:`PrefetchedBatches` decodes ahead in DataLoader worker processes whose item ``key`` is the micro-batch of
+that key; ``ray_decode.RayDataBatches`` in Ray Data actors anywhere in the cluster.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from itertools import count
 
 import numpy as np
@@ -36,6 +40,35 @@ from tangle_ray.keyed import name_key
 
 Key = tuple[int, int]  # (step, micro_index)
 EPOCH_KEY = 2**32 - 1  # keeps epoch permutations apart from the (step, micro_index) keys of the same split
+_LOW = 2**64 - 1
+
+
+def rng_words(g: np.random.Generator) -> list[int]:
+    """A PCG64 generator's state as six uint64 words (state, increment, and the cached 32-bit half)."""
+    s = g.bit_generator.state
+    state, inc = s["state"]["state"], s["state"]["inc"]
+    return [state >> 64, state & _LOW, inc >> 64, inc & _LOW, s["has_uint32"], s["uinteger"]]
+
+
+def rng_of(words: Sequence[int]) -> np.random.Generator:
+    """The generator whose state ``rng_words`` gave."""
+    hi, lo, inc_hi, inc_lo, has, half = (int(w) for w in words)
+    bits = np.random.PCG64()
+    bits.state = {"bit_generator": "PCG64", "state": {"state": hi << 64 | lo, "inc": inc_hi << 64 | inc_lo},
+                  "has_uint32": has, "uinteger": half}
+    return np.random.Generator(bits)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """Micro-batch ``(step, micro_index)`` decoded: uint8 ``pixels`` [B, C, H, W], the records ``picks`` [B] and
+    each image's generator state after its augmentation, ``rngs`` uint64 [B, 6] (``rng_words``)."""
+
+    step: int
+    micro_index: int
+    pixels: np.ndarray
+    picks: np.ndarray
+    rngs: np.ndarray
 
 
 def _mode(in_chans: int) -> str:
@@ -108,21 +141,35 @@ class ImageBatches:
         seq = np.random.SeedSequence([self.seed, self._key, EPOCH_KEY, epoch])
         return np.random.default_rng(seq).permutation(len(self.records))
 
-    def get(self, step: int, micro_index: int) -> tuple[Tensor, Tensor]:
+    def decode(self, step: int, micro_index: int) -> Decoded:
+        """The per-image part of ``get``: the images decoded and augmented, uint8 (what a decoding node sends)."""
         seeds, aug, store = self._seeds(step, micro_index), self.augment, self.store
         picks = self._pick(step, micro_index, seeds[0])
         rngs = [np.random.default_rng(s) for s in seeds[2:]]
-        pixels = [
-            train_image(store.encoded(r), store.where(r), self.size, self.mode, aug, g) for r, g in zip(picks, rngs)
-        ]
-        x = normalise(torch.from_numpy(np.stack(pixels)))
-        for image, g in zip(x, rngs):
+        pixels = np.stack(
+            [train_image(store.encoded(r), store.where(r), self.size, self.mode, aug, g) for r, g in zip(picks, rngs)]
+        )
+        return Decoded(step, micro_index, pixels, picks, np.array([rng_words(g) for g in rngs], dtype=np.uint64))
+
+    def finish(self, decoded: Decoded) -> tuple[Tensor, Tensor]:
+        """The batch part of ``get``: normalise, random erasing (each image's generator goes on where decoding
+        left it), labels and the batch mix."""
+        aug = self.augment
+        with warnings.catch_warnings():  # pixels from Ray's object store are read-only; normalise only reads them
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            x = normalise(torch.from_numpy(decoded.pixels))
+        for image, words in zip(x, decoded.rngs):
+            g = rng_of(words)
             if g.random() < aug.random_erase:
                 random_erase(image, g)
-        y = torch.from_numpy(store.labels[picks])
+        y = torch.from_numpy(self.store.labels[decoded.picks])
         if aug.soft_targets:
-            return mix(x, y, self.num_classes, aug, np.random.default_rng(seeds[1]))
+            mixing = np.random.default_rng(self._seeds(decoded.step, decoded.micro_index)[1])
+            return mix(x, y, self.num_classes, aug, mixing)
         return x, y
+
+    def get(self, step: int, micro_index: int) -> tuple[Tensor, Tensor]:
+        return self.finish(self.decode(step, micro_index))
 
 
 class _Keyed(Dataset):
@@ -145,41 +192,28 @@ class _Keys(Sampler):
         return iter(self.keys)
 
 
-class PrefetchedBatches:
-    """``get`` of :class:`ImageBatches` decoded ahead by ``num_workers`` persistent worker processes.
+class AheadOfCalls:
+    """``get`` of :class:`ImageBatches`, served from a stream decoded ahead (``_open``, by subclasses).
 
     The key order is learnt from the calls: once a step's micro indices J have been asked for, the first call
-    of the next step starts decoding (s, j) for s = step, step + 1, ... and j in J, ``prefetch`` micro-batches
-    per worker ahead. A call off that sequence (a resumed run, another pattern) is answered directly and the
-    order is learnt again. Results equal ``ImageBatches.get``'s bit for bit.
+    of the next step opens a stream of (s, j) for s = step, step + 1, ... and j in J. A call off that sequence
+    (a resumed run, another pattern) is answered directly and the order is learnt again. Results equal
+    ``ImageBatches.get``'s bit for bit.
     """
 
-    def __init__(self, batches: ImageBatches, num_workers: int, prefetch: int = 2):
-        if num_workers < 1 or prefetch < 1:
-            raise ConfigError(f"num_workers={num_workers} and prefetch={prefetch} must be >= 1 here")
+    def __init__(self, batches: ImageBatches):
         self.batches = batches
-        self._keys = _Keys()
-        self._loader = DataLoader(
-            _Keyed(batches),
-            batch_size=None,
-            sampler=self._keys,
-            num_workers=num_workers,
-            prefetch_factor=prefetch,
-            persistent_workers=True,
-        )
-        self._stream: Iterator | None = None
+        self._stream: Iterator[tuple[Tensor, Tensor]] | None = None
         self._start, self._pos = 0, 0  # the stream's first step, and how many keys it has given
         self._pattern: list[int] = []  # micro indices of one step, in the order asked for
         self._learning: int | None = None  # the step whose micro indices are being learnt
 
+    def _open(self, keys: Iterator[Key]) -> Iterator[tuple[Tensor, Tensor]]:
+        """The micro-batches of the (endless) ``keys``, in order."""
+        raise NotImplementedError
+
     def num_samples(self) -> int:
         return self.batches.num_samples()
-
-    def iterate(self, keys: Iterable[Key]) -> Iterator[tuple[Tensor, Tensor]]:
-        """The micro-batches of ``keys`` in order, decoded ahead (ends the prefetching of ``get``)."""
-        self._stream, self._learning = None, None
-        self._keys.keys = keys
-        return iter(self._loader)
 
     def get(self, step: int, micro_index: int) -> tuple[Tensor, Tensor]:
         p = self._pattern
@@ -193,16 +227,49 @@ class PrefetchedBatches:
             if micro_index not in p:
                 p.append(micro_index)
         elif self._learning is not None and step == self._learning + 1 and micro_index == p[0]:
-            self._keys.keys = ((s, j) for s in count(step) for j in tuple(p))
-            self._stream, self._start, self._pos, self._learning = iter(self._loader), step, 1, None
+            pattern = tuple(p)
+            self._stream = self._open((s, j) for s in count(step) for j in pattern)
+            self._start, self._pos, self._learning = step, 1, None
             return next(self._stream)
         else:
             self._learning, self._pattern = step, [micro_index]
         return self.batches.get(step, micro_index)
 
     def close(self) -> None:
-        """Stop the worker processes."""
+        """Stop decoding ahead."""
         self._stream = None
+
+
+class PrefetchedBatches(AheadOfCalls):
+    """Micro-batches decoded ahead by ``num_workers`` persistent DataLoader worker processes on this node,
+    ``prefetch`` micro-batches per worker ahead."""
+
+    def __init__(self, batches: ImageBatches, num_workers: int, prefetch: int = 2):
+        if num_workers < 1 or prefetch < 1:
+            raise ConfigError(f"num_workers={num_workers} and prefetch={prefetch} must be >= 1 here")
+        super().__init__(batches)
+        self._keys = _Keys()
+        self._loader = DataLoader(
+            _Keyed(batches),
+            batch_size=None,
+            sampler=self._keys,
+            num_workers=num_workers,
+            prefetch_factor=prefetch,
+            persistent_workers=True,
+        )
+
+    def _open(self, keys: Iterable[Key]) -> Iterator[tuple[Tensor, Tensor]]:
+        self._keys.keys = keys
+        return iter(self._loader)
+
+    def iterate(self, keys: Iterable[Key]) -> Iterator[tuple[Tensor, Tensor]]:
+        """The micro-batches of ``keys`` in order, decoded ahead (ends the prefetching of ``get``)."""
+        self._stream, self._learning = None, None
+        return self._open(keys)
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        super().close()
         self._loader = None
 
 
