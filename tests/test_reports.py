@@ -14,6 +14,7 @@ from tangle_ray.models import load_space
 from tangle_ray.report import plots
 from tangle_ray.report.leaderboard import TrialRecord, write_report
 from tangle_ray.report.runs import against_random_verdict, write_run_report
+from tangle_ray.scaling.config import peak_of
 from tangle_ray.tasks import get_task
 from tangle_ray.train.config import RunPlan, load_config
 from tangle_ray.train.history import RunHistory
@@ -111,16 +112,20 @@ def test_fixed_summary_says_how_it_started_and_has_no_supernet(tmp_path, init, w
         assert w not in text, w
 
 
-def test_the_progress_line_says_argmax_only_where_architecture_weights_choose(tmp_path):
+def test_the_progress_line_says_argmax_only_where_architecture_weights_choose_and_mfu_on_gpus(tmp_path):
     space = load_space("gpt-nano")
     arch = space.largest()
     progress = Progress(tmp_path, 0, space, "tokens", 10)
     row = {"step": 1, "train_loss": 3.0, "tokens_per_s": 100.0, "arch_params": space.param_count(arch)}
     progress.record(row, arch, 60.0)  # a fixed architecture
     progress.record({**row, "step": 2, "arch_entropy": 0.9}, arch, 60.0)  # a search's current argmax
-    fixed, searched = (tmp_path / PROGRESS_FILE).read_text().splitlines()
-    assert "  arch n_layer=4" in fixed and "argmax" not in fixed
+    progress.record({**row, "step": 3, "mfu": 0.4234}, arch, 60.0)  # on a GPU of the peak table
+    fixed, searched, on_gpu = (tmp_path / PROGRESS_FILE).read_text().splitlines()
+    assert "  arch n_layer=4" in fixed and "argmax" not in fixed and "MFU" not in fixed
     assert "  argmax n_layer=4" in searched
+    assert "100 tokens/s  MFU 42.3%  arch" in on_gpu
+    assert [peak_of(n) for n in ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "NVIDIA L4", "NVIDIA L40S",
+                                 "cpu")] == [989e12, 312e12, 121e12, None, None]
 
 
 def _fits(fig: Figure, *artists) -> bool:

@@ -8,6 +8,7 @@ fixed as workers are added: ``weak`` keeps each worker's batch (micro-batch x ac
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,12 @@ MODES = ("weak", "strong")
 # dense bf16 tensor-core peaks per device (NVIDIA data sheets, SXM where there are two forms), FLOP/s
 PEAK_BF16_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l4": 121e12}
 MEMORY_GB = {"h100": 80.0, "h200": 141.0, "a100": 80.0, "l4": 24.0}  # per device (A100: the 80 GB form)
+
+
+def peak_of(device_name: str) -> float | None:
+    """The bf16 peak FLOP/s of a GPU named as CUDA names it (``NVIDIA H100 80GB HBM3``), if the table has it."""
+    words = set(re.split(r"[^a-z0-9]+", device_name.lower()))
+    return next((peak for name, peak in PEAK_BF16_FLOPS.items() if name in words), None)
 
 
 @dataclass(frozen=True)

@@ -69,8 +69,9 @@ class Progress:
         label = "argmax" if "arch_entropy" in row else "arch"
         chosen = f"  {label} {self.space.describe(arch)} ({row['arch_params'] / 1e6:.2f}M)" if arch else ""
         ent = f"  H(alpha) {row['arch_entropy']:.3f}" if "arch_entropy" in row else ""
+        mfu = f"  MFU {row['mfu']:.1%}" if "mfu" in row else ""
         self.log(f"step {row['step']}/{self.steps}  loss {losses}  {row[f'{self.unit}_per_s']:,.0f} {self.unit}/s"
-                 f"{chosen}{ent}  ETA {eta_s / 60:.1f} min")
+                 f"{mfu}{chosen}{ent}  ETA {eta_s / 60:.1f} min")
 
 
 @contextlib.contextmanager

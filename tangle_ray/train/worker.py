@@ -35,6 +35,8 @@ from tangle_ray.divergence import (
 from tangle_ray.errors import ConfigError
 from tangle_ray.evaluate import Shard, calibration_batches, inherited_model, score
 from tangle_ray.methods import Context
+from tangle_ray.scaling.config import peak_of
+from tangle_ray.scaling.predict import arch_flops, step_flops
 from tangle_ray.space import space_to_dict
 from tangle_ray.train import checkpoint as ckpt
 from tangle_ray.train.config import RunPlan
@@ -94,6 +96,8 @@ class Worker:
         self.meter.check(0)
         self.nodes = self._gather_node_ids()
         self.progress = Progress(plan.run_dir, rank, plan.space, task.unit, cfg.steps)
+        self.peak_flops = peak_of(torch.cuda.get_device_name(ctx.device)) if ctx.device.type == "cuda" else None
+        self.step_flops = self._step_flops() if self.peak_flops else None
         self.history = RunHistory()
         self.step = 0
         self._restore()
@@ -130,6 +134,17 @@ class Worker:
             if log:  # throughput counts training steps, not evaluations and checkpoints
                 window, last_log = [], (self.step, time.time())
 
+    def _step_flops(self) -> float | None:
+        """FLOPs of one training step (all ranks): what a supernet method computes, or the trained architecture's;
+        None for a family that does not count its superposed FLOPs."""
+        cfg, space = self.ctx.cfg, self.ctx.space
+        try:
+            if cfg.method_class.trains_supernet:
+                return step_flops(space, cfg.method, cfg.global_batch_size)
+            return arch_flops(space, self.ctx.plan.arch, cfg.global_batch_size)
+        except NotImplementedError:
+            return None
+
     def _record(self, window: list[dict[str, float]], units_per_s: float, eta_s: float, elapsed_s: float) -> None:
         means = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
         arch = self.method.reported_arch()
@@ -140,6 +155,10 @@ class Worker:
                "elapsed_s": elapsed_s, "optimizer_state_bytes": ranks[0]["optimizer_state_bytes"]}
         if arch is not None:
             row["arch_params"] = self.ctx.space.param_count(arch)
+        if self.step_flops:  # on a GPU of the peak table: against its bf16 peak, all ranks together
+            steps_per_s = units_per_s / (self.ctx.cfg.global_batch_size * self.ctx.task.units_per_sample(
+                self.ctx.space.fixed))
+            row["mfu"] = self.step_flops * steps_per_s / (self.peak_flops * self.ctx.world)
         if "arch_entropy" in extra:
             row["arch_entropy"] = extra["arch_entropy"]
         if "alphas" in extra:
