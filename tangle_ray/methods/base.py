@@ -78,6 +78,14 @@ class Context:
         gas = self.cfg.grad_accum_steps
         return range(self.rank * gas, (self.rank + 1) * gas)
 
+    def step_loss(self, losses: list[Tensor]) -> float:
+        """This rank's loss of a step, ``sum_j loss_j / grad_accum_steps`` added in micro-batch order as
+        ``loss.item()`` would give it, read from the device once per step rather than once per micro-batch."""
+        total = 0.0
+        for value in torch.stack(losses).tolist():
+            total += value / self.cfg.grad_accum_steps
+        return total
+
     def mean_over_ranks(self, value: float) -> float:
         if self.world == 1:
             return value
@@ -251,7 +259,7 @@ class Method:
 
     def weight_step(self, step: int, forward: Callable[[nn.Module, Tensor, Tensor, int], Tensor]) -> float:
         """Forward, backward and DeepSpeed step over this rank's micro-batches of the weight split."""
-        ctx, total, norm = self.ctx, 0.0, None
+        ctx, losses, norm = self.ctx, [], None
         own_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")  # ZeRO-0 fp32: DeepSpeed keeps none
         for j in ctx.micro_indices():
             x, y = ctx.train.get(step, j)
@@ -262,10 +270,10 @@ class Method:
                 grads = [p.grad.detach().norm() for p in self.engine.module.parameters() if p.grad is not None]
                 norm = float(torch.stack(grads).norm()) if grads else 0.0
             self.engine.step()
-            total += loss.item() / ctx.cfg.grad_accum_steps
+            losses.append(loss.detach())
         if not own_norm:  # ZeRO: the global norm (inf where it found a non-finite gradient and skipped the step)
             norm = self.engine.get_global_grad_norm()
         self.weight_grad_norm = None if norm is None else float(norm)
-        return ctx.mean_over_ranks(total)
+        return ctx.mean_over_ranks(ctx.step_loss(losses))
 
 

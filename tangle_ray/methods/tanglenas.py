@@ -118,7 +118,7 @@ class TangleNAS(Method):
     def _arch_step(self, step: int) -> float:
         ctx, alphas = self.ctx, list(self.alphas.values())
         self.arch_opt.zero_grad(set_to_none=False)
-        total = 0.0
+        losses = []
         for j in ctx.micro_indices():
             x, y = ctx.valid.get(step, j)
             weights = self._weights(self.alphas, step, j, Purpose.ARCH_MIX)
@@ -126,7 +126,7 @@ class TangleNAS(Method):
             with ctx.keyed(step, j, Purpose.ARCH_FORWARD):
                 loss = self.engine.module(x.to(ctx.device), y.to(ctx.device), weights=weights)[1]
             (loss / ctx.cfg.grad_accum_steps).backward(inputs=alphas)
-            total += loss.item() / ctx.cfg.grad_accum_steps
+            losses.append(loss.detach())
         if ctx.world > 1:
             flat = torch.cat([a.grad.reshape(-1) for a in alphas])
             dist.all_reduce(flat)
@@ -138,7 +138,7 @@ class TangleNAS(Method):
             self._poison_alphas = False
             with torch.no_grad():
                 alphas[0].fill_(float("nan"))
-        return ctx.mean_over_ranks(total)
+        return ctx.mean_over_ranks(ctx.step_loss(losses))
 
     def _check_alphas(self) -> Problem | None:
         """Architecture parameters that are not finite, or that the DrNAS mixer cannot use: its concentration
