@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from tangle_ray.models import load_space
 from tangle_ray.report import plots
 from tangle_ray.report.leaderboard import TrialRecord, write_report
-from tangle_ray.report.runs import against_random_verdict, write_run_report
+from tangle_ray.report.runs import against_random_verdict, timeline_text, write_run_report
 from tangle_ray.scaling.config import peak_of
 from tangle_ray.tasks import get_task
 from tangle_ray.train.config import RunPlan, load_config
@@ -237,3 +237,16 @@ def test_the_verdict_line_of_a_language_model_is_unchanged():
     verdict = against_random_verdict({**AGAINST_RANDOM, "metric": "loss"})
     assert verdict == ("better than the random architectures' median loss: difference +0.1245 (positive = better), "
                        "95% interval [+0.0500, +0.2000] (paired bootstrap over 8 batches)")
+
+
+def test_the_wall_time_of_fit_is_split_into_its_parts():
+    history = RunHistory(metrics=[{"step": 4, "elapsed_s": 10.0}], startups=[
+        {"step": 0, "process_at": 1.0, "entered_at": 2.0, "ready_at": 3.0, "imports_s": 1.0},  # a failed attempt
+        {"step": 2, "process_at": 95.0, "entered_at": 100.0, "ready_at": 104.0, "imports_s": 1.0, "data_s": 3.0}])
+    timeline = history.timeline(90.0, 120.0)
+    assert timeline == {"fit_s": 30.0, "start_s": 10.0, "process_s": 5.0, "imports_s": 1.0, "data_s": 3.0,
+                        "loop_s": 10.0, "end_s": 6.0}
+    assert timeline_text(timeline) == (
+        "fit() 30.0 s = Ray Train starting the workers 10.0 s (in their processes 5.0) + set-up 4.0 s (imports 1.0, "
+        "data 3.0) + training loop 10.0 s + last evaluation, checkpoint and stop 6.0 s")
+    assert RunHistory().timeline(0.0, 1.0) == {}  # a checkpoint written before start-ups were recorded

@@ -15,8 +15,9 @@ from tangle_ray.train.history import RunHistory
 
 def write_run_report(run_dir: Path, plan, history: RunHistory, arch: Arch | None, export_dir: Path | None,
                      test_scores: dict[str, Any] | None = None,
-                     against_random: dict[str, Any] | None = None) -> Path:
-    """Every file of a finished run's report; ``plan`` is the run's ``train.config.RunPlan``."""
+                     against_random: dict[str, Any] | None = None, timeline: dict[str, float] | None = None) -> Path:
+    """Every file of a finished run's report; ``plan`` is the run's ``train.config.RunPlan``; ``timeline``:
+    where ``fit()``'s wall time went (``RunHistory.timeline``)."""
     space, objective = plan.space, plan.task.objective
     run_dir.mkdir(parents=True, exist_ok=True)
     if arch is not None:
@@ -36,9 +37,23 @@ def write_run_report(run_dir: Path, plan, history: RunHistory, arch: Arch | None
                                   f"the {method.followed}", ylabel=ylabel, scale=scale,
                                   changes=arch_changes(history.anytime, space),
                                   change_label=f"{method.followed} changed"))
-    summary = _summary(plan, history, arch, export_dir, plots, test_scores, against_random)
+    summary = _summary(plan, history, arch, export_dir, plots, test_scores, against_random, timeline or {})
     (run_dir / "summary.md").write_text(summary)
     return run_dir / "summary.md"
+
+
+SET_UP = {"mirror_s": "data mirror", "imports_s": "imports", "data_s": "data", "model_s": "model",
+          "deepspeed_s": "DeepSpeed", "restore_s": "restore"}
+
+
+def timeline_text(timeline: dict[str, float]) -> str:
+    """``RunHistory.timeline`` in one line."""
+    parts = ", ".join(f"{label} {timeline[k]:.1f}" for k, label in SET_UP.items() if k in timeline)
+    set_up = sum(timeline.get(k, 0.0) for k in SET_UP)
+    return (f"fit() {timeline['fit_s']:.1f} s = Ray Train starting the workers {timeline['start_s']:.1f} s (in their "
+            f"processes {timeline['process_s']:.1f}) + set-up "
+            f"{set_up:.1f} s ({parts}) + training loop {timeline['loop_s']:.1f} s + last evaluation, checkpoint and "
+            f"stop {timeline['end_s']:.1f} s")
 
 
 def confidence(alphas: dict[str, Any], space: SearchSpace,
@@ -97,7 +112,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _summary(plan, history, arch, export_dir, plots: list[Path], test_scores: dict[str, Any] | None,
-             against_random: dict[str, Any] | None) -> str:
+             against_random: dict[str, Any] | None, timeline: dict[str, float]) -> str:
     cfg, space, task = plan.config, plan.space, plan.task
     method = cfg.method_class
     unit, last = task.unit, history.metrics[-1] if history.metrics else {}
@@ -110,7 +125,8 @@ def _summary(plan, history, arch, export_dir, plots: list[Path], test_scores: di
         f"- final training loss ({method.loss_note()}): "
         f"{last.get('train_loss', float('nan')):.4f}"
         + (f"; architecture-split loss (superposed): {last['arch_loss']:.4f}" if "arch_loss" in last else ""),
-        f"- throughput: {last.get(f'{unit}_per_s', 0):,.0f} {unit}/s", "",
+        f"- throughput: {last.get(f'{unit}_per_s', 0):,.0f} {unit}/s",
+        *([f"- wall time: {timeline_text(timeline)}"] if timeline else []), "",
     ]
     if arch is None:
         lines += ["## Next step", "", "SPOS trains the supernet and chooses no architecture. Search it with "

@@ -54,6 +54,7 @@ class TrainResult:
     active_arch: dict[str, Any] | None = None  # ``arch`` without the layers beyond its depth (as arch.json)
     plan: RunPlan | None = None  # what the run ran: config (paths resolved), space, task
     test_sample_losses: list[float] | None = None  # with ``test_scores``: each test sample's loss, in order
+    timeline: dict[str, float] | None = None  # where fit()'s wall time went (``RunHistory.timeline``)
 
 
 def preflight(cfg: TrainConfig, before_writing: Callable[[], None] | None = None) -> RunPlan:
@@ -214,6 +215,7 @@ def run_training(cfg: TrainConfig, address: str | None = None, export: bool = Tr
         if plan.remote:
             storage.pull(plan.remote, run_dir)
         raise RunStopped(_stopped_message(run_dir, e)) from e
+    fit_ended = time.time()
     if plan.remote:  # Ray wrote the checkpoints to the bucket: the latest into the mirror
         storage.pull(plan.remote, run_dir)
     if (record := divergence.record_from_return(result.return_value)) is not None:  # the guard stopped it
@@ -228,11 +230,13 @@ def run_training(cfg: TrainConfig, address: str | None = None, export: bool = Tr
     test_scores, sample_losses = (None, None) if method.trains_supernet else score_test_split(plan, export_dir)
     against_random = (compare_with_random(plan, export_dir / "supernet", arch)
                       if export_dir is not None and method.chooses_arch else None)
-    write_run_report(run_dir, plan, history, arch, export_dir, test_scores, against_random)
+    timeline = history.timeline(start, fit_ended)
+    write_run_report(run_dir, plan, history, arch, export_dir, test_scores, against_random, timeline)
     if plan.remote:  # the reports, the export and the logs next to the checkpoints
         storage.push(run_dir, plan.remote)
     return TrainResult(run_dir, checkpoint, arch, history, export_dir, time.time() - start, test_scores,
-                       against_random, plan.space.active(arch) if arch is not None else None, plan, sample_losses)
+                       against_random, plan.space.active(arch) if arch is not None else None, plan, sample_losses,
+                       timeline)
 
 
 def _interrupted_message(run_dir: Path, cfg: TrainConfig) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -49,14 +50,16 @@ from tangle_ray.train.resources import MemoryMeter, snapshot
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train
 
+    lap = Laps(time.time())
     plan: RunPlan = loop_config["plan"]
     if plan.data_remote:  # this node's mirror of the prepared data in the bucket
         storage.pull(plan.data_remote, Path(plan.config.data.dir))
+        lap("mirror")
     if not plan.config.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not plan.verbose:
         quiet_worker(plan.run_dir, ray.train.get_context().get_world_rank())
-    worker = Worker(plan)
+    worker = Worker(plan, lap)
     try:
         worker.run()
     except DivergenceError as e:  # every rank, at the same step: returned, not raised (Ray would retry it)
@@ -64,12 +67,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+class Laps:
+    """Wall seconds of named parts, each from the end of the one before: ``lap("part")`` ends a part."""
+
+    def __init__(self, start: float):
+        self.start, self.last, self.parts = start, start, {}
+
+    def __call__(self, part: str) -> None:
+        now = time.time()
+        self.parts[part], self.last = now - self.last, now
+
+
 class Worker:
-    def __init__(self, plan: RunPlan):
+    def __init__(self, plan: RunPlan, lap: Laps):
+        """``lap``: the set-up's clock, started when this process entered the training function."""
         import deepspeed
         import ray.train
         import ray.train.torch
 
+        lap("imports")
         cfg, task, fixed = plan.config, plan.task, plan.space.fixed
         info = ray.train.get_context()
         rank, world = info.get_world_rank(), info.get_world_size()
@@ -83,16 +99,19 @@ class Worker:
         self.calibration = calibration_batches(task, cfg.data, plan.space) if cfg.method_class.trains_supernet \
             else None
         self.method = cfg.method_class(ctx)
+        lap("data")  # batches and evaluation sets opened
         self.meter = MemoryMeter(ctx.device, cfg.memory_limit_gb)  # before the model exists
         torch.manual_seed(cfg.seed)  # the same initial weights and architecture parameters on every rank
         module = self.method.build().to(ctx.device)
         if cfg.compile:
             self.method.compile(module)
+        lap("model")
         optimizer = weight_optimizer(module, cfg, plan.space.family.no_weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
         self.engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg))
         self.method.attach(self.engine)
+        lap("deepspeed")
         self.meter.check(0)
         self.nodes = self._gather_node_ids()
         self.progress = Progress(plan.run_dir, rank, plan.space, task.unit, cfg.steps)
@@ -101,6 +120,10 @@ class Worker:
         self.history = RunHistory()
         self.step = 0
         self._restore()
+        lap("restore")  # with the progress log and the node ids gathered
+        self.history.startups.append({"step": self.step, "process_at": psutil.Process().create_time(),
+                                      "entered_at": lap.start, "ready_at": lap.last,
+                                      **{f"{k}_s": v for k, v in lap.parts.items()}})
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> None:

@@ -36,6 +36,12 @@ def test_every_flow_on_mnist(local_ray, mnist, tmp_path):
     arch = json.loads((search.export_dir / "arch.json").read_text())
     summary = (search.run_dir / "summary.md").read_text()
     assert "vit-tiny" in summary and "top-1 accuracy" in summary and "images/s" in summary
+    t = search.timeline  # where fit()'s wall time went: the parts add up, none negative
+    assert set(t) == {"fit_s", "start_s", "process_s", "imports_s", "data_s", "model_s", "deepspeed_s", "restore_s",
+                      "loop_s", "end_s"}
+    assert min(t.values()) >= 0 and abs(sum(t.values()) - t["process_s"] - 2 * t["fit_s"]) < 1e-6
+    assert t["process_s"] <= t["start_s"] and t["loop_s"] > 0
+    assert f"- wall time: fit() {t['fit_s']:.1f} s = Ray Train starting the workers" in summary
     model = load_model(search.export_dir / "model")
     scores = evaluate_on_split(mnist, "test", model=search.export_dir / "model", num_samples=200)
     assert 0.0 <= scores["top1"] <= scores["top5"] <= 1.0 and scores["samples"] == 200

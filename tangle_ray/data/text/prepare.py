@@ -16,10 +16,9 @@ import shutil
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from datasets import Dataset, DatasetDict, Features, List, Value
-from datasets.utils import tqdm  # honours datasets.disable_progress_bars()
 
 from tangle_ray.configs import read_json
 from tangle_ray.data.folder import SPLITS, prepare_lock
@@ -27,6 +26,9 @@ from tangle_ray.data.text.sources import TextSource, load_text_source, loaded_ha
 from tangle_ray.data.text.tokenizer import Tokenizer, get_tokenizer
 from tangle_ray.errors import ConfigError, DataError, TangleRayError, shorten
 from tangle_ray.names import check_name
+
+if TYPE_CHECKING:  # datasets is imported where text is prepared, not where token files are read (the workers)
+    from datasets import Dataset, DatasetDict, Features
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -54,6 +56,8 @@ class _Pack:
         self.tokenizer, self.dtype, self.parts, self.part_of = tokenizer, dtype, parts, part_of
 
     def features(self) -> Features:
+        from datasets import Features, List, Value
+
         cols = {}
         for p in self.parts:
             cols[p] = List(Value(self.dtype.name))
@@ -192,6 +196,8 @@ def _reusable(out: Path, key: dict) -> bool:
 
 def _write_parts(packed: Dataset, parts: tuple[str, ...], out: Path) -> dict[str, dict]:
     """Write each part's packed tokens to ``<part>.bin.tmp``; returns token and document counts."""
+    from datasets.utils import tqdm  # honours datasets.disable_progress_bars()
+
     counts = {p: {"file": f"{p}.bin", "tokens": 0, "documents": 0} for p in parts}
     with ExitStack() as stack:
         files = {p: stack.enter_context(open(out / f"{p}.bin{TMP}", "wb")) for p in parts}

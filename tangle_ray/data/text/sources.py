@@ -7,16 +7,18 @@ import json
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from datasets import Dataset, DatasetDict
 
 from tangle_ray.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # datasets is imported where text is loaded, not by every process that imports tangle_ray
+    from datasets import Dataset, DatasetDict
 
 KINDS = ("hub", "text", "jsonl", "parquet", "saved")
 TEXT_MODES = ("paragraph", "line")
@@ -183,6 +185,8 @@ def loaded_hash(dsd: DatasetDict) -> str:
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers a TCP connection (checked before slow retrying downloads)."""
+    import datasets
+
     url = urlparse(datasets.config.HF_ENDPOINT)
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
@@ -194,6 +198,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def load_hub(dataset_id: str, local_hint: str) -> DatasetDict:
     """``datasets.load_dataset(dataset_id)``, failing fast with a ConfigError that suggests ``local_hint``
     when the hub is unreachable (instead of datasets' slow retries) or the dataset is not cached offline."""
+    import datasets
+
     how = f"download it elsewhere and use a local copy: {local_hint}"
     if not datasets.config.HF_HUB_OFFLINE and not hub_reachable():
         raise DataError(f"hub dataset {dataset_id!r}: the Hugging Face hub is unreachable; {how}")
@@ -204,6 +210,8 @@ def load_hub(dataset_id: str, local_hint: str) -> DatasetDict:
 
 
 def _load_hub_or_saved(src: TextSource) -> DatasetDict:
+    import datasets
+
     if src.kind == "hub":
         if Path(src.path).exists():
             what = "file" if Path(src.path).is_file() else "folder"
@@ -218,7 +226,7 @@ def _load_hub_or_saved(src: TextSource) -> DatasetDict:
         loaded = datasets.load_from_disk(src.path)
     except FileNotFoundError as e:
         raise DataError(f"{src.path!r} is not a dataset saved with save_to_disk: {e}") from e
-    if not isinstance(loaded, DatasetDict):
+    if not isinstance(loaded, datasets.DatasetDict):
         raise DataError(f"saved dataset {src.path!r} holds one split; a DatasetDict with splits is needed")
     return loaded
 
@@ -257,6 +265,8 @@ def _bad_line(src: TextSource, paths: list[Path]) -> str | None:
 
 def _load_local(src: TextSource, paths: list[Path]) -> Dataset:
     """Read local files as one split (each split on its own: their columns need not agree)."""
+    import datasets
+
     kwargs = {"sample_by": src.text_mode} if src.kind == "text" else {}
     try:
         return datasets.load_dataset(
@@ -326,6 +336,8 @@ def _documents(src: TextSource, ds: Dataset, where: str, paths: list[Path]) -> D
 
 def _hold_out(src: TextSource, ds: Dataset) -> DatasetDict:
     """Split a single file's documents into ``train`` and a fixed ``test`` draw (both in file order)."""
+    from datasets import DatasetDict
+
     fraction = src.test_fraction or DEFAULT_TEST_FRACTION
     n = len(ds)
     n_test = round(n * fraction)
@@ -347,6 +359,8 @@ def load_text_source(src: TextSource) -> DatasetDict:
     Local sources never touch the network. Blank documents are dropped; in text files, line breaks around a
     document are stripped. A single file is split into ``train`` and a held-out ``test`` slice.
     """
+    from datasets import DatasetDict
+
     if src.kind in ("hub", "saved"):
         raw = _load_hub_or_saved(src)
         out = {}
