@@ -7,7 +7,8 @@ import tomllib
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-CONDA_TO_PIP = {"pytorch": "torch", "ray-train": "ray", "ray-tune": "ray", "matplotlib-base": "matplotlib"}
+CONDA_TO_PIP = {"pytorch": "torch", "ray-data": "ray", "ray-train": "ray", "ray-tune": "ray",
+                "matplotlib-base": "matplotlib"}
 CONDA_ONLY = {"python", "pip"}  # the interpreter and the installer of `pip install --no-deps -e .`
 
 
