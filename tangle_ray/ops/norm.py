@@ -106,12 +106,12 @@ class SuperposedLayerNorm(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # sum_e w_e r_e (g - g_sum_e / e - x_hat_e A_e / e) over the widths e > j
             k = w * rstd / x.new_tensor(widths)
             grad_x = (g * scale - d * ((k * rstd * a) @ ind) + (k * (rstd * a * m - g_sum)) @ ind).view(shape)
-        grad_w = a.sum(0)
-        grad_sum = None if bias is None else grad.sum(0)  # each feature's, over the rows: for the bias terms
-        if bias is not None:
+        grad_w, grad_bias = a.sum(0), None
+        if bias is not None:  # each feature's output gradient summed over the rows, for the bias terms
+            grad_sum = grad.sum(0)
             grad_w = grad_w + prefix_sums(grad_sum * bias, widths)
+            grad_bias = grad_sum * (w @ ind) if ctx.needs_input_grad[4] else None
         grad_weight = None
         if ctx.needs_input_grad[3]:  # the normalised features, superposed: x * scale - shift
             grad_weight = (grad * (d * scale - (w * rstd * m) @ ind)).sum(0)
-        grad_bias = None if bias is None or not ctx.needs_input_grad[4] else grad_sum * (w @ ind)
         return grad_x, grad_w, None, grad_weight, grad_bias, None, None

@@ -115,8 +115,11 @@ class Worker:
         self.meter.check(0)
         self.nodes = self._gather_node_ids()
         self.progress = Progress(plan.run_dir, rank, plan.space, task.unit, cfg.steps)
-        self.peak_flops = peak_of(torch.cuda.get_device_name(ctx.device)) if ctx.device.type == "cuda" else None
-        self.step_flops = self._step_flops() if self.peak_flops else None
+        peak = peak_of(torch.cuda.get_device_name(ctx.device)) if ctx.device.type == "cuda" else None
+        flops = self._step_flops() if peak else None
+        # on a GPU of the peak table: the MFU is this times the units per second (all ranks' bf16 peak)
+        self.mfu_per_unit_s = flops / (cfg.global_batch_size * task.units_per_sample(fixed) * peak * world) \
+            if flops else None
         self.history = RunHistory()
         self.step = 0
         self._restore()
@@ -178,10 +181,8 @@ class Worker:
                "elapsed_s": elapsed_s, "optimizer_state_bytes": ranks[0]["optimizer_state_bytes"]}
         if arch is not None:
             row["arch_params"] = self.ctx.space.param_count(arch)
-        if self.step_flops:  # on a GPU of the peak table: against its bf16 peak, all ranks together
-            steps_per_s = units_per_s / (self.ctx.cfg.global_batch_size * self.ctx.task.units_per_sample(
-                self.ctx.space.fixed))
-            row["mfu"] = self.step_flops * steps_per_s / (self.peak_flops * self.ctx.world)
+        if self.mfu_per_unit_s:
+            row["mfu"] = self.mfu_per_unit_s * units_per_s
         if "arch_entropy" in extra:
             row["arch_entropy"] = extra["arch_entropy"]
         if "alphas" in extra:

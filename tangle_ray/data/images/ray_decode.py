@@ -42,7 +42,9 @@ class RayDataBatches(AheadOfCalls):
 
     def __init__(self, batches: ImageBatches, decoders: int, resources: Mapping[str, float], prefetch: int):
         super().__init__(batches)
-        self.decoders, self.resources, self.prefetch = decoders, dict(resources), prefetch
+        self.decoders, self.prefetch = decoders, prefetch
+        self.resources = dict(resources)
+        self.cpus = self.resources.pop("CPU", 0.0)  # Ray Data takes CPUs apart from the other resources
 
     def _open(self, keys: Iterator[Key]) -> Iterator[tuple[Tensor, Tensor]]:
         while window := list(islice(keys, WINDOW)):
@@ -53,11 +55,10 @@ class RayDataBatches(AheadOfCalls):
         which would need CPUs that the trainers and decoders may hold."""
         import ray.data
 
-        resources = dict(self.resources)
-        cpus = resources.pop("CPU", 0.0)
         dataset = ray.data.from_items([{"step": s, "micro_index": j} for s, j in keys], override_num_blocks=len(keys))
         dataset = dataset.map_batches(_Decode, fn_constructor_args=(self.batches,), batch_size=1,
-                                      concurrency=(1, self.decoders), num_cpus=cpus, resources=resources or None)
+                                      concurrency=(1, self.decoders), num_cpus=self.cpus,
+                                      resources=self.resources or None)
         dataset.context.execution_options.preserve_order = True
         dataset.context.enable_progress_bars = False
         blocks = dataset.iter_batches(batch_size=None, prefetch_batches=self.prefetch, batch_format="numpy")
